@@ -1,0 +1,285 @@
+"""The built-in small model set: seeded random weights written as ordinary diffusers folders.
+
+The demo and the tests load these folders through the same code as real models. Nothing is
+downloaded: the CLIP tokenizer's byte-level BPE vocabulary is generated here from a small word
+list, and every module is built from its constructor with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from controlrt.io import replace_dir
+
+# Words the generated tokenizer learns merges from: the vocabulary of simple scene prompts.
+_CORPUS = """
+a an the photo picture drawing painting of with and on in at by red green blue yellow white
+black orange purple pink gray brown circle square triangle line lines shape shapes house tree
+cat dog person man woman car road sky mountain river city street room table chair window door
+light dark bright soft sharp detailed high quality best realistic style portrait landscape
+scene background foreground small large big tiny old new beautiful simple edges depth map
+"""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Sizes of a small Stable-Diffusion-shaped model set.
+
+    The VAE's scale factor is ``2 ** (len(vae_channels) - 1)``; the UNet has one down block per
+    entry of ``unet_channels``; images are ``sample_size * vae factor`` pixels square.
+    """
+
+    unet_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 2
+    cross_attention_dim: int = 32
+    attention_head_dim: int = 8
+    norm_num_groups: int = 16
+    vae_channels: tuple[int, ...] = (16, 32)
+    latent_channels: int = 4
+    sample_size: int = 32
+    text_layers: int = 2
+    text_heads: int = 4
+    sequence_length: int = 77
+    bpe_merges: int = 200
+    scheduler: str = "DDIMScheduler"
+    controlnets: tuple[str, ...] = ("edges", "depth")
+
+
+TINY = Architecture()
+
+
+@dataclass(frozen=True)
+class BuiltinModels:
+    """Where a written model set lives."""
+
+    base: Path
+    controlnets: list[Path] = field(default_factory=list)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """The byte-to-printable-character table of byte-level BPE (GPT-2, CLIP)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars), strict=True))
+
+
+def train_bpe(words: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """Learn CLIP-style BPE merges (word-final symbols carry ``</w>``), ties broken by text."""
+    table = bytes_to_unicode()
+    corpus = Counter()
+    for word in words:
+        chars = [table[b] for b in word.encode("utf-8")]
+        corpus[tuple(chars[:-1]) + (chars[-1] + "</w>",)] += 1
+    merges = []
+    for _ in range(num_merges):
+        pairs: Counter = Counter()
+        for symbols, count in corpus.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged = Counter()
+        for symbols, count in corpus.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] += count
+        corpus = merged
+    return merges
+
+
+def write_tokenizer(folder: Path, num_merges: int, max_length: int) -> int:
+    """Write vocab.json, merges.txt and tokenizer_config.json for a CLIPTokenizer; return the vocab size."""
+    table = bytes_to_unicode()
+    merges = train_bpe(_CORPUS.split(), num_merges)
+    tokens = list(table.values()) + [c + "</w>" for c in table.values()]
+    tokens += [a + b for a, b in merges if a + b not in tokens]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": max_length,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return len(tokens)
+
+
+def _give_zero_convs_weights(controlnet, seed: int) -> None:
+    """ControlNet zero convolutions start at zero; seeded weights make parity tests able to fail."""
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    convs.append(controlnet.controlnet_cond_embedding.conv_out)
+    with torch.no_grad():
+        for conv in convs:
+            fan_in = conv.weight[0].numel()
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) / math.sqrt(fan_in))
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.05)
+
+
+def build_modules(arch: Architecture, tokenizer_dir: Path, seed: int):
+    """Construct the seeded pipeline and ControlNet modules (returns pipeline, controlnets)."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab_size = write_tokenizer(tokenizer_dir, arch.bpe_merges, arch.sequence_length)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    n = len(arch.unet_channels)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=arch.sample_size,
+        in_channels=arch.latent_channels,
+        out_channels=arch.latent_channels,
+        block_out_channels=arch.unet_channels,
+        layers_per_block=arch.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=arch.cross_attention_dim,
+        attention_head_dim=arch.attention_head_dim,
+        norm_num_groups=arch.norm_num_groups,
+    )
+    torch.manual_seed(seed + 1)
+    m = len(arch.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * m,
+        up_block_types=("UpDecoderBlock2D",) * m,
+        block_out_channels=arch.vae_channels,
+        latent_channels=arch.latent_channels,
+        layers_per_block=1,
+        norm_num_groups=arch.norm_num_groups,
+        sample_size=arch.sample_size * 2 ** (m - 1),
+    )
+    torch.manual_seed(seed + 2)
+    text_config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=arch.cross_attention_dim,
+        intermediate_size=arch.cross_attention_dim * 2,
+        projection_dim=arch.cross_attention_dim,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.text_heads,
+        max_position_embeddings=arch.sequence_length,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = getattr(diffusers, arch.scheduler)(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        **({"clip_sample": False, "set_alpha_to_one": False} if arch.scheduler == "DDIMScheduler" else {}),
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    controlnets = []
+    embed = tuple(16 * 2**i for i in range(m))  # downsamples control images by the VAE factor
+    for k, _ in enumerate(arch.controlnets):
+        torch.manual_seed(seed + 10 + k)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embed)
+        _give_zero_convs_weights(controlnet, seed + 20 + k)
+        controlnets.append(controlnet)
+    return pipe, controlnets
+
+
+def write_builtin_models(out_dir: str | Path, arch: Architecture = TINY, seed: int = 0) -> BuiltinModels:
+    """Write the model set under ``out_dir`` (base/ and one folder per ControlNet), atomically.
+
+    The same ``arch`` and ``seed`` always give the same weights.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        pipe, controlnets = build_modules(arch, staging / "_tokenizer", seed)
+        pipe.save_pretrained(staging / "base", safe_serialization=True)
+        for name, controlnet in zip(arch.controlnets, controlnets, strict=True):
+            controlnet.save_pretrained(staging / name, safe_serialization=True)
+        shutil.rmtree(staging / "_tokenizer")
+        replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BuiltinModels(out_dir / "base", [out_dir / name for name in arch.controlnets])
+
+
+def sample_control_images(count: int, height: int, width: int) -> list:
+    """Deterministic control maps of the kinds ControlNets use, cycled to ``count`` images.
+
+    An edge map (white outlines on black), a depth-like map (a radial gradient with a near
+    object) and a scribble (thick strokes).
+    """
+    from PIL import Image, ImageDraw
+
+    def edges() -> Image.Image:
+        image = Image.new("RGB", (width, height), "black")
+        draw = ImageDraw.Draw(image)
+        draw.ellipse((width * 0.1, height * 0.15, width * 0.5, height * 0.6), outline="white", width=1)
+        draw.rectangle((width * 0.55, height * 0.4, width * 0.9, height * 0.85), outline="white", width=1)
+        draw.line((0, height * 0.9, width, height * 0.7), fill="white", width=1)
+        return image
+
+    def depth() -> Image.Image:
+        import numpy as np
+
+        y, x = np.mgrid[0:height, 0:width]
+        far = 1.0 - np.hypot((x - width / 2) / width, (y - height) / height)
+        image = Image.fromarray((np.clip(far, 0, 1) * 180).astype("uint8")).convert("RGB")
+        ImageDraw.Draw(image).ellipse((width * 0.3, height * 0.3, width * 0.7, height * 0.7), fill=(240,) * 3)
+        return image
+
+    def scribble() -> Image.Image:
+        image = Image.new("RGB", (width, height), "black")
+        draw = ImageDraw.Draw(image)
+        draw.line([(width * 0.1, height * 0.8), (width * 0.4, height * 0.2), (width * 0.9, height * 0.5)],
+                  fill="white", width=max(2, width // 20))  # fmt: skip
+        return image
+
+    makers = [edges, depth, scribble]
+    return [makers[k % len(makers)]() for k in range(count)]

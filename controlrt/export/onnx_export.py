@@ -1,0 +1,97 @@
+"""Exporting one graph module to an ONNX file described by its spec."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from controlrt.errors import ExportError
+from controlrt.specs import GraphSpec
+
+logger = logging.getLogger(__name__)
+
+# ONNX protobuf files cannot exceed 2 GiB; larger graphs keep their weights in a .data file.
+EXTERNAL_DATA_THRESHOLD = 1536 << 20
+DEFAULT_OPSET = 18
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """How graphs are exported.
+
+    Attributes:
+        opset: ONNX opset version.
+        external_data: True or False forces weights into (or out of) a ``.onnx.data`` file;
+            None chooses by size (graphs over ~1.5 GiB of weights use external data).
+        trace_batch: Batch size of the dummy inputs the graph is traced with.
+    """
+
+    opset: int = DEFAULT_OPSET
+    external_data: bool | None = None
+    trace_batch: int = 2
+
+    def to_dict(self) -> dict:
+        return {
+            "opset": self.opset,
+            "external_data": self.external_data,
+            "trace_batch": self.trace_batch,
+            "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
+        }
+
+
+def _initializer_bytes(model) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def export_onnx(module: nn.Module, spec: GraphSpec, path: Path, settings: ExportSettings) -> list[Path]:
+    """Trace ``module`` at the spec's native size and write ``path`` (plus ``path.data`` if large).
+
+    Returns the files written. Raises ExportError if the exporter fails.
+    """
+    import onnx
+
+    feeds = spec.dummy_inputs(spec.sizes(batch=settings.trace_batch), seed=0)
+    args = tuple(feeds[name] for name in spec.input_names)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent) as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # tracer and deprecation chatter
+                torch.onnx.export(
+                    module,
+                    args,
+                    str(raw),
+                    input_names=spec.input_names,
+                    output_names=spec.output_names,
+                    dynamic_axes=spec.dynamic_axes(),
+                    opset_version=settings.opset,
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
+        except Exception as exc:  # the exporter raises many types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ExportError(f"{spec.name}: ONNX export at opset {settings.opset} failed: {first}") from exc
+        model = onnx.load(str(raw), load_external_data=True)
+        external = settings.external_data
+        if external is None:
+            external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        data_name = path.name + ".data"
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=external,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
+    files = [path]
+    if external and (path.parent / data_name).exists():
+        files.append(path.parent / data_name)
+    logger.info("exported %s (%d file(s))", spec.name, len(files))
+    return files

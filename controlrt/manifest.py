@@ -1,0 +1,206 @@
+"""The build folder and its manifest.
+
+A build folder holds the exported graphs, the tokenizer and scheduler config the runtime needs,
+and ``manifest.json``, written last. The manifest records the graph specs, every file with its
+sha256, the source folders with their config hashes, the tool versions and the export settings.
+A folder without a readable manifest is not a build; a file whose hash differs from the
+manifest's is corrupted or truncated and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from controlrt.errors import BuildError
+from controlrt.io import atomic_write_text, sha256_file
+from controlrt.models import ModelInfo
+from controlrt.specs import GraphKind, GraphSpec
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "controlrt-build"
+FORMAT_VERSION = 1
+TOOLS = ("controlrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "numpy")
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A file of the build, relative to the build folder."""
+
+    path: str
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def of(cls, root: Path, path: Path) -> FileRecord:
+        return cls(str(path.relative_to(root)), sha256_file(path), path.stat().st_size)
+
+    def check(self, root: Path, verify_hash: bool = True) -> None:
+        path = root / self.path
+        if not path.is_file():
+            raise BuildError(f"build {root}: {self.path} is missing; re-run controlrt export")
+        if path.stat().st_size != self.bytes:
+            raise BuildError(
+                f"build {root}: {self.path} is truncated or changed ({path.stat().st_size} bytes, "
+                f"the manifest says {self.bytes}); re-run controlrt export"
+            )
+        if verify_hash and sha256_file(path) != self.sha256:
+            raise BuildError(
+                f"build {root}: {self.path} is corrupted (sha256 differs from the manifest); "
+                "re-run controlrt export"
+            )
+
+
+@dataclass(frozen=True)
+class GraphRecord:
+    """One exported graph: its spec, files (the .onnx first) and export-time validation."""
+
+    spec: GraphSpec
+    files: tuple[FileRecord, ...]
+    validation: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def onnx_file(self) -> str:
+        return self.files[0].path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_dict(),
+            "files": [f.__dict__ for f in self.files],
+            "validation": self.validation,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GraphRecord:
+        return cls(
+            GraphSpec.from_dict(data["spec"]),
+            tuple(FileRecord(**f) for f in data["files"]),
+            list(data.get("validation", [])),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything recorded about a build."""
+
+    info: ModelInfo
+    graphs: dict[str, GraphRecord]
+    assets: tuple[FileRecord, ...]
+    sources: dict[str, Any]
+    settings: dict[str, Any]
+    tools: dict[str, str] = field(default_factory=tool_versions)
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def spec(self, name: str) -> GraphSpec:
+        return self.graphs[name].spec
+
+    @property
+    def controlnet_specs(self) -> list[GraphSpec]:
+        """The ControlNet graphs in the order they were given to export."""
+        specs = [g.spec for g in self.graphs.values() if g.spec.kind is GraphKind.CONTROLNET]
+        return sorted(specs, key=lambda s: int(s.attributes["controlnet_index"]))
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "created": self.created,
+                "tools": self.tools,
+                "settings": self.settings,
+                "sources": self.sources,
+                "model": self.info.to_dict(),
+                "graphs": {name: g.to_dict() for name, g in self.graphs.items()},
+                "assets": [f.__dict__ for f in self.assets],
+            },
+            indent=2,
+        )
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> Manifest:
+        try:
+            data = json.loads(text)
+            if data.get("format") != FORMAT:
+                raise BuildError(f"{where / MANIFEST_NAME} is not a controlrt build manifest")
+            if data.get("format_version") != FORMAT_VERSION:
+                raise BuildError(
+                    f"build {where} has manifest format {data.get('format_version')}, this "
+                    f"controlrt reads {FORMAT_VERSION}; re-run controlrt export"
+                )
+            return cls(
+                info=ModelInfo.from_dict(data["model"]),
+                graphs={n: GraphRecord.from_dict(g) for n, g in data["graphs"].items()},
+                assets=tuple(FileRecord(**f) for f in data["assets"]),
+                sources=data["sources"],
+                settings=data["settings"],
+                tools=data["tools"],
+                created=data["created"],
+            )
+        except BuildError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BuildError(f"build {where}: manifest.json is malformed ({exc}); re-run controlrt export") from None
+
+    def write(self, root: Path) -> None:
+        atomic_write_text(root / MANIFEST_NAME, self.to_json())
+
+
+@dataclass(frozen=True)
+class Build:
+    """An opened, checked build folder."""
+
+    path: Path
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = True) -> Build:
+        """Open a build; with ``verify`` every file's sha256 is checked, else only its size."""
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise BuildError(f"build folder {path} does not exist; create one with controlrt export")
+        manifest_path = path / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise BuildError(
+                f"{path} is not a controlrt build (no {MANIFEST_NAME}; an export that did not "
+                "finish leaves none); create one with controlrt export"
+            )
+        try:
+            text = manifest_path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BuildError(f"cannot read {manifest_path}: {exc}") from None
+        manifest = Manifest.from_json(text, path)
+        for record in manifest.assets:
+            record.check(path, verify)
+        for graph in manifest.graphs.values():
+            for record in graph.files:
+                record.check(path, verify)
+        return cls(path.resolve(), manifest)
+
+    def graph_path(self, name: str) -> Path:
+        return self.path / self.manifest.graphs[name].onnx_file
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return json.loads((self.path / "scheduler" / "scheduler_config.json").read_text())

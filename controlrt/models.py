@@ -1,0 +1,352 @@
+"""Diffusers model folders on disk: opening, checking and describing them.
+
+A base folder is a Stable Diffusion 1.x/2.x-style pipeline folder (model_index.json, unet/,
+text_encoder/, tokenizer/, vae/, scheduler/); a ControlNet folder is what
+``ControlNetModel.save_pretrained`` writes. Everything controlrt needs to know about the model
+(residual count and shapes, VAE factor, latent channels, cross-attention width, native size) is
+read from their configs into a :class:`ModelInfo`; nothing is hard-coded to SD1.5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from controlrt.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+BASE_COMPONENTS = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "scheduler": "scheduler_config.json",
+    "tokenizer": "tokenizer_config.json",
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass(frozen=True)
+class Residual:
+    """One control residual: its channel count and how many downsamplers lie above it."""
+
+    channels: int
+    level: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the toolchain needs to know about a base model, all read from its configs."""
+
+    vae_scale_factor: int
+    latent_channels: int
+    unet_out_channels: int
+    cross_attention_dim: int
+    sequence_length: int
+    vocab_size: int
+    sample_size: tuple[int, int]
+    scaling_factor: float
+    image_channels: int
+    num_train_timesteps: int
+    residuals: tuple[Residual, ...]
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes must be multiples of this: the VAE factor times the UNet downsampling."""
+        return self.vae_scale_factor * 2 ** max(r.level for r in self.residuals)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """The native image size (height, width) in pixels."""
+        return (
+            self.sample_size[0] * self.vae_scale_factor,
+            self.sample_size[1] * self.vae_scale_factor,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
+        data = dict(data)
+        data["sample_size"] = tuple(data["sample_size"])
+        data["residuals"] = tuple(Residual(**r) for r in data["residuals"])
+        return cls(**data)
+
+
+def residual_layout(config: dict[str, Any], what: str) -> tuple[Residual, ...]:
+    """Residuals a UNet consumes or a ControlNet produces, in diffusers order.
+
+    conv_in gives one; each down block gives one per resnet layer plus one for its downsampler
+    (every block but the last has one); the mid block gives the last.
+    """
+    channels = list(config["block_out_channels"])
+    per_block = config.get("layers_per_block", 2)
+    if isinstance(per_block, int):
+        per_block = [per_block] * len(channels)
+    if len(per_block) != len(channels) or len(config["down_block_types"]) != len(channels):
+        raise ModelError(
+            f"{what}: block_out_channels, layers_per_block and down_block_types disagree in length"
+        )
+    layout = [Residual(channels[0], 0)]
+    for i, (width, layers) in enumerate(zip(channels, per_block, strict=True)):
+        layout += [Residual(width, i)] * layers
+        if i < len(channels) - 1:
+            layout.append(Residual(width, i + 1))
+    layout.append(Residual(channels[-1], len(channels) - 1))
+    return tuple(layout)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{what}: {path} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{what}: cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{what}: {path} does not hold a JSON object")
+    return data
+
+
+def _config_hash(config_path: Path) -> str:
+    return hashlib.sha256(config_path.read_bytes()).hexdigest()
+
+
+def _weight_files(folder: Path) -> dict[str, int]:
+    return {
+        p.name: p.stat().st_size
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+    }
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelError(f"{what} {path} does not exist")
+    if not path.is_dir():
+        raise ModelError(f"{what} {path} is not a folder")
+    return path.resolve()
+
+
+def _check_unsupported(config: dict[str, Any], what: str, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if config.get(key) is not None:
+            raise ModelError(
+                f"{what}: {key}={config[key]!r} is set; controlrt supports Stable Diffusion "
+                "1.x/2.x-style models without extra conditioning (not SDXL or LCM variants)"
+            )
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A Stable Diffusion pipeline folder, opened and checked, with no weights loaded."""
+
+    path: Path
+    index: dict[str, Any]
+    configs: dict[str, dict[str, Any]]
+
+    @classmethod
+    def open(cls, path: str | Path) -> BaseModel:
+        path = _require_dir(Path(path), "base model folder")
+        if not (path / "model_index.json").is_file():
+            raise ModelError(
+                f"{path} is not a diffusers pipeline folder (no model_index.json); "
+                "point at a folder written by StableDiffusionPipeline.save_pretrained"
+            )
+        index = _read_json(path / "model_index.json", "base model")
+        configs = {}
+        for component, config_name in BASE_COMPONENTS.items():
+            if not index.get(component) or index[component][0] is None:
+                raise ModelError(f"base model {path}: model_index.json lists no {component}")
+            configs[component] = _read_json(path / component / config_name, f"base model {component}")
+        base = cls(path, index, configs)
+        base.info()  # checks the configs fit together
+        return base
+
+    def _class(self, component: str) -> tuple[str, str]:
+        library, class_name = self.index[component][:2]
+        return library, class_name
+
+    def info(self) -> ModelInfo:
+        unet, vae, text = self.configs["unet"], self.configs["vae"], self.configs["text_encoder"]
+        if unet.get("_class_name") != "UNet2DConditionModel":
+            raise ModelError(
+                f"base model: the unet is a {unet.get('_class_name')}, expected UNet2DConditionModel"
+            )
+        _check_unsupported(
+            unet,
+            "base model unet",
+            ("addition_embed_type", "class_embed_type", "time_cond_proj_dim", "encoder_hid_dim_type"),
+        )
+        if unet.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None:
+            raise ModelError("base model unet has no mid block; ControlNet needs one")
+        if vae.get("_class_name") != "AutoencoderKL":
+            raise ModelError(f"base model: the vae is a {vae.get('_class_name')}, expected AutoencoderKL")
+        cross = unet["cross_attention_dim"]
+        if isinstance(cross, list):
+            if len(set(cross)) != 1:
+                raise ModelError("base model unet: per-block cross_attention_dim is not supported")
+            cross = cross[0]
+        if text.get("hidden_size") != cross:
+            raise ModelError(
+                f"base model: the text encoder's hidden_size {text.get('hidden_size')} does not "
+                f"match the UNet's cross_attention_dim {cross}"
+            )
+        if unet["in_channels"] != vae["latent_channels"]:
+            raise ModelError(
+                f"base model: the UNet takes {unet['in_channels']} latent channels, the VAE "
+                f"makes {vae['latent_channels']}"
+            )
+        sample = unet["sample_size"]
+        sample = (sample, sample) if isinstance(sample, int) else tuple(sample)
+        max_length = self.configs["tokenizer"].get("model_max_length", 77)
+        return ModelInfo(
+            vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
+            latent_channels=unet["in_channels"],
+            unet_out_channels=unet["out_channels"],
+            cross_attention_dim=cross,
+            sequence_length=min(int(max_length), int(text["max_position_embeddings"])),
+            vocab_size=text["vocab_size"],
+            sample_size=sample,
+            scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+            image_channels=vae["out_channels"],
+            num_train_timesteps=int(self.configs["scheduler"].get("num_train_timesteps", 1000)),
+            residuals=residual_layout(unet, "base model unet"),
+        )
+
+    def source_record(self) -> dict[str, Any]:
+        """Paths, config hashes and weight file sizes, for the manifest's staleness checks."""
+        return {
+            "path": str(self.path),
+            "config_sha256": {
+                c: _config_hash(self.path / c / name) for c, name in BASE_COMPONENTS.items()
+            },
+            "weights": {c: _weight_files(self.path / c) for c in ("unet", "vae", "text_encoder")},
+        }
+
+    # --- loading (weights) -------------------------------------------------------------------
+
+    def load_unet(self) -> torch.nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        return _load(UNet2DConditionModel, self.path / "unet", "base model unet")
+
+    def load_vae(self) -> torch.nn.Module:
+        from diffusers import AutoencoderKL
+
+        return _load(AutoencoderKL, self.path / "vae", "base model vae")
+
+    def load_text_encoder(self) -> torch.nn.Module:
+        import transformers
+
+        _, class_name = self._class("text_encoder")
+        cls = getattr(transformers, class_name, None)
+        if cls is None:
+            raise ModelError(f"base model: unknown text encoder class {class_name}")
+        return _load(cls, self.path / "text_encoder", "base model text encoder")
+
+    def load_tokenizer(self):
+        import transformers
+
+        _, class_name = self._class("tokenizer")
+        cls = getattr(transformers, class_name, None) or transformers.AutoTokenizer
+        try:
+            return cls.from_pretrained(self.path / "tokenizer")
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"base model tokenizer: cannot load {self.path / 'tokenizer'}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ControlNetModelFolder:
+    """A ControlNet folder, opened and checked, with no weights loaded."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> ControlNetModelFolder:
+        path = _require_dir(Path(path), "ControlNet folder")
+        config = _read_json(path / "config.json", f"ControlNet {path}")
+        if config.get("_class_name") != "ControlNetModel":
+            raise ModelError(
+                f"{path} is not a ControlNet folder (config.json describes a "
+                f"{config.get('_class_name')}, expected ControlNetModel)"
+            )
+        if not _weight_files(path):
+            raise ModelError(f"ControlNet {path} has no weights (*.safetensors or *.bin)")
+        return cls(path, config)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def conditioning_channels(self) -> int:
+        return int(self.config.get("conditioning_channels", 3))
+
+    def check_fits(self, info: ModelInfo) -> None:
+        """Raise ModelError unless this ControlNet's residuals and inputs fit the base UNet."""
+        what = f"ControlNet {self.name!r} does not fit the base UNet"
+        config = self.config
+        _check_unsupported(config, f"ControlNet {self.name!r}", ("addition_embed_type", "class_embed_type"))
+        if config.get("global_pool_conditions"):
+            raise ModelError(
+                f"ControlNet {self.name!r} pools its conditions (global_pool_conditions, a "
+                "shuffle-style model); such ControlNets are not supported yet"
+            )
+        if config["in_channels"] != info.latent_channels:
+            raise ModelError(
+                f"{what}: it takes {config['in_channels']} latent channels, the UNet "
+                f"{info.latent_channels}"
+            )
+        cross = config["cross_attention_dim"]
+        cross = cross[0] if isinstance(cross, list) else cross
+        if cross != info.cross_attention_dim:
+            raise ModelError(
+                f"{what}: cross_attention_dim {cross} vs the UNet's {info.cross_attention_dim} "
+                "(a ControlNet made for another Stable Diffusion version?)"
+            )
+        layout = residual_layout(config, f"ControlNet {self.name!r}")
+        if layout != info.residuals:
+            raise ModelError(
+                f"{what}: it yields {len(layout)} residuals "
+                f"{[(r.channels, r.level) for r in layout]}, the UNet takes {len(info.residuals)} "
+                f"{[(r.channels, r.level) for r in info.residuals]} as (channels, level)"
+            )
+        embed = config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
+        factor = 2 ** (len(embed) - 1)
+        if factor != info.vae_scale_factor:
+            raise ModelError(
+                f"{what}: its condition encoder downsamples control images {factor}x, the "
+                f"VAE factor is {info.vae_scale_factor}x"
+            )
+
+    def source_record(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "config_sha256": {"controlnet": _config_hash(self.path / "config.json")},
+            "weights": {"controlnet": _weight_files(self.path)},
+        }
+
+    def load(self) -> torch.nn.Module:
+        from diffusers import ControlNetModel
+
+        return _load(ControlNetModel, self.path, f"ControlNet {self.name!r}")
+
+
+def _load(cls, path: Path, what: str):
+    try:
+        module = cls.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{what}: cannot load weights from {path}: {first}") from None
+    return module.float().eval().requires_grad_(False)

@@ -1,0 +1,254 @@
+"""Parity: every graph and the whole loop on a backend, against the PyTorch reference.
+
+Tolerances live here, in one place. A comparison passes when the relative L2 error and the
+largest absolute error (relative to the reference's largest magnitude) are within its
+tolerance, and fails outright when the reference is all zeros (a vacuous comparison).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from controlrt.runtime.session import Session
+from controlrt.specs import GraphKind, GraphSpec
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Largest accepted relative L2 error and largest |error| / max |reference|."""
+
+    rel_l2: float
+    max_rel: float
+
+
+# fp32 graphs on any backend against the fp32 torch modules.
+TOLERANCES: dict[GraphKind, Tolerance] = {
+    GraphKind.TEXT_ENCODER: Tolerance(rel_l2=1e-4, max_rel=1e-3),
+    GraphKind.CONTROLNET: Tolerance(rel_l2=1e-4, max_rel=1e-3),
+    GraphKind.UNET: Tolerance(rel_l2=1e-4, max_rel=1e-3),
+    GraphKind.VAE_DECODER: Tolerance(rel_l2=1e-4, max_rel=1e-3),
+}
+# Final 8-bit image against the torch backend's at the same seed and settings.
+END_TO_END_PSNR_DB = 40.0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One output of one graph at one shape."""
+
+    graph: str
+    shape: str
+    output: str
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    ref_max_abs: float
+    passed: bool
+    note: str = ""
+
+
+def tensor_metrics(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    ref = reference.detach().double().cpu().flatten()
+    out = candidate.detach().double().cpu().flatten()
+    diff = out - ref
+    ref_norm = float(ref.norm())
+    out_norm = float(out.norm())
+    return {
+        "max_abs": float(diff.abs().max()) if diff.numel() else 0.0,
+        "rel_l2": float(diff.norm()) / ref_norm if ref_norm else math.inf,
+        "cosine": float(ref @ out) / (ref_norm * out_norm) if ref_norm and out_norm else 0.0,
+        "ref_max_abs": float(ref.abs().max()) if ref.numel() else 0.0,
+    }
+
+
+def judge(graph: str, shape: str, output: str, reference, candidate, tolerance: Tolerance) -> Comparison:
+    if tuple(reference.shape) != tuple(candidate.shape):
+        return Comparison(
+            graph, shape, output, math.inf, math.inf, 0.0, 0.0, False,
+            f"shape {tuple(candidate.shape)} != reference {tuple(reference.shape)}",
+        )  # fmt: skip
+    m = tensor_metrics(reference, candidate)
+    note = ""
+    if m["ref_max_abs"] == 0.0:
+        passed, note = False, "reference is all zeros: the comparison proves nothing"
+    elif not all(math.isfinite(v) for v in m.values()):
+        passed, note = False, "non-finite values"
+    else:
+        passed = m["rel_l2"] <= tolerance.rel_l2 and m["max_abs"] <= tolerance.max_rel * m["ref_max_abs"]
+    return Comparison(graph, shape, output, passed=passed, note=note, **m)
+
+
+def parity_sizes(spec: GraphSpec) -> list[dict[str, int]]:
+    """Two shapes per graph: batch 1 at the native size; batch 2, non-square, another size."""
+    m = spec.size_multiple
+    height, width = spec.default_size
+    other_h = max(m, (height * 3 // 4) // m * m)
+    other_w = max(m, (width * 5 // 4 + m - 1) // m * m)
+    if (other_h, other_w) == (height, width):
+        other_w += m
+    return [spec.sizes(1, height, width), spec.sizes(2, other_h, other_w)]
+
+
+def _shape_label(sizes: Mapping[str, int]) -> str:
+    return f"{sizes['batch']}x{sizes['height']}x{sizes['width']}"
+
+
+def compare_graph(
+    reference: Session,
+    candidate: Session,
+    tolerance: Tolerance | None = None,
+    sizes: Sequence[Mapping[str, int]] | None = None,
+    seed: int = 1234,
+) -> list[Comparison]:
+    """Run both sessions on the same seeded inputs at each size and compare every output."""
+    spec = reference.spec
+    tolerance = tolerance or TOLERANCES[spec.kind]
+    rows = []
+    for n, s in enumerate(sizes or parity_sizes(spec)):
+        feeds = spec.dummy_inputs(s, seed=seed + n)
+        expected = reference.infer(feeds)
+        got = candidate.infer(feeds)
+        for name in spec.output_names:
+            rows.append(judge(spec.name, _shape_label(s), name, expected[name], got[name], tolerance))
+    return rows
+
+
+def psnr(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images (inf when identical)."""
+    mse = float(np.mean((reference.astype(np.float64) - candidate.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+@dataclass(frozen=True)
+class EndToEnd:
+    """A short generation on the backend against the torch backend."""
+
+    psnr_db: float
+    latent_rel_l2: float
+    threshold_db: float
+    settings: dict[str, Any]
+    passed: bool
+    note: str = ""
+
+
+@dataclass
+class ParityReport:
+    backend: str
+    graphs: list[Comparison] = field(default_factory=list)
+    end_to_end: EndToEnd | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.graphs) and (self.end_to_end is None or self.end_to_end.passed)
+
+    @property
+    def failures(self) -> list[str]:
+        out = [f"{c.graph} {c.shape} {c.output}" for c in self.graphs if not c.passed]
+        if self.end_to_end is not None and not self.end_to_end.passed:
+            out.append("end-to-end image")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "passed": self.passed,
+            "tolerances": {k.value: asdict(v) for k, v in TOLERANCES.items()},
+            "graphs": [asdict(c) for c in self.graphs],
+            "end_to_end": asdict(self.end_to_end) if self.end_to_end else None,
+        }
+
+    def write_json(self, path: str | Path) -> None:
+        from controlrt.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(_json_safe(self.to_dict()), indent=2))
+
+    def table(self) -> str:
+        head = f"{'graph':<14} {'shape':<10} {'output':<18} {'max_abs':>9} {'rel_l2':>9} {'cosine':>10}  result"
+        lines = [f"parity: {self.backend} vs torch", head, "-" * len(head)]
+        for c in self.graphs:
+            mark = "ok" if c.passed else "FAIL" + (f" ({c.note})" if c.note else "")
+            lines.append(
+                f"{c.graph:<14} {c.shape:<10} {c.output:<18} {c.max_abs:>9.2e} {c.rel_l2:>9.2e} "
+                f"{c.cosine:>10.7f}  {mark}"
+            )
+        if self.end_to_end is not None:
+            e = self.end_to_end
+            mark = "ok" if e.passed else "FAIL" + (f" ({e.note})" if e.note else "")
+            lines.append(
+                f"end-to-end image: PSNR {e.psnr_db:.1f} dB (threshold {e.threshold_db:.0f} dB), "
+                f"latent rel_l2 {e.latent_rel_l2:.2e}  {mark}"
+            )
+        lines.append("PASSED" if self.passed else f"FAILED: {', '.join(self.failures)}")
+        return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats as strings ("inf"), since strict JSON has no infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def run_parity(
+    build_dir: str | Path,
+    backend: str = "onnxruntime",
+    providers: Sequence[str] | None = None,
+    steps: int = 4,
+    seed: int = 0,
+    end_to_end: bool = True,
+) -> ParityReport:
+    """Compare every graph of a build on ``backend`` with torch, then a short generation.
+
+    The end-to-end run uses the built-in sample controls (one per ControlNet), uniform mode,
+    CFG and a negative prompt, at the model's native size.
+    """
+    from controlrt.builtin import sample_control_images
+    from controlrt.runtime.pipeline import Pipeline
+    from controlrt.runtime.request import GenerationRequest
+
+    reference = Pipeline.load(build_dir, backend="torch")
+    candidate = Pipeline.load(build_dir, backend=backend, providers=providers)
+    report = ParityReport(backend)
+    try:
+        for name, session in candidate.sessions.items():
+            report.graphs += compare_graph(reference.sessions[name], session)
+        if end_to_end:
+            height, width = reference.info.default_size
+            request = GenerationRequest(
+                prompt="a red circle and a blue square",
+                negative_prompt="blurry",
+                controls=sample_control_images(len(reference.controlnet_specs), height, width),
+                steps=steps,
+                seed=seed,
+            )
+            expected = reference.generate(request)
+            got = candidate.generate(request)
+            report.end_to_end = judge_images(expected, got, request.settings())
+    finally:
+        reference.close()
+        candidate.close()
+    return report
+
+
+def judge_images(expected, got, settings: dict[str, Any]) -> EndToEnd:
+    a = np.asarray(expected.image)
+    b = np.asarray(got.image)
+    value = psnr(a, b)
+    latent = tensor_metrics(expected.latents, got.latents)["rel_l2"]
+    note = ""
+    passed = value >= END_TO_END_PSNR_DB
+    if a.std() == 0:
+        passed, note = False, "reference image is flat: the comparison proves nothing"
+    return EndToEnd(value, latent, END_TO_END_PSNR_DB, settings, passed, note)

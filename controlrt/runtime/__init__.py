@@ -1,0 +1,1 @@
+"""Runtime: sessions, backends, the denoise loop and the Pipeline API."""

@@ -1,0 +1,77 @@
+"""Opening a build's graphs on a backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from controlrt.errors import BuildError, InputError, ModelError
+from controlrt.manifest import Build, Manifest
+from controlrt.models import BaseModel, ControlNetModelFolder
+from controlrt.runtime.session import Session
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Which backend runs the graphs, and where.
+
+    Attributes:
+        backend: "torch" (the diffusers modules, the reference) or "onnxruntime".
+        providers: onnxruntime execution providers (cpu, cuda, tensorrt or full names).
+        device: torch device for the torch backend ("cpu", "cuda").
+    """
+
+    backend: str = "onnxruntime"
+    providers: tuple[str, ...] | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise InputError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def open_sources(manifest: Manifest) -> tuple[BaseModel, list[ControlNetModelFolder]]:
+    """The source folders a build was exported from, refused if they changed since."""
+    sources = manifest.sources
+    try:
+        base = BaseModel.open(sources["base"]["path"])
+        controlnets = [ControlNetModelFolder.open(s["path"]) for s in sources["controlnets"]]
+    except ModelError as exc:
+        raise BuildError(f"the torch reference needs the build's source models: {exc}") from None
+    for folder, recorded in ((base, sources["base"]), *zip(controlnets, sources["controlnets"], strict=True)):
+        if folder.source_record() != recorded:
+            raise BuildError(
+                f"source model {folder.path} changed since it was exported (config or weights "
+                "differ from the manifest); re-run controlrt export"
+            )
+    return base, controlnets
+
+
+class SessionFactory:
+    """Opens sessions for one build and backend; the torch sources are opened once."""
+
+    def __init__(self, build: Build, options: BackendOptions) -> None:
+        self.build = build
+        self.options = options
+        self._sources: tuple[BaseModel, list[ControlNetModelFolder]] | None = None
+
+    def open(self, name: str) -> Session:
+        spec = self.build.manifest.spec(name)
+        if self.options.backend == "torch":
+            from controlrt.graphs import load_graph_module
+            from controlrt.runtime.torch_backend import TorchSession
+
+            if self._sources is None:
+                self._sources = open_sources(self.build.manifest)
+            module = load_graph_module(spec, *self._sources)
+            return TorchSession(module, spec, self.options.device)
+        from controlrt.runtime.ort_backend import OrtSession
+
+        return OrtSession(self.build.graph_path(name), spec, self.options.providers)
+
+
+def open_sessions(build: Build, options: BackendOptions, names: Sequence[str] | None = None) -> dict[str, Session]:
+    factory = SessionFactory(build, options)
+    return {name: factory.open(name) for name in (names or list(build.manifest.graphs))}

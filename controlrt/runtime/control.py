@@ -1,0 +1,83 @@
+"""Control modes: per-residual weights, which CFG branch gets control, and step windows.
+
+For residual i of N (down-block residuals in UNet order, the mid-block residual last):
+
+==================  ==============================  =========================================
+mode                branches given control          weight w_i
+==================  ==============================  =========================================
+uniform             both (diffusers' default)       1
+guess               conditional only                torch.logspace(-1, 0, N)[i] (diffusers'
+                                                    guess_mode; the mid block gets 1.0)
+cfg-rw              conditional only                h_max / h_i, the paper's 64 / h_i at
+                                                    512 px: 1 at full latent size, 2, 4, 8 deeper
+cfg-rw-normalized   conditional only                (h_max / h_i) / max_j (h_max / h_j)
+==================  ==============================  =========================================
+
+lllyasviel/ControlNet's soft injection, ``0.825 ** (12 - i)``, is the guess curve
+(0.825 ≈ 10 ** (-1 / 12)). In the conditional-only modes the unconditional half of the CFG batch
+gets zero residuals, so the ControlNets run on the conditional half only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+
+import torch
+
+from controlrt.errors import InputError
+from controlrt.specs import Axis, GraphSpec
+
+
+class ControlMode(str, Enum):
+    UNIFORM = "uniform"
+    GUESS = "guess"
+    CFG_RW = "cfg-rw"
+    CFG_RW_NORMALIZED = "cfg-rw-normalized"
+
+    @classmethod
+    def parse(cls, value: str | ControlMode) -> ControlMode:
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise InputError(f"unknown control mode {value!r}; choose one of {choices}") from None
+
+    @property
+    def conditional_only(self) -> bool:
+        """Whether only the conditional branch of classifier-free guidance gets control."""
+        return self is not ControlMode.UNIFORM
+
+
+def residual_divisors(unet: GraphSpec) -> list[int]:
+    """Each residual input's spatial divisor (image size / residual size), in UNet order."""
+    divisors = []
+    for t in unet.inputs[3:]:
+        axis = t.shape[2]
+        assert isinstance(axis, Axis), f"{t.name} has no symbolic height"
+        divisors.append(axis.divisor)
+    return divisors
+
+
+def block_weights(mode: ControlMode, divisors: Sequence[int]) -> torch.Tensor:
+    """Per-residual weights w_i (float32, one per residual) for ``mode``.
+
+    ``divisors`` are the residuals' spatial divisors, so h_max / h_i = divisor_i / min(divisor).
+    """
+    n = len(divisors)
+    if mode is ControlMode.UNIFORM:
+        return torch.ones(n)
+    if mode is ControlMode.GUESS:
+        return torch.logspace(-1, 0, n)
+    weights = torch.tensor([d / min(divisors) for d in divisors], dtype=torch.float32)
+    if mode is ControlMode.CFG_RW_NORMALIZED:
+        weights = weights / weights.max()
+    return weights
+
+
+def control_active(step: int, num_steps: int, start: float, end: float) -> bool:
+    """Whether a control with window [start, end] runs at ``step`` of ``num_steps``.
+
+    As diffusers defines control_guidance_start/end: off if step/T < start or (step+1)/T > end.
+    """
+    return not (step / num_steps < start or (step + 1) / num_steps > end)

@@ -1,0 +1,139 @@
+"""The backend-agnostic denoise loop: ControlNets, residual sums, CFG and the scheduler.
+
+Tensors live on the UNet session's device; every graph runs through the Session interface.
+The loop follows diffusers' StableDiffusionControlNetPipeline step by step (CFG batch order
+[uncond, cond]), so the torch backend reproduces it and other backends can be compared to it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from controlrt.runtime.control import control_active
+from controlrt.runtime.session import Session
+
+
+@dataclass(frozen=True)
+class ControlPlan:
+    """One control as the loop uses it.
+
+    Attributes:
+        session: The ControlNet graph.
+        image: Control image [batch, C, H, W] in [0, 1], already at the ControlNets' batch size.
+        weights: Per-residual weight times the control's scale, float32 [num_residuals].
+        start, end: Window as fractions of the schedule (diffusers' control_guidance_start/end).
+    """
+
+    session: Session
+    image: torch.Tensor
+    weights: torch.Tensor
+    start: float
+    end: float
+
+
+def step_kwargs(scheduler, generator: torch.Generator, eta: float = 0.0) -> dict:
+    """The optional arguments diffusers passes to scheduler.step (eta, generator)."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def _summed_residuals(
+    controls: Sequence[ControlPlan], step: int, num_steps: int, feeds: dict[str, torch.Tensor], names: Sequence[str]
+) -> dict[str, torch.Tensor] | None:
+    """Σ_k w_i * scale_k * residual_{k,i} over the controls active at ``step``; None if none is."""
+    total: dict[str, torch.Tensor] | None = None
+    for control in controls:
+        if not control_active(step, num_steps, control.start, control.end):
+            continue
+        out = control.session.infer({**feeds, "controlnet_cond": control.image})
+        weighted = {name: out[name] * control.weights[i] for i, name in enumerate(names)}
+        total = weighted if total is None else {n: total[n] + weighted[n] for n in names}
+    return total
+
+
+def denoise(
+    unet: Session,
+    controls: Sequence[ControlPlan],
+    scheduler,
+    prompt_embeds: torch.Tensor,
+    latents: torch.Tensor,
+    *,
+    steps: int,
+    guidance: float,
+    conditional_only: bool,
+    generator: torch.Generator,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run the schedule and return the final latents.
+
+    Args:
+        unet: The UNet graph (residual inputs after sample, timestep, encoder_hidden_states).
+        controls: The controls in ControlNet order (inactive ones are skipped, not run).
+        scheduler: A fresh diffusers scheduler.
+        prompt_embeds: [2B, S, D] as [uncond, cond] when guidance > 1, else [B, S, D].
+        latents: Initial latents [B, C, h, w], already scaled by init_noise_sigma.
+        steps: Number of inference steps.
+        guidance: Classifier-free guidance scale; CFG runs when it is above 1.
+        conditional_only: Give control to the conditional branch only (uncond gets zeros).
+        generator: The generator the latents were drawn from (stochastic schedulers continue it).
+        progress: Show a progress bar on stderr.
+    """
+    device = unet.device
+    cfg = guidance > 1.0
+    half = latents.shape[0]
+    batch = 2 * half if cfg else half
+    cond_slice = slice(half, batch) if cfg and conditional_only else slice(0, batch)
+    names = [t.name for t in unet.spec.inputs[3:]]
+    zero_residuals = _zero_residuals(unet, batch, latents.shape[2:], device)
+    scheduler.set_timesteps(steps, device=device)
+    timesteps = scheduler.timesteps
+    extra = step_kwargs(scheduler, generator)
+    cn_embeds = prompt_embeds[cond_slice]
+    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", leave=False)):
+        model_input = torch.cat([latents] * 2) if cfg else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        t_value = float(t)
+        cn_input = model_input[cond_slice]
+        cn_feeds = {
+            "sample": cn_input,
+            "timestep": torch.full((cn_input.shape[0],), t_value, device=device),
+            "encoder_hidden_states": cn_embeds,
+        }
+        summed = _summed_residuals(controls, i, len(timesteps), cn_feeds, names)
+        if summed is None:
+            residuals = zero_residuals
+        elif cond_slice.start:
+            residuals = {n: torch.cat([torch.zeros_like(r), r]) for n, r in summed.items()}
+        else:
+            residuals = summed
+        noise = unet.infer(
+            {
+                "sample": model_input,
+                "timestep": torch.full((batch,), t_value, device=device),
+                "encoder_hidden_states": prompt_embeds,
+                **residuals,
+            }
+        )["noise_pred"].to(device)
+        if cfg:
+            uncond, cond = noise.chunk(2)
+            noise = uncond + guidance * (cond - uncond)
+        latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+    return latents
+
+
+def _zero_residuals(unet: Session, batch: int, latent_hw: Sequence[int], device) -> dict[str, torch.Tensor]:
+    """Zero residual inputs ("no control") for a batch at a latent size."""
+    spec = unet.spec
+    sample = spec.inputs[0].shape  # (batch, channels, height/f, width/f)
+    sizes = {"batch": batch, "height": latent_hw[0] * sample[2].divisor, "width": latent_hw[1] * sample[3].divisor}
+    return {t.name: torch.zeros(t.concrete_shape(sizes), device=device) for t in spec.inputs[3:]}

@@ -1,0 +1,87 @@
+"""The onnxruntime backend: CPU everywhere, CUDA or TensorRT providers where onnxruntime-gpu is."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from controlrt.errors import BackendError, BuildError
+from controlrt.runtime.session import Session
+from controlrt.specs import GraphSpec
+
+logger = logging.getLogger(__name__)
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def resolve_providers(providers: Sequence[str] | None) -> list[str]:
+    """Provider names from aliases (cpu, cuda, tensorrt) or full names; CPU is always last.
+
+    Raises BackendError if a requested provider is not in this onnxruntime build.
+    """
+    import onnxruntime as ort
+
+    names = [PROVIDER_ALIASES.get(p.lower(), p) for p in (providers or ["cpu"])]
+    if "CPUExecutionProvider" not in names:
+        names.append("CPUExecutionProvider")
+    available = ort.get_available_providers()
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise BackendError(
+            f"onnxruntime provider {', '.join(missing)} is not available in this onnxruntime "
+            f"(available: {', '.join(available)}); GPU providers need 'pip install onnxruntime-gpu'"
+        )
+    return names
+
+
+class OrtSession(Session):
+    """Runs one ONNX graph with onnxruntime. Tensors go in and come out on the CPU."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, spec: GraphSpec, providers: Sequence[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        super().__init__(spec)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=resolve_providers(providers))
+        except BackendError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BuildError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+        graph_inputs = [i.name for i in self._session.get_inputs()]
+        graph_outputs = [o.name for o in self._session.get_outputs()]
+        if graph_inputs != spec.input_names or graph_outputs != spec.output_names:
+            raise BuildError(
+                f"{path} does not match its spec {spec.name} (graph inputs {graph_inputs}, "
+                f"outputs {graph_outputs}); re-run controlrt export"
+            )
+        logger.debug("onnxruntime session %s on %s", spec.name, self._session.get_providers())
+
+    @property
+    def providers(self) -> list[str]:
+        return self._session.get_providers()
+
+    def _run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        arrays = {
+            name: np.ascontiguousarray(feeds[name].detach().cpu().numpy()) for name in self.spec.input_names
+        }
+        try:
+            outputs = self._session.run(self.spec.output_names, arrays)
+        except Exception as exc:
+            raise BackendError(f"onnxruntime failed on {self.spec.name}: {str(exc).splitlines()[0]}") from None
+        return {name: torch.from_numpy(out) for name, out in zip(self.spec.output_names, outputs, strict=True)}
+
+    def close(self) -> None:
+        self._session = None

@@ -1,0 +1,376 @@
+"""Graph specs: the one description of every exported graph's inputs and outputs.
+
+A :class:`GraphSpec` lists a graph's tensors in order, with dtypes and symbolic axes. Export's
+dynamic axes, dummy and parity inputs, runtime input checks and (later) TensorRT profiles are all
+derived from it, so a shape is written down once.
+
+Symbolic axes are written in image pixels: ``height/8`` is the latent height of a VAE with scale
+factor 8, ``height/16`` the latent height after one UNet downsampler. Three symbols exist:
+``batch``, ``height`` and ``width``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from controlrt.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from controlrt.models import ModelInfo
+
+SYMBOLS = ("batch", "height", "width")
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A symbolic dimension: the size of ``symbol`` divided by ``divisor``."""
+
+    symbol: str
+    divisor: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.symbol if self.divisor == 1 else f"{self.symbol}/{self.divisor}"
+
+    def resolve(self, sizes: Mapping[str, int]) -> int:
+        return sizes[self.symbol] // self.divisor
+
+    @classmethod
+    def parse(cls, text: str) -> Axis:
+        symbol, _, divisor = text.partition("/")
+        return cls(symbol, int(divisor) if divisor else 1)
+
+
+Dim = int | Axis
+
+
+class GraphKind(str, Enum):
+    TEXT_ENCODER = "text_encoder"
+    CONTROLNET = "controlnet"
+    UNET = "unet"
+    VAE_DECODER = "vae_decoder"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output tensor.
+
+    Attributes:
+        name: Tensor name in the ONNX graph and in the runtime's feeds.
+        dtype: numpy-style dtype name ("float32", "int64", ...).
+        shape: Fixed sizes and symbolic :class:`Axis` entries.
+        value_range: For inputs, the half-open range that meaningful values lie in (used to draw
+            dummy and parity inputs); ``None`` means standard-normal values.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+    value_range: tuple[float, float] | None = None
+
+    def concrete_shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else d.resolve(sizes) for d in self.shape)
+
+    def shape_text(self) -> str:
+        return "(" + ", ".join(str(d) if isinstance(d, int) else d.name for d in self.shape) + ")"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": [d if isinstance(d, int) else d.name for d in self.shape],
+        }
+        if self.value_range is not None:
+            out["value_range"] = list(self.value_range)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TensorSpec:
+        shape = tuple(d if isinstance(d, int) else Axis.parse(d) for d in data["shape"])
+        value_range = data.get("value_range")
+        return cls(
+            data["name"], data["dtype"], shape, tuple(value_range) if value_range else None
+        )
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Ordered inputs and outputs of one graph.
+
+    Attributes:
+        name: Graph name in the build ("unet", "controlnet_0", ...).
+        kind: What the graph computes.
+        inputs: Input tensors in call order.
+        outputs: Output tensors in return order.
+        size_multiple: Image height and width must be multiples of this many pixels.
+        default_size: The model's native image size (height, width) in pixels.
+    """
+
+    name: str
+    kind: GraphKind
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    size_multiple: int
+    default_size: tuple[int, int]
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in (*self.inputs, *self.outputs):
+            if t.name == name:
+                return t
+        raise KeyError(f"{self.name} has no tensor named {name!r}")
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Symbolic axes per tensor, in the form ``torch.onnx.export`` takes."""
+        return {
+            t.name: {i: d.name for i, d in enumerate(t.shape) if isinstance(d, Axis)}
+            for t in (*self.inputs, *self.outputs)
+            if any(isinstance(d, Axis) for d in t.shape)
+        }
+
+    def sizes(self, batch: int, height: int | None = None, width: int | None = None) -> dict:
+        """Symbol sizes for a batch and an image size (default: the native size)."""
+        height = self.default_size[0] if height is None else height
+        width = self.default_size[1] if width is None else width
+        for label, value in (("height", height), ("width", width)):
+            if value <= 0 or value % self.size_multiple:
+                raise InputError(
+                    f"{label} {value} is not a positive multiple of {self.size_multiple} "
+                    f"(the VAE factor times the UNet's downsampling)"
+                )
+        if batch < 1:
+            raise InputError(f"batch {batch} must be at least 1")
+        return {"batch": batch, "height": height, "width": width}
+
+    def input_shapes(self, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.concrete_shape(sizes) for t in self.inputs}
+
+    def output_shapes(self, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.concrete_shape(sizes) for t in self.outputs}
+
+    def dummy_inputs(self, sizes: Mapping[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
+        """Seeded random inputs of the spec's shapes and dtypes, inside each value range."""
+        import torch
+
+        generator = torch.Generator("cpu").manual_seed(seed)
+        feeds = {}
+        for t in self.inputs:
+            shape = t.concrete_shape(sizes)
+            dtype = getattr(torch, t.dtype)
+            if dtype.is_floating_point:
+                if t.value_range is None:
+                    value = torch.randn(shape, generator=generator)
+                else:
+                    low, high = t.value_range
+                    value = torch.rand(shape, generator=generator) * (high - low) + low
+            else:
+                low, high = t.value_range or (0, 2)
+                value = torch.randint(int(low), int(high), shape, generator=generator)
+            feeds[t.name] = value.to(dtype)
+        return feeds
+
+    def bind(self, feeds: Mapping[str, Any]) -> dict[str, int]:
+        """Check feeds against the inputs and return the symbol sizes they imply.
+
+        Feeds may be torch tensors or numpy arrays. Raises InputError naming the first
+        missing, unexpected, mistyped or misshapen input.
+        """
+        missing = [n for n in self.input_names if n not in feeds]
+        extra = [n for n in feeds if n not in self.input_names]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing {', '.join(missing)}")
+            if extra:
+                parts.append(f"unexpected {', '.join(extra)}")
+            raise InputError(f"{self.name}: {'; '.join(parts)} (inputs: {self.input_names})")
+        sizes: dict[str, int] = {}
+        for t in self.inputs:
+            value = feeds[t.name]
+            dtype = str(value.dtype).removeprefix("torch.")
+            if dtype != t.dtype:
+                raise InputError(f"{self.name}: input {t.name!r} has dtype {dtype}, expected {t.dtype}")
+            shape = tuple(value.shape)
+            if len(shape) != len(t.shape):
+                raise InputError(
+                    f"{self.name}: input {t.name!r} has shape {shape}, expected {t.shape_text()}"
+                )
+            for size, dim in zip(shape, t.shape, strict=True):
+                if isinstance(dim, int):
+                    ok = size == dim
+                else:
+                    full = sizes.setdefault(dim.symbol, size * dim.divisor)
+                    ok = full == size * dim.divisor
+                if not ok:
+                    raise InputError(
+                        f"{self.name}: input {t.name!r} has shape {shape}, expected "
+                        f"{t.shape_text()} with {_sizes_text(sizes)}"
+                    )
+        return sizes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind.value,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "size_multiple": self.size_multiple,
+            "default_size": list(self.default_size),
+            "attributes": dict(self.attributes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GraphSpec:
+        return cls(
+            name=data["name"],
+            kind=GraphKind(data["kind"]),
+            inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
+            size_multiple=int(data["size_multiple"]),
+            default_size=(int(data["default_size"][0]), int(data["default_size"][1])),
+            attributes=dict(data.get("attributes", {})),
+        )
+
+
+def _sizes_text(sizes: Mapping[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sizes.items()) or "no sizes bound yet"
+
+
+# --- specs derived from a model's configuration -------------------------------------------------
+
+BATCH = Axis("batch")
+
+
+def _image_axes(divisor: int) -> tuple[Axis, Axis]:
+    return Axis("height", divisor), Axis("width", divisor)
+
+
+def residual_specs(info: ModelInfo) -> tuple[TensorSpec, ...]:
+    """The control residuals in UNet order: down_block_res_0 … then mid_block_res.
+
+    Shapes follow the UNet config: residual i has ``channels`` and sits ``level`` downsamplers
+    below the latent, so its spatial axes are ``height / (vae_factor * 2**level)``.
+    """
+    specs = []
+    for i, res in enumerate(info.residuals):
+        name = "mid_block_res" if i == len(info.residuals) - 1 else f"down_block_res_{i}"
+        divisor = info.vae_scale_factor * 2**res.level
+        specs.append(TensorSpec(name, "float32", (BATCH, res.channels, *_image_axes(divisor))))
+    return tuple(specs)
+
+
+def _denoiser_inputs(info: ModelInfo) -> tuple[TensorSpec, ...]:
+    latent = _image_axes(info.vae_scale_factor)
+    return (
+        TensorSpec("sample", "float32", (BATCH, info.latent_channels, *latent)),
+        TensorSpec("timestep", "float32", (BATCH,), (0.0, float(info.num_train_timesteps))),
+        TensorSpec(
+            "encoder_hidden_states",
+            "float32",
+            (BATCH, info.sequence_length, info.cross_attention_dim),
+        ),
+    )
+
+
+def _spec(info: ModelInfo, name: str, kind: GraphKind, inputs, outputs, **attributes) -> GraphSpec:
+    return GraphSpec(
+        name=name,
+        kind=kind,
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        size_multiple=info.size_multiple,
+        default_size=info.default_size,
+        attributes=attributes,
+    )
+
+
+def text_encoder_spec(info: ModelInfo) -> GraphSpec:
+    """input_ids int64 [batch, seq] -> last_hidden_state float32 [batch, seq, dim]."""
+    return _spec(
+        info,
+        "text_encoder",
+        GraphKind.TEXT_ENCODER,
+        [
+            TensorSpec(
+                "input_ids", "int64", (BATCH, info.sequence_length), (0, info.vocab_size)
+            )
+        ],
+        [
+            TensorSpec(
+                "last_hidden_state",
+                "float32",
+                (BATCH, info.sequence_length, info.cross_attention_dim),
+            )
+        ],
+    )
+
+
+def controlnet_spec(
+    info: ModelInfo, index: int, source_name: str, conditioning_channels: int
+) -> GraphSpec:
+    """The ``index``-th ControlNet of a build.
+
+    sample, timestep, encoder_hidden_states, controlnet_cond [batch, C, height, width] in [0, 1]
+    -> the unscaled residuals, named as the UNet's residual inputs.
+    """
+    cond = TensorSpec(
+        "controlnet_cond",
+        "float32",
+        (BATCH, conditioning_channels, *_image_axes(1)),
+        (0.0, 1.0),
+    )
+    return _spec(
+        info,
+        f"controlnet_{index}",
+        GraphKind.CONTROLNET,
+        [*_denoiser_inputs(info), cond],
+        residual_specs(info),
+        controlnet_index=index,
+        controlnet_name=source_name,
+    )
+
+
+def unet_spec(info: ModelInfo) -> GraphSpec:
+    """sample, timestep, encoder_hidden_states and every control residual -> noise_pred."""
+    out = TensorSpec(
+        "noise_pred",
+        "float32",
+        (BATCH, info.unet_out_channels, *_image_axes(info.vae_scale_factor)),
+    )
+    return _spec(
+        info,
+        "unet",
+        GraphKind.UNET,
+        [*_denoiser_inputs(info), *residual_specs(info)],
+        [out],
+    )
+
+
+def vae_decoder_spec(info: ModelInfo) -> GraphSpec:
+    """latent [batch, C, height/f, width/f] (denoised, still scaled) -> image in [-1, 1]."""
+    return _spec(
+        info,
+        "vae_decoder",
+        GraphKind.VAE_DECODER,
+        [
+            TensorSpec(
+                "latent",
+                "float32",
+                (BATCH, info.latent_channels, *_image_axes(info.vae_scale_factor)),
+            )
+        ],
+        [TensorSpec("image", "float32", (BATCH, info.image_channels, *_image_axes(1)))],
+    )
