@@ -15,6 +15,7 @@ from controlrt.errors import (
     ExportError,
     InputError,
     ModelError,
+    ParityError,
     ValidationError,
 )
 
@@ -50,6 +51,7 @@ __all__ = [
     "GenerationResult",
     "InputError",
     "ModelError",
+    "ParityError",
     "Pipeline",
     "ValidationError",
     "__version__",

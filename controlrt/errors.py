@@ -37,3 +37,7 @@ class ValidationError(ExportError):
 
 class BackendError(ControlrtError):
     """A backend is unavailable or failed to run a graph."""
+
+
+class ParityError(ControlrtError):
+    """A backend's results differ from the PyTorch reference beyond tolerance."""

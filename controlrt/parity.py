@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from controlrt.errors import ParityError
 from controlrt.runtime.session import Session
 from controlrt.specs import GraphKind, GraphSpec
 
@@ -53,6 +54,9 @@ class Comparison:
     ref_max_abs: float
     passed: bool
     note: str = ""
+
+
+__all__ = ["TOLERANCES", "Comparison", "ParityError", "ParityReport", "Tolerance", "compare_graph", "run_parity"]
 
 
 def tensor_metrics(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:

@@ -58,3 +58,28 @@ def postprocess(image: torch.Tensor, vae_scale_factor: int) -> Image.Image:
 
     processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor, do_convert_rgb=True)
     return processor.postprocess(image.float().cpu(), output_type="pil")[0]
+
+
+def save_image(image: Image.Image, path: str | Path, settings: dict[str, Any] | None = None) -> None:
+    """Write ``image`` atomically; PNGs carry ``settings`` as JSON in a "controlrt" text chunk."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    from controlrt.io import atomic_write_bytes
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(f"{path}: unknown image extension {path.suffix!r}; use .png")
+    kwargs: dict[str, Any] = {}
+    if fmt == "PNG" and settings is not None:
+        info = PngInfo()
+        info.add_text("controlrt", json.dumps(settings, default=str))
+        kwargs["pnginfo"] = info
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    atomic_write_bytes(path, buffer.getvalue())

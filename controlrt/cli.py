@@ -1,0 +1,211 @@
+"""The ``controlrt`` command line: parse, build a config, call one API function.
+
+Every :class:`ControlrtError` and every usage error becomes one ``error: …`` line on stderr and a
+non-zero exit. Results go to stdout; logs and progress to stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from controlrt import __version__
+from controlrt.errors import ControlrtError, InputError
+
+logger = logging.getLogger("controlrt")
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {' '.join(str(message).split())}", err=True)
+    sys.exit(code)
+
+
+class _CleanGroup(click.Group):
+    """A group whose errors are one line each, never a usage dump or a traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except click.exceptions.Abort:
+            _fail("aborted", 1)
+        except ControlrtError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@click.group(cls=_CleanGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="controlrt")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr; no progress bars.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
+    """Stable Diffusion + ControlNet: export to ONNX, generate, and prove parity with PyTorch."""
+    _quiet_libraries()
+    level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logger.setLevel(level)
+    ctx.obj = {"progress": not quiet and sys.stderr.isatty()}
+
+
+main = cli
+
+
+@cli.command()
+@click.argument("base_dir")
+@click.option("--controlnet", "controlnets", multiple=True, required=True, metavar="CN_DIR",
+              help="A ControlNet folder; repeat for several (their order is the controls' order).")
+@click.option("--out", required=True, help="Build folder to write.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
+@click.option("--force", is_flag=True, help="Replace an existing build folder.")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Force weights into (or out of) .onnx.data files; default: by size (>1.5 GiB).")
+@click.option("--no-validate", is_flag=True, help="Skip the onnxruntime check of each graph.")
+def export(base_dir, controlnets, out, opset, force, external_data, no_validate) -> None:
+    """Export BASE_DIR's text encoder, UNet, VAE decoder and each ControlNet to ONNX."""
+    from controlrt.export.build import export_build
+    from controlrt.export.onnx_export import DEFAULT_OPSET, ExportSettings
+
+    settings = ExportSettings(opset=opset or DEFAULT_OPSET, external_data=external_data)
+    manifest = export_build(base_dir, controlnets, out, settings, force=force, validate=not no_validate)
+    click.echo(str(Path(out).resolve()))
+    logger.info("graphs: %s", ", ".join(manifest.graphs))
+
+
+def _backend_options(f):
+    f = click.option("--providers", default=None, metavar="LIST",
+                     help="onnxruntime providers, comma-separated: cpu, cuda, tensorrt.")(f)
+    f = click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="onnxruntime",
+                     show_default=True, help="Where the graphs run.")(f)
+    return f
+
+
+def _providers(text: str | None) -> list[str] | None:
+    return [p.strip() for p in text.split(",") if p.strip()] if text else None
+
+
+@cli.command()
+@click.argument("build")
+@click.option("--prompt", required=True)
+@click.option("--negative-prompt", default=None)
+@click.option("--control", "controls", multiple=True, metavar="IMAGE",
+              help="A control image; the k-th goes to the build's k-th ControlNet.")
+@click.option("--scale", "scales", multiple=True, type=float, help="Per control, or one for all (default 1.0).")
+@click.option("--start", "starts", multiple=True, type=float, help="Window start in [0, 1) (default 0).")
+@click.option("--end", "ends", multiple=True, type=float, help="Window end in (0, 1] (default 1).")
+@click.option("--control-mode", default="uniform", show_default=True,
+              help="uniform | guess | cfg-rw | cfg-rw-normalized")
+@click.option("--steps", type=int, default=50, show_default=True)
+@click.option("--guidance", type=float, default=7.5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--height", type=int, default=None, help="Default: the model's native size.")
+@click.option("--width", type=int, default=None, help="Default: the model's native size.")
+@click.option("--scheduler", default=None, help="ddim, pndm, euler, euler-ancestral, dpm++, unipc, ... "
+              "(default: the model's own).")
+@_backend_options
+@click.option("--out", required=True, help="Image file to write (.png).")
+@click.pass_context
+def generate(ctx, build, prompt, negative_prompt, controls, scales, starts, ends, control_mode, steps,
+             guidance, seed, height, width, scheduler, backend, providers, out) -> None:
+    """Generate an image from a prompt and control images with BUILD."""
+    from controlrt.runtime.images import save_image
+    from controlrt.runtime.pipeline import Pipeline
+    from controlrt.runtime.request import GenerationRequest
+
+    request = GenerationRequest(
+        prompt=prompt,
+        controls=list(controls),
+        scales=list(scales) or 1.0,
+        start=list(starts) or 0.0,
+        end=list(ends) or 1.0,
+        negative_prompt=negative_prompt,
+        control_mode=control_mode,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        height=height,
+        width=width,
+        scheduler=scheduler,
+    )
+    out_path = Path(out)
+    _check_image_path(out_path)
+    with Pipeline.load(build, backend=backend, providers=_providers(providers)) as pipe:
+        result = pipe.generate(request, progress=ctx.obj["progress"])
+    save_image(result.image, out_path, result.settings)
+    click.echo(str(out_path))
+
+
+def _check_image_path(path: Path) -> None:
+    from PIL import Image
+
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise InputError(f"--out {path}: unknown image extension {path.suffix!r}; use .png")
+    if path.exists() and path.is_dir():
+        raise InputError(f"--out {path} is a folder")
+
+
+@cli.command()
+@click.argument("build")
+@_backend_options
+@click.option("--json", "json_path", default=None, metavar="FILE", help="Also write the report as JSON.")
+@click.option("--steps", type=int, default=4, show_default=True, help="Steps of the end-to-end run.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-end-to-end", is_flag=True, help="Compare the graphs only.")
+def parity(build, backend, providers, json_path, steps, seed, no_end_to_end) -> None:
+    """Compare every graph of BUILD, and a short generation, against PyTorch."""
+    from controlrt.parity import ParityError, run_parity
+
+    report = run_parity(build, backend, _providers(providers), steps=steps, seed=seed,
+                        end_to_end=not no_end_to_end)  # fmt: skip
+    click.echo(report.table())
+    if json_path:
+        report.write_json(json_path)
+    if not report.passed:
+        raise ParityError(f"parity failed: {', '.join(report.failures)}")
+
+
+@cli.command()
+@click.option("--out", default="controlrt-demo", show_default=True, help="Folder for models, build and outputs.")
+@click.option("--steps", type=int, default=20, show_default=True)
+def demo(out, steps) -> None:
+    """Build the built-in small model, export it, generate with two controls, run parity."""
+    from controlrt.demo import run_demo
+
+    result = run_demo(out, steps=steps)
+    click.echo(result.parity_table)
+    click.echo(f"image: {result.image}")
+    click.echo(f"parity report: {result.parity_json}")
+    click.echo(f"build: {result.build}")
+
+
+@cli.command("builtin")
+@click.argument("out")
+@click.option("--seed", type=int, default=0, show_default=True)
+def builtin_cmd(out, seed) -> None:
+    """Write the built-in small random-weight model set (diffusers folders) to OUT."""
+    from controlrt.builtin import write_builtin_models
+
+    models = write_builtin_models(out, seed=seed)
+    click.echo(str(models.base))
+    for path in models.controlnets:
+        click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()
