@@ -66,7 +66,7 @@ def denoise(
     controls: Sequence[ControlPlan],
     scheduler,
     prompt_embeds: torch.Tensor,
-    latents: torch.Tensor,
+    noise: torch.Tensor,
     *,
     steps: int,
     guidance: float,
@@ -81,7 +81,8 @@ def denoise(
         controls: The controls in ControlNet order (inactive ones are skipped, not run).
         scheduler: A fresh diffusers scheduler.
         prompt_embeds: [2B, S, D] as [uncond, cond] when guidance > 1, else [B, S, D].
-        latents: Initial latents [B, C, h, w], already scaled by init_noise_sigma.
+        noise: Initial standard-normal latents [B, C, h, w]; scaled here by the scheduler's
+            init_noise_sigma, which depends on the timesteps just set (as in diffusers).
         steps: Number of inference steps.
         guidance: Classifier-free guidance scale; CFG runs when it is above 1.
         conditional_only: Give control to the conditional branch only (uncond gets zeros).
@@ -90,13 +91,14 @@ def denoise(
     """
     device = unet.device
     cfg = guidance > 1.0
+    scheduler.set_timesteps(steps, device=device)
+    timesteps = scheduler.timesteps
+    latents = noise.to(device) * scheduler.init_noise_sigma
     half = latents.shape[0]
     batch = 2 * half if cfg else half
     cond_slice = slice(half, batch) if cfg and conditional_only else slice(0, batch)
     names = [t.name for t in unet.spec.inputs[3:]]
     zero_residuals = _zero_residuals(unet, batch, latents.shape[2:], device)
-    scheduler.set_timesteps(steps, device=device)
-    timesteps = scheduler.timesteps
     extra = step_kwargs(scheduler, generator)
     cn_embeds = prompt_embeds[cond_slice]
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", leave=False)):

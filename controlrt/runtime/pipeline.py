@@ -107,15 +107,14 @@ class Pipeline:
         generator = torch.Generator("cpu").manual_seed(request.seed)
         f = self.info.vae_scale_factor
         shape = (1, self.info.latent_channels, resolved.height // f, resolved.width // f)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-        latents = latents * scheduler.init_noise_sigma
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         # 4. denoise
         latents = denoise(
             self.sessions["unet"],
             controls,
             scheduler,
             embeds,
-            latents,
+            noise,
             steps=request.steps,
             guidance=float(request.guidance),
             conditional_only=conditional_only,

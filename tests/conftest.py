@@ -1,0 +1,149 @@
+"""Shared fixtures: small seeded model sets of two architectures and their builds.
+
+Everything is built in temporary folders once per test session.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+from controlrt.builtin import TINY, Architecture, BuiltinModels, write_builtin_models  # noqa: E402
+
+# A second architecture unlike the built-in one: three UNet blocks, one layer each, a wider
+# cross-attention, a VAE with factor 4, a shorter token sequence and an Euler scheduler.
+OTHER = Architecture(
+    unet_channels=(16, 32, 48),
+    layers_per_block=1,
+    cross_attention_dim=48,
+    attention_head_dim=8,
+    norm_num_groups=8,
+    vae_channels=(8, 16, 16),
+    sample_size=16,
+    text_heads=4,
+    sequence_length=32,
+    scheduler="EulerDiscreteScheduler",
+    controlnets=("lines", "seg"),
+)
+
+ARCHITECTURES = {"tiny": TINY, "other": OTHER}
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, BuiltinModels]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: write_builtin_models(root / name, arch, seed=7) for name, arch in ARCHITECTURES.items()}
+
+
+@pytest.fixture(scope="session")
+def builds(models, tmp_path_factory) -> dict[str, Path]:
+    from controlrt.export.build import export_build
+
+    root = tmp_path_factory.mktemp("builds")
+    out = {}
+    for name, m in models.items():
+        export_build(m.base, m.controlnets, root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(models) -> BuiltinModels:
+    return models["tiny"]
+
+
+@pytest.fixture(scope="session")
+def tiny_build(builds) -> Path:
+    return builds["tiny"]
+
+
+@pytest.fixture(scope="session")
+def pipelines(builds):
+    """Loaded pipelines per (architecture, backend), shared across tests."""
+    from controlrt.runtime.pipeline import Pipeline
+
+    cache: dict = {}
+
+    def get(arch: str, backend: str):
+        if (arch, backend) not in cache:
+            cache[arch, backend] = Pipeline.load(builds[arch], backend=backend)
+        return cache[arch, backend]
+
+    yield get
+    for pipe in cache.values():
+        pipe.close()
+
+
+# --- config-only model folders (no real weights) for checks that read configs alone -------------
+
+SD15_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "in_channels": 4,
+    "out_channels": 4,
+    "sample_size": 64,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "cross_attention_dim": 768,
+}
+SD15_CONTROLNET = {
+    "_class_name": "ControlNetModel",
+    "in_channels": 4,
+    "conditioning_channels": 3,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "cross_attention_dim": 768,
+    "conditioning_embedding_out_channels": [16, 32, 96, 256],
+}
+
+
+def write_config_folders(root: Path, unet=None, controlnet=None) -> tuple[Path, Path]:
+    """An SD1.5-shaped base folder and ControlNet folder holding configs and empty weight files."""
+    import json
+
+    def put(path: Path, data: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data))
+
+    base = root / "base"
+    put(
+        base / "model_index.json",
+        {
+            "_class_name": "StableDiffusionPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "PNDMScheduler"],
+        },
+    )
+    put(base / "unet" / "config.json", {**SD15_UNET, **(unet or {})})
+    put(
+        base / "vae" / "config.json",
+        {
+            "_class_name": "AutoencoderKL",
+            "block_out_channels": [128, 256, 512, 512],
+            "latent_channels": 4,
+            "out_channels": 3,
+            "scaling_factor": 0.18215,
+        },
+    )
+    put(
+        base / "text_encoder" / "config.json",
+        {"hidden_size": 768, "max_position_embeddings": 77, "vocab_size": 49408},
+    )
+    put(base / "tokenizer" / "tokenizer_config.json", {"model_max_length": 77})
+    put(base / "scheduler" / "scheduler_config.json", {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000})
+    cn = root / "controlnet"
+    put(cn / "config.json", {**SD15_CONTROLNET, **(controlnet or {})})
+    (cn / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    return base, cn
