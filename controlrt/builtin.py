@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 from controlrt.io import replace_dir
@@ -85,12 +86,12 @@ def train_bpe(words: list[str], num_merges: int) -> list[tuple[str, str]]:
     corpus = Counter()
     for word in words:
         chars = [table[b] for b in word.encode("utf-8")]
-        corpus[tuple(chars[:-1]) + (chars[-1] + "</w>",)] += 1
+        corpus[(*chars[:-1], chars[-1] + "</w>")] += 1
     merges = []
     for _ in range(num_merges):
         pairs: Counter = Counter()
         for symbols, count in corpus.items():
-            for pair in zip(symbols, symbols[1:]):
+            for pair in pairwise(symbols):
                 pairs[pair] += count
         if not pairs:
             break
@@ -277,8 +278,11 @@ def sample_control_images(count: int, height: int, width: int) -> list:
     def scribble() -> Image.Image:
         image = Image.new("RGB", (width, height), "black")
         draw = ImageDraw.Draw(image)
-        draw.line([(width * 0.1, height * 0.8), (width * 0.4, height * 0.2), (width * 0.9, height * 0.5)],
-                  fill="white", width=max(2, width // 20))  # fmt: skip
+        draw.line(
+            [(width * 0.1, height * 0.8), (width * 0.4, height * 0.2), (width * 0.9, height * 0.5)],
+            fill="white",
+            width=max(2, width // 20),
+        )
         return image
 
     makers = [edges, depth, scribble]

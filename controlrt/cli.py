@@ -70,13 +70,22 @@ main = cli
 
 @cli.command()
 @click.argument("base_dir")
-@click.option("--controlnet", "controlnets", multiple=True, required=True, metavar="CN_DIR",
-              help="A ControlNet folder; repeat for several (their order is the controls' order).")
+@click.option(
+    "--controlnet",
+    "controlnets",
+    multiple=True,
+    required=True,
+    metavar="CN_DIR",
+    help="A ControlNet folder; repeat for several (their order is the controls' order).",
+)
 @click.option("--out", required=True, help="Build folder to write.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
 @click.option("--force", is_flag=True, help="Replace an existing build folder.")
-@click.option("--external-data/--no-external-data", default=None,
-              help="Force weights into (or out of) .onnx.data files; default: by size (>1.5 GiB).")
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Force weights into (or out of) .onnx.data files; default: by size (>1.5 GiB).",
+)
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime check of each graph.")
 def export(base_dir, controlnets, out, opset, force, external_data, no_validate) -> None:
     """Export BASE_DIR's text encoder, UNet, VAE decoder and each ControlNet to ONNX."""
@@ -90,10 +99,19 @@ def export(base_dir, controlnets, out, opset, force, external_data, no_validate)
 
 
 def _backend_options(f):
-    f = click.option("--providers", default=None, metavar="LIST",
-                     help="onnxruntime providers, comma-separated: cpu, cuda, tensorrt.")(f)
-    f = click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="onnxruntime",
-                     show_default=True, help="Where the graphs run.")(f)
+    f = click.option(
+        "--providers",
+        default=None,
+        metavar="LIST",
+        help="onnxruntime providers, comma-separated: cpu, cuda, tensorrt.",
+    )(f)
+    f = click.option(
+        "--backend",
+        type=click.Choice(["torch", "onnxruntime"]),
+        default="onnxruntime",
+        show_default=True,
+        help="Where the graphs run.",
+    )(f)
     return f
 
 
@@ -105,25 +123,57 @@ def _providers(text: str | None) -> list[str] | None:
 @click.argument("build")
 @click.option("--prompt", required=True)
 @click.option("--negative-prompt", default=None)
-@click.option("--control", "controls", multiple=True, metavar="IMAGE",
-              help="A control image; the k-th goes to the build's k-th ControlNet.")
-@click.option("--scale", "scales", multiple=True, type=float, help="Per control, or one for all (default 1.0).")
+@click.option(
+    "--control",
+    "controls",
+    multiple=True,
+    metavar="IMAGE",
+    help="A control image; the k-th goes to the build's k-th ControlNet.",
+)
+@click.option(
+    "--scale", "scales", multiple=True, type=float, help="Per control, or one for all (default 1.0)."
+)
 @click.option("--start", "starts", multiple=True, type=float, help="Window start in [0, 1) (default 0).")
 @click.option("--end", "ends", multiple=True, type=float, help="Window end in (0, 1] (default 1).")
-@click.option("--control-mode", default="uniform", show_default=True,
-              help="uniform | guess | cfg-rw | cfg-rw-normalized")
+@click.option(
+    "--control-mode",
+    default="uniform",
+    show_default=True,
+    help="uniform | guess | cfg-rw | cfg-rw-normalized",
+)
 @click.option("--steps", type=int, default=50, show_default=True)
 @click.option("--guidance", type=float, default=7.5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--height", type=int, default=None, help="Default: the model's native size.")
 @click.option("--width", type=int, default=None, help="Default: the model's native size.")
-@click.option("--scheduler", default=None, help="ddim, pndm, euler, euler-ancestral, dpm++, unipc, ... "
-              "(default: the model's own).")
+@click.option(
+    "--scheduler",
+    default=None,
+    help="ddim, pndm, euler, euler-ancestral, dpm++, unipc, ... (default: the model's own).",
+)
 @_backend_options
 @click.option("--out", required=True, help="Image file to write (.png).")
 @click.pass_context
-def generate(ctx, build, prompt, negative_prompt, controls, scales, starts, ends, control_mode, steps,
-             guidance, seed, height, width, scheduler, backend, providers, out) -> None:
+def generate(
+    ctx,
+    build,
+    prompt,
+    negative_prompt,
+    controls,
+    scales,
+    starts,
+    ends,
+    control_mode,
+    steps,
+    guidance,
+    seed,
+    height,
+    width,
+    scheduler,
+    backend,
+    providers,
+    out,
+) -> None:
     """Generate an image from a prompt and control images with BUILD."""
     from controlrt.runtime.images import save_image
     from controlrt.runtime.pipeline import Pipeline
@@ -172,8 +222,9 @@ def parity(build, backend, providers, json_path, steps, seed, no_end_to_end) -> 
     """Compare every graph of BUILD, and a short generation, against PyTorch."""
     from controlrt.parity import ParityError, run_parity
 
-    report = run_parity(build, backend, _providers(providers), steps=steps, seed=seed,
-                        end_to_end=not no_end_to_end)  # fmt: skip
+    report = run_parity(
+        build, backend, _providers(providers), steps=steps, seed=seed, end_to_end=not no_end_to_end
+    )
     click.echo(report.table())
     if json_path:
         report.write_json(json_path)
@@ -182,7 +233,9 @@ def parity(build, backend, providers, json_path, steps, seed, no_end_to_end) -> 
 
 
 @cli.command()
-@click.option("--out", default="controlrt-demo", show_default=True, help="Folder for models, build and outputs.")
+@click.option(
+    "--out", default="controlrt-demo", show_default=True, help="Folder for models, build and outputs."
+)
 @click.option("--steps", type=int, default=20, show_default=True)
 def demo(out, steps) -> None:
     """Build the built-in small model, export it, generate with two controls, run parity."""

@@ -14,7 +14,8 @@ from controlrt.models import BaseModel, ControlNetModelFolder, ModelInfo
 from controlrt.specs import (
     GraphKind,
     GraphSpec,
-    controlnet_spec,     text_encoder_spec,
+    controlnet_spec,
+    text_encoder_spec,
     unet_spec,
     vae_decoder_spec,
 )
@@ -85,10 +86,7 @@ def graph_specs(info: ModelInfo, controlnets: list[ControlNetModelFolder]) -> li
     """Every graph of a build, in export order: text encoder, ControlNets, UNet, VAE decoder."""
     return [
         text_encoder_spec(info),
-        *(
-            controlnet_spec(info, k, cn.name, cn.conditioning_channels)
-            for k, cn in enumerate(controlnets)
-        ),
+        *(controlnet_spec(info, k, cn.name, cn.conditioning_channels) for k, cn in enumerate(controlnets)),
         unet_spec(info),
         vae_decoder_spec(info),
     ]

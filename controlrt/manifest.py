@@ -157,7 +157,9 @@ class Manifest:
         except BuildError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise BuildError(f"build {where}: manifest.json is malformed ({exc}); re-run controlrt export") from None
+            raise BuildError(
+                f"build {where}: manifest.json is malformed ({exc}); re-run controlrt export"
+            ) from None
 
     def write(self, root: Path) -> None:
         atomic_write_text(root / MANIFEST_NAME, self.to_json())

@@ -227,9 +227,7 @@ class BaseModel:
         """Paths, config hashes and weight file sizes, for the manifest's staleness checks."""
         return {
             "path": str(self.path),
-            "config_sha256": {
-                c: _config_hash(self.path / c / name) for c, name in BASE_COMPONENTS.items()
-            },
+            "config_sha256": {c: _config_hash(self.path / c / name) for c, name in BASE_COMPONENTS.items()},
             "weights": {c: _weight_files(self.path / c) for c in ("unet", "vae", "text_encoder")},
         }
 
@@ -305,8 +303,7 @@ class ControlNetModelFolder:
             )
         if config["in_channels"] != info.latent_channels:
             raise ModelError(
-                f"{what}: it takes {config['in_channels']} latent channels, the UNet "
-                f"{info.latent_channels}"
+                f"{what}: it takes {config['in_channels']} latent channels, the UNet {info.latent_channels}"
             )
         cross = config["cross_attention_dim"]
         cross = cross[0] if isinstance(cross, list) else cross
@@ -346,7 +343,7 @@ class ControlNetModelFolder:
 def _load(cls, path: Path, what: str):
     try:
         module = cls.from_pretrained(path)
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{what}: cannot load weights from {path}: {first}") from None
     return module.float().eval().requires_grad_(False)

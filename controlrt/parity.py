@@ -56,7 +56,15 @@ class Comparison:
     note: str = ""
 
 
-__all__ = ["TOLERANCES", "Comparison", "ParityError", "ParityReport", "Tolerance", "compare_graph", "run_parity"]
+__all__ = [
+    "TOLERANCES",
+    "Comparison",
+    "ParityError",
+    "ParityReport",
+    "Tolerance",
+    "compare_graph",
+    "run_parity",
+]
 
 
 def tensor_metrics(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
@@ -76,9 +84,16 @@ def tensor_metrics(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str
 def judge(graph: str, shape: str, output: str, reference, candidate, tolerance: Tolerance) -> Comparison:
     if tuple(reference.shape) != tuple(candidate.shape):
         return Comparison(
-            graph, shape, output, math.inf, math.inf, 0.0, 0.0, False,
+            graph,
+            shape,
+            output,
+            math.inf,
+            math.inf,
+            0.0,
+            0.0,
+            False,
             f"shape {tuple(candidate.shape)} != reference {tuple(reference.shape)}",
-        )  # fmt: skip
+        )
     m = tensor_metrics(reference, candidate)
     note = ""
     if m["ref_max_abs"] == 0.0:
@@ -175,7 +190,9 @@ class ParityReport:
         atomic_write_text(path, json.dumps(_json_safe(self.to_dict()), indent=2))
 
     def table(self) -> str:
-        head = f"{'graph':<14} {'shape':<10} {'output':<18} {'max_abs':>9} {'rel_l2':>9} {'cosine':>10}  result"
+        head = (
+            f"{'graph':<14} {'shape':<10} {'output':<18} {'max_abs':>9} {'rel_l2':>9} {'cosine':>10}  result"
+        )
         lines = [f"parity: {self.backend} vs torch", head, "-" * len(head)]
         for c in self.graphs:
             mark = "ok" if c.passed else "FAIL" + (f" ({c.note})" if c.note else "")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from controlrt.errors import InputError
@@ -49,7 +49,7 @@ class Axis:
 Dim = int | Axis
 
 
-class GraphKind(str, Enum):
+class GraphKind(StrEnum):
     TEXT_ENCODER = "text_encoder"
     CONTROLNET = "controlnet"
     UNET = "unet"
@@ -93,9 +93,7 @@ class TensorSpec:
     def from_dict(cls, data: Mapping[str, Any]) -> TensorSpec:
         shape = tuple(d if isinstance(d, int) else Axis.parse(d) for d in data["shape"])
         value_range = data.get("value_range")
-        return cls(
-            data["name"], data["dtype"], shape, tuple(value_range) if value_range else None
-        )
+        return cls(data["name"], data["dtype"], shape, tuple(value_range) if value_range else None)
 
 
 @dataclass(frozen=True)
@@ -303,11 +301,7 @@ def text_encoder_spec(info: ModelInfo) -> GraphSpec:
         info,
         "text_encoder",
         GraphKind.TEXT_ENCODER,
-        [
-            TensorSpec(
-                "input_ids", "int64", (BATCH, info.sequence_length), (0, info.vocab_size)
-            )
-        ],
+        [TensorSpec("input_ids", "int64", (BATCH, info.sequence_length), (0, info.vocab_size))],
         [
             TensorSpec(
                 "last_hidden_state",
@@ -318,9 +312,7 @@ def text_encoder_spec(info: ModelInfo) -> GraphSpec:
     )
 
 
-def controlnet_spec(
-    info: ModelInfo, index: int, source_name: str, conditioning_channels: int
-) -> GraphSpec:
+def controlnet_spec(info: ModelInfo, index: int, source_name: str, conditioning_channels: int) -> GraphSpec:
     """The ``index``-th ControlNet of a build.
 
     sample, timestep, encoder_hidden_states, controlnet_cond [batch, C, height, width] in [0, 1]

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from controlrt.builtin import TINY, Architecture, BuiltinModels, write_builtin_models  # noqa: E402
+from controlrt.builtin import TINY, Architecture, BuiltinModels, write_builtin_models
 
 # A second architecture unlike the built-in one: three UNet blocks, one layer each, a wider
 # cross-attention, a VAE with factor 4, a shorter token sequence and an Euler scheduler.
@@ -142,7 +142,10 @@ def write_config_folders(root: Path, unet=None, controlnet=None) -> tuple[Path, 
         {"hidden_size": 768, "max_position_embeddings": 77, "vocab_size": 49408},
     )
     put(base / "tokenizer" / "tokenizer_config.json", {"model_max_length": 77})
-    put(base / "scheduler" / "scheduler_config.json", {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000})
+    put(
+        base / "scheduler" / "scheduler_config.json",
+        {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000},
+    )
     cn = root / "controlnet"
     put(cn / "config.json", {**SD15_CONTROLNET, **(controlnet or {})})
     (cn / "diffusion_pytorch_model.safetensors").write_bytes(b"")

@@ -26,8 +26,17 @@ def test_layout_follows_per_block_layers():
     config = {"block_out_channels": [8, 16, 24], "layers_per_block": [1, 2, 3], "down_block_types": ["x"] * 3}
     layout = residual_layout(config, "test")
     assert [(r.channels, r.level) for r in layout] == [
-        (8, 0), (8, 0), (8, 1), (16, 1), (16, 1), (16, 2), (24, 2), (24, 2), (24, 2), (24, 2),
-    ]  # fmt: skip
+        (8, 0),
+        (8, 0),
+        (8, 1),
+        (16, 1),
+        (16, 1),
+        (16, 2),
+        (24, 2),
+        (24, 2),
+        (24, 2),
+        (24, 2),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -68,7 +77,7 @@ def test_unsupported_base_is_refused(tmp_path, unet, message):
 def test_not_a_pipeline_folder(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         BaseModel.open(tmp_path / "nowhere")
-    with pytest.raises(ModelError, match="no model_index.json"):
+    with pytest.raises(ModelError, match=r"no model_index\.json"):
         BaseModel.open(tmp_path)
     (tmp_path / "model_index.json").write_text("{not json")
     with pytest.raises(ModelError, match="cannot read"):

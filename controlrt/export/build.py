@@ -31,7 +31,9 @@ def _check_target(out: Path, force: bool) -> None:
     if not force:
         raise InputError(f"output folder {out} already exists; pass --force to replace it")
     if not (out / MANIFEST_NAME).is_file():
-        raise InputError(f"output folder {out} is not a controlrt build; refusing to replace it even with --force")
+        raise InputError(
+            f"output folder {out} is not a controlrt build; refusing to replace it even with --force"
+        )
 
 
 def _copy_assets(base: BaseModel, staging: Path) -> list[Path]:

@@ -72,6 +72,8 @@ class SessionFactory:
         return OrtSession(self.build.graph_path(name), spec, self.options.providers)
 
 
-def open_sessions(build: Build, options: BackendOptions, names: Sequence[str] | None = None) -> dict[str, Session]:
+def open_sessions(
+    build: Build, options: BackendOptions, names: Sequence[str] | None = None
+) -> dict[str, Session]:
     factory = SessionFactory(build, options)
     return {name: factory.open(name) for name in (names or list(build.manifest.graphs))}

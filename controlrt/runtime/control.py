@@ -21,7 +21,7 @@ gets zero residuals, so the ControlNets run on the conditional half only.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -29,7 +29,7 @@ from controlrt.errors import InputError
 from controlrt.specs import Axis, GraphSpec
 
 
-class ControlMode(str, Enum):
+class ControlMode(StrEnum):
     UNIFORM = "uniform"
     GUESS = "guess"
     CFG_RW = "cfg-rw"

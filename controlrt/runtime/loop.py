@@ -48,7 +48,11 @@ def step_kwargs(scheduler, generator: torch.Generator, eta: float = 0.0) -> dict
 
 
 def _summed_residuals(
-    controls: Sequence[ControlPlan], step: int, num_steps: int, feeds: dict[str, torch.Tensor], names: Sequence[str]
+    controls: Sequence[ControlPlan],
+    step: int,
+    num_steps: int,
+    feeds: dict[str, torch.Tensor],
+    names: Sequence[str],
 ) -> dict[str, torch.Tensor] | None:
     """Σ_k w_i * scale_k * residual_{k,i} over the controls active at ``step``; None if none is."""
     total: dict[str, torch.Tensor] | None = None
@@ -137,5 +141,9 @@ def _zero_residuals(unet: Session, batch: int, latent_hw: Sequence[int], device)
     """Zero residual inputs ("no control") for a batch at a latent size."""
     spec = unet.spec
     sample = spec.inputs[0].shape  # (batch, channels, height/f, width/f)
-    sizes = {"batch": batch, "height": latent_hw[0] * sample[2].divisor, "width": latent_hw[1] * sample[3].divisor}
+    sizes = {
+        "batch": batch,
+        "height": latent_hw[0] * sample[2].divisor,
+        "width": latent_hw[1] * sample[3].divisor,
+    }
     return {t.name: torch.zeros(t.concrete_shape(sizes), device=device) for t in spec.inputs[3:]}

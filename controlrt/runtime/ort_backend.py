@@ -80,8 +80,12 @@ class OrtSession(Session):
         try:
             outputs = self._session.run(self.spec.output_names, arrays)
         except Exception as exc:
-            raise BackendError(f"onnxruntime failed on {self.spec.name}: {str(exc).splitlines()[0]}") from None
-        return {name: torch.from_numpy(out) for name, out in zip(self.spec.output_names, outputs, strict=True)}
+            raise BackendError(
+                f"onnxruntime failed on {self.spec.name}: {str(exc).splitlines()[0]}"
+            ) from None
+        return {
+            name: torch.from_numpy(out) for name, out in zip(self.spec.output_names, outputs, strict=True)
+        }
 
     def close(self) -> None:
         self._session = None

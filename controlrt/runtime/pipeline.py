@@ -42,7 +42,9 @@ class Pipeline:
         image = pipe("a house", controls=["edges.png"], steps=20, seed=1)
     """
 
-    def __init__(self, build: Build, sessions: dict[str, Session], options: BackendOptions, tokenizer) -> None:
+    def __init__(
+        self, build: Build, sessions: dict[str, Session], options: BackendOptions, tokenizer
+    ) -> None:
         self.build = build
         self.sessions = sessions
         self.options = options
@@ -92,7 +94,9 @@ class Pipeline:
         return self.generate(GenerationRequest(prompt, tuple(controls), **settings)).image
 
     def generate(self, request: GenerationRequest, progress: bool = False) -> GenerationResult:
-        resolved = resolve(request, len(self.controlnet_specs), self.info.size_multiple, self.info.default_size)
+        resolved = resolve(
+            request, len(self.controlnet_specs), self.info.size_multiple, self.info.default_size
+        )
         device = self.sessions["unet"].device
         images = [load_image(c) for c in resolved.controls]  # read every file before any work
         scheduler = make_scheduler(self.build.scheduler_config, request.scheduler)
@@ -146,7 +150,9 @@ class Pipeline:
         for k, image in enumerate(images):
             spec = self.controlnet_specs[k]
             channels = spec.tensor("controlnet_cond").shape[1]
-            tensor = preprocess_control(image, resolved.height, resolved.width, self.info.vae_scale_factor, channels)
+            tensor = preprocess_control(
+                image, resolved.height, resolved.width, self.info.vae_scale_factor, channels
+            )
             if both_branches:
                 tensor = torch.cat([tensor] * 2)
             plans.append(

@@ -65,7 +65,9 @@ def _per_control(value: FloatOrList, count: int, label: str) -> list[float]:
     if len(values) == 1:
         values = values * count
     elif len(values) != count:
-        raise InputError(f"{len(values)} {label} values given for {count} control(s); give one or one per control")
+        raise InputError(
+            f"{len(values)} {label} values given for {count} control(s); give one or one per control"
+        )
     out = []
     for v in values:
         try:

@@ -55,7 +55,7 @@ class Session(ABC):
     @abstractmethod
     def _run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional for backends that hold nothing)
         """Release the backend's resources (the session is unusable afterwards)."""
 
     def __enter__(self) -> Session:

@@ -20,7 +20,9 @@ def reference_latents(models, images, normalized: bool) -> torch.Tensor:
     from diffusers import ControlNetModel, StableDiffusionPipeline
     from diffusers.image_processor import VaeImageProcessor
 
-    pipe = StableDiffusionPipeline.from_pretrained(models.base, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        models.base, safety_checker=None, requires_safety_checker=False
+    )
     nets = [ControlNetModel.from_pretrained(p).eval() for p in models.controlnets]
     f = pipe.vae_scale_factor
     height, width = pipe.unet.config.sample_size * f, pipe.unet.config.sample_size * f
@@ -28,8 +30,13 @@ def reference_latents(models, images, normalized: bool) -> torch.Tensor:
     conds = [processor.preprocess(im, height=height, width=width) for im in images]
 
     def embed(text):
-        ids = pipe.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        ids = pipe.tokenizer(
+            text,
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return pipe.text_encoder(ids)[0]
 
     with torch.no_grad():
@@ -53,9 +60,12 @@ def reference_latents(models, images, normalized: bool) -> torch.Tensor:
                 total = weighted if total is None else [a + b for a, b in zip(total, weighted, strict=True)]
             both = [torch.cat([torch.zeros_like(r), r]) for r in total]
             noise = pipe.unet(
-                torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond]),
-                down_block_additional_residuals=both[:-1], mid_block_additional_residual=both[-1],
-            ).sample  # fmt: skip
+                torch.cat([x, x]),
+                t,
+                encoder_hidden_states=torch.cat([uncond, cond]),
+                down_block_additional_residuals=both[:-1],
+                mid_block_additional_residual=both[-1],
+            ).sample
             n_uncond, n_cond = noise.chunk(2)
             latents = scheduler.step(n_uncond + GUIDANCE * (n_cond - n_uncond), t, latents).prev_sample
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
@@ -70,7 +80,9 @@ def test_cfg_rw_matches_independent_loop(normalized, backend, tiny_models, pipel
     latents, expected = reference_latents(tiny_models, images, normalized)
     mode = "cfg-rw-normalized" if normalized else "cfg-rw"
     result = pipe.generate(
-        GenerationRequest(PROMPT, images, scales=SCALES, control_mode=mode, steps=STEPS, seed=SEED, guidance=GUIDANCE)
+        GenerationRequest(
+            PROMPT, images, scales=SCALES, control_mode=mode, steps=STEPS, seed=SEED, guidance=GUIDANCE
+        )
     )
     assert tensor_metrics(latents, result.latents)["rel_l2"] < 1e-4
     assert psnr(expected, np.asarray(result.image)) >= END_TO_END_PSNR_DB

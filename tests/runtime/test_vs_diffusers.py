@@ -42,9 +42,9 @@ def diffusers_pipes(models):
                 requires_safety_checker=False,
             )
             if scheduler is not None:
-                from controlrt.runtime.schedulers import SCHEDULERS
-
                 import diffusers
+
+                from controlrt.runtime.schedulers import SCHEDULERS
 
                 cls = getattr(diffusers, SCHEDULERS[scheduler])
                 pipe.scheduler = cls.from_config(pipe.scheduler.config)

@@ -1,0 +1,244 @@
+"""The command line through click's runner: the happy paths and every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from controlrt.builtin import sample_control_images
+from controlrt.cli import cli
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_clean_error(result, fragment: str) -> None:
+    """A non-zero exit with exactly one 'error: …' line and no traceback."""
+    assert result.exit_code != 0, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def controls(tmp_path_factory):
+    root = tmp_path_factory.mktemp("controls")
+    paths = []
+    for k, image in enumerate(sample_control_images(3, 64, 64)):
+        image.save(root / f"c{k}.png")
+        paths.append(root / f"c{k}.png")
+    (root / "notes.png").write_text("not an image")
+    return {"images": paths, "not_image": root / "notes.png", "root": root}
+
+
+def test_generate_writes_png_with_settings(tiny_build, controls, tmp_path):
+    out = tmp_path / "sub" / "out.png"
+    c0, c1 = controls["images"][:2]
+    result = run(
+        "generate",
+        tiny_build,
+        "--prompt",
+        "a red circle",
+        "--control",
+        c0,
+        "--control",
+        c1,
+        "--scale",
+        0.5,
+        "--scale",
+        1.5,
+        "--start",
+        0.1,
+        "--control-mode",
+        "guess",
+        "--steps",
+        3,
+        "--out",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(out)
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    settings = json.loads(image.text["controlrt"])
+    assert settings["prompt"] == "a red circle" and settings["scales"] == [0.5, 1.5]
+    assert settings["control_mode"] == "guess" and settings["backend"] == "onnxruntime"
+
+
+def test_generate_on_torch_matches_onnxruntime(tiny_build, controls, tmp_path):
+    import numpy as np
+
+    from controlrt.parity import psnr
+
+    images = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / f"{backend}.png"
+        result = run(
+            "generate",
+            tiny_build,
+            "--prompt",
+            "x",
+            "--control",
+            controls["images"][0],
+            "--steps",
+            2,
+            "--backend",
+            backend,
+            "--out",
+            out,
+        )
+        assert result.exit_code == 0, result.output
+        images[backend] = np.asarray(Image.open(out))
+    assert psnr(images["torch"], images["onnxruntime"]) >= 40
+
+
+def test_parity_passes_and_writes_json(tiny_build, tmp_path):
+    report = tmp_path / "parity.json"
+    result = run("parity", tiny_build, "--json", report, "--steps", 2)
+    assert result.exit_code == 0, result.output
+    assert "PASSED" in result.stdout
+    data = json.loads(report.read_text())
+    assert data["passed"] is True
+    assert len(data["graphs"]) == 2 * (1 + 7 + 7 + 1 + 1)  # two shapes x every output
+    assert data["end_to_end"]["psnr_db"] == "inf" or float(data["end_to_end"]["psnr_db"]) >= 40
+
+
+def test_parity_fails_on_a_wrong_graph(tiny_build, tmp_path):
+    """A well-formed graph that computes the wrong thing (another ControlNet's) fails parity."""
+    build = tmp_path / "swapped"
+    shutil.copytree(tiny_build, build)
+    shutil.copy(build / "graphs" / "controlnet_1.onnx", build / "graphs" / "controlnet_0.onnx")
+    manifest = json.loads((build / "manifest.json").read_text())
+    manifest["graphs"]["controlnet_0"]["files"] = manifest["graphs"]["controlnet_1"]["files"]
+    manifest["graphs"]["controlnet_0"]["files"][0]["path"] = "graphs/controlnet_0.onnx"
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    result = run("parity", build, "--steps", 2)
+    assert result.exit_code == 1
+    assert "FAIL" in result.stdout and "controlnet_0" in result.stderr
+    assert "end-to-end image" in result.stderr
+
+
+def test_demo(tmp_path):
+    result = run("demo", "--out", tmp_path / "demo", "--steps", 2)
+    assert result.exit_code == 0, result.output
+    for name in ("demo.png", "parity.json", "control_0.png", "control_1.png", "build/manifest.json"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    assert json.loads((tmp_path / "demo" / "parity.json").read_text())["passed"] is True
+
+
+@pytest.fixture(scope="module")
+def damaged(tiny_build, tmp_path_factory):
+    root = tmp_path_factory.mktemp("damaged")
+    corrupted = root / "corrupted"
+    shutil.copytree(tiny_build, corrupted)
+    path = corrupted / "graphs" / "unet.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    truncated = root / "truncated"
+    shutil.copytree(tiny_build, truncated)
+    path = truncated / "graphs" / "controlnet_1.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    (root / "empty").mkdir()
+    return {"corrupted": corrupted, "truncated": truncated, "empty": root / "empty"}
+
+
+BAD_GENERATE = {
+    "missing build": ([], "does not exist", {"build": "nowhere"}),
+    "not a build": ([], "not a controlrt build", {"build": "empty"}),
+    "corrupted graph": ([], "graphs/unet.onnx is corrupted", {"build": "corrupted"}),
+    "truncated graph": ([], "graphs/controlnet_1.onnx is truncated", {"build": "truncated"}),
+    "missing control": (["--control", "{root}/nope.png"], "nope.png does not exist", {}),
+    "non-image control": (["--control", "{not_image}"], "is not a readable image", {}),
+    "too many controls": (["--control", "{c0}"] * 3, "3 control images given but the build has 2", {}),
+    "height": (["--height", "63"], "height 63 must be a positive multiple of 4", {}),
+    "width": (["--width", "0"], "width 0 must be a positive multiple of 4", {}),
+    "steps": (["--steps", "0"], "steps must be a whole number of at least 1", {}),
+    "nan scale": (["--control", "{c0}", "--scale", "nan"], "scale nan is not finite", {}),
+    "inf scale": (["--control", "{c0}", "--scale", "inf"], "scale inf is not finite", {}),
+    "scale count": (
+        ["--control", "{c0}", "--control", "{c1}", "--scale", "1", "--scale", "2", "--scale", "3"],
+        "3 scale values given for 2 control(s)",
+        {},
+    ),
+    "window": (["--control", "{c0}", "--start", "0.8", "--end", "0.2"], "start 0.8 and end 0.2", {}),
+    "mode": (["--control-mode", "loud"], "unknown control mode 'loud'", {}),
+    "scheduler": (["--scheduler", "nope"], "unknown scheduler 'nope'", {}),
+    "out extension": (["--out", "{root}/x.unknownext"], "unknown image extension", {}),
+    "not a number": (["--scale", "abc"], "'abc' is not a valid float", {}),
+    "negative guidance": (["--guidance", "-1"], "guidance -1.0 must be finite and non-negative", {}),
+    "backend": (["--backend", "tpu"], "'tpu' is not one of", {}),
+    "provider": (["--providers", "cuda"], "CUDAExecutionProvider is not available", {}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GENERATE))
+def test_generate_bad_input(case, tiny_build, controls, damaged, tmp_path):
+    extra, fragment, where = BAD_GENERATE[case]
+    names = {
+        "root": controls["root"],
+        "not_image": controls["not_image"],
+        "c0": controls["images"][0],
+        "c1": controls["images"][1],
+    }
+    extra = [a.format(**names) for a in extra]
+    build = {"nowhere": tmp_path / "nowhere", **damaged}.get(where.get("build"), tiny_build)
+    args = ["generate", build, "--prompt", "x", "--steps", "1", "--out", tmp_path / "o.png", *extra]
+    result = run(*args)
+    assert_clean_error(result, fragment)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_missing_required_option_is_one_line(tiny_build):
+    assert_clean_error(run("generate", tiny_build), "Missing option '--prompt'")
+    assert_clean_error(run("nosuchcommand"), "No such command")
+
+
+def test_export_bad_input(tiny_models, tiny_build, models, tmp_path):
+    assert_clean_error(
+        run("export", tmp_path, "--controlnet", tiny_models.controlnets[0], "--out", tmp_path / "b"),
+        "not a diffusers pipeline folder",
+    )
+    assert_clean_error(
+        run("export", tiny_models.base, "--controlnet", tmp_path / "nope", "--out", tmp_path / "b"),
+        "ControlNet folder",
+    )
+    assert_clean_error(
+        run(
+            "export",
+            tiny_models.base,
+            "--controlnet",
+            models["other"].controlnets[0],
+            "--out",
+            tmp_path / "b",
+        ),
+        "does not fit the base UNet",
+    )
+    assert_clean_error(
+        run("export", tiny_models.base, "--controlnet", tiny_models.controlnets[0], "--out", tiny_build),
+        "already exists; pass --force",
+    )
+    assert not (tmp_path / "b").exists()
+
+
+def test_parity_bad_input(tmp_path):
+    assert_clean_error(run("parity", tmp_path), "not a controlrt build")
+
+
+def test_torch_backend_refuses_changed_sources(tiny_build, tiny_models, tmp_path):
+    build = tmp_path / "moved"
+    shutil.copytree(tiny_build, build)
+    manifest = json.loads((build / "manifest.json").read_text())
+    manifest["sources"]["controlnets"][0]["config_sha256"]["controlnet"] = "0" * 64
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    result = run(
+        "generate", build, "--prompt", "x", "--steps", "1", "--backend", "torch", "--out", tmp_path / "o.png"
+    )
+    assert_clean_error(result, "changed since it was exported")
