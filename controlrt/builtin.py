@@ -42,10 +42,12 @@ class Architecture:
     attention_head_dim: int = 8
     norm_num_groups: int = 16
     vae_channels: tuple[int, ...] = (16, 32)
+    vae_layers_per_block: int = 1
     latent_channels: int = 4
     sample_size: int = 32
     text_layers: int = 2
     text_heads: int = 4
+    text_intermediate: int | None = None
     sequence_length: int = 77
     bpe_merges: int = 200
     scheduler: str = "DDIMScheduler"
@@ -53,6 +55,30 @@ class Architecture:
 
 
 TINY = Architecture()
+
+# Settings Stable Diffusion 1.5 ships with, per scheduler class.
+_SCHEDULER_EXTRAS = {
+    "DDIMScheduler": {"clip_sample": False, "set_alpha_to_one": False},
+    "PNDMScheduler": {"skip_prk_steps": True, "set_alpha_to_one": False},
+}
+
+# Stable Diffusion 1.5's shapes (UNet 860M parameters, 13 residuals, VAE factor 8, CLIP ViT-L/14
+# text width), with the generated tokenizer's small vocabulary. For full-size checks and benchmarks.
+SD15 = Architecture(
+    unet_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    vae_channels=(128, 256, 512, 512),
+    vae_layers_per_block=2,
+    sample_size=64,
+    text_layers=12,
+    text_heads=12,
+    text_intermediate=3072,
+    scheduler="PNDMScheduler",
+    controlnets=("canny", "depth"),
+)
 
 
 @dataclass(frozen=True)
@@ -183,7 +209,7 @@ def build_modules(arch: Architecture, tokenizer_dir: Path, seed: int):
         up_block_types=("UpDecoderBlock2D",) * m,
         block_out_channels=arch.vae_channels,
         latent_channels=arch.latent_channels,
-        layers_per_block=1,
+        layers_per_block=arch.vae_layers_per_block,
         norm_num_groups=arch.norm_num_groups,
         sample_size=arch.sample_size * 2 ** (m - 1),
     )
@@ -191,7 +217,7 @@ def build_modules(arch: Architecture, tokenizer_dir: Path, seed: int):
     text_config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=arch.cross_attention_dim,
-        intermediate_size=arch.cross_attention_dim * 2,
+        intermediate_size=arch.text_intermediate or arch.cross_attention_dim * 2,
         projection_dim=arch.cross_attention_dim,
         num_hidden_layers=arch.text_layers,
         num_attention_heads=arch.text_heads,
@@ -207,7 +233,7 @@ def build_modules(arch: Architecture, tokenizer_dir: Path, seed: int):
         beta_end=0.012,
         beta_schedule="scaled_linear",
         steps_offset=1,
-        **({"clip_sample": False, "set_alpha_to_one": False} if arch.scheduler == "DDIMScheduler" else {}),
+        **_SCHEDULER_EXTRAS.get(arch.scheduler, {}),
     )
     pipe = StableDiffusionPipeline(
         vae=vae,

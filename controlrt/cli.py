@@ -175,7 +175,7 @@ def generate(
     out,
 ) -> None:
     """Generate an image from a prompt and control images with BUILD."""
-    from controlrt.runtime.images import save_image
+    from controlrt.runtime.images import check_image_path, save_image
     from controlrt.runtime.pipeline import Pipeline
     from controlrt.runtime.request import GenerationRequest
 
@@ -195,20 +195,11 @@ def generate(
         scheduler=scheduler,
     )
     out_path = Path(out)
-    _check_image_path(out_path)
+    check_image_path(out_path)
     with Pipeline.load(build, backend=backend, providers=_providers(providers)) as pipe:
         result = pipe.generate(request, progress=ctx.obj["progress"])
     save_image(result.image, out_path, result.settings)
     click.echo(str(out_path))
-
-
-def _check_image_path(path: Path) -> None:
-    from PIL import Image
-
-    if path.suffix.lower() not in Image.registered_extensions():
-        raise InputError(f"--out {path}: unknown image extension {path.suffix!r}; use .png")
-    if path.exists() and path.is_dir():
-        raise InputError(f"--out {path} is a folder")
 
 
 @cli.command()

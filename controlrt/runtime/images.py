@@ -25,7 +25,7 @@ def load_image(source: ControlImage) -> Image.Image | np.ndarray | torch.Tensor:
         with Image.open(path) as image:
             image.load()
             return image.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise InputError(f"control image {path} is not a readable image ({exc.__class__.__name__})") from None
 
 
@@ -64,6 +64,16 @@ def postprocess(image: torch.Tensor, vae_scale_factor: int) -> Image.Image:
     return processor.postprocess(image.float().cpu(), output_type="pil")[0]
 
 
+def check_image_path(path: Path) -> str:
+    """The PIL format for an output path; InputError if the extension is unknown or it is a folder."""
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(f"output {path}: unknown image extension {path.suffix!r}; use .png")
+    if path.is_dir():
+        raise InputError(f"output {path} is a folder")
+    return fmt
+
+
 def save_image(image: Image.Image, path: str | Path, settings: dict[str, Any] | None = None) -> None:
     """Write ``image`` atomically; PNGs carry ``settings`` as JSON in a "controlrt" text chunk."""
     import json
@@ -73,10 +83,8 @@ def save_image(image: Image.Image, path: str | Path, settings: dict[str, Any] | 
     from controlrt.io import atomic_write_bytes
 
     path = Path(path)
+    fmt = check_image_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise InputError(f"{path}: unknown image extension {path.suffix!r}; use .png")
     kwargs: dict[str, Any] = {}
     if fmt == "PNG" and settings is not None:
         info = PngInfo()
