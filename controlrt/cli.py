@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from controlrt import __version__
-from controlrt.errors import ControlrtError, InputError
+from controlrt.errors import ControlrtError
 
 logger = logging.getLogger("controlrt")
 
