@@ -236,11 +236,13 @@ def run_parity(
     CFG and a negative prompt, at the model's native size.
     """
     from controlrt.builtin import sample_control_images
+    from controlrt.manifest import Build
     from controlrt.runtime.pipeline import Pipeline
     from controlrt.runtime.request import GenerationRequest
 
-    reference = Pipeline.load(build_dir, backend="torch")
-    candidate = Pipeline.load(build_dir, backend=backend, providers=providers)
+    build = Build.open(build_dir)
+    reference = Pipeline.from_build(build, backend="torch")
+    candidate = Pipeline.from_build(build, backend=backend, providers=providers)
     report = ParityReport(backend)
     try:
         for name, session in candidate.sessions.items():

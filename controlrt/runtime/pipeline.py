@@ -73,10 +73,20 @@ class Pipeline:
             device: torch device for the torch backend.
             verify: Check every file's sha256 against the manifest (else only sizes).
         """
+        return cls.from_build(Build.open(build_dir, verify=verify), backend, providers, device)
+
+    @classmethod
+    def from_build(
+        cls,
+        build: Build,
+        backend: str = "onnxruntime",
+        providers: Sequence[str] | None = None,
+        device: str = "cpu",
+    ) -> Pipeline:
+        """Like :meth:`load`, for a build that is already open (and checked)."""
         from transformers import AutoTokenizer
 
         options = BackendOptions(backend, tuple(providers) if providers else None, device)
-        build = Build.open(build_dir, verify=verify)
         try:
             tokenizer = AutoTokenizer.from_pretrained(build.tokenizer_dir)
         except (OSError, ValueError) as exc:
