@@ -115,6 +115,15 @@ def _backend_options(f):
     return f
 
 
+def _precision_option(f):
+    return click.option(
+        "--precision",
+        default="fp32",
+        show_default=True,
+        help="fp32 | fp16 | int8 graphs (onnxruntime); the build must have them.",
+    )(f)
+
+
 def _providers(text: str | None) -> list[str] | None:
     return [p.strip() for p in text.split(",") if p.strip()] if text else None
 
@@ -130,9 +139,7 @@ def _providers(text: str | None) -> list[str] | None:
     metavar="IMAGE",
     help="A control image; the k-th goes to the build's k-th ControlNet.",
 )
-@click.option(
-    "--scale", "scales", multiple=True, type=float, help="Per control, or one for all (default 1.0)."
-)
+@click.option("--scale", "scales", multiple=True, type=float, help="Per control, or one for all (default 1.0).")
 @click.option("--start", "starts", multiple=True, type=float, help="Window start in [0, 1) (default 0).")
 @click.option("--end", "ends", multiple=True, type=float, help="Window end in (0, 1] (default 1).")
 @click.option(
@@ -152,6 +159,7 @@ def _providers(text: str | None) -> list[str] | None:
     help="ddim, pndm, euler, euler-ancestral, dpm++, unipc, ... (default: the model's own).",
 )
 @_backend_options
+@_precision_option
 @click.option("--out", required=True, help="Image file to write (.png).")
 @click.pass_context
 def generate(
@@ -172,6 +180,7 @@ def generate(
     scheduler,
     backend,
     providers,
+    precision,
     out,
 ) -> None:
     """Generate an image from a prompt and control images with BUILD."""
@@ -196,7 +205,7 @@ def generate(
     )
     out_path = Path(out)
     check_image_path(out_path)
-    with Pipeline.load(build, backend=backend, providers=_providers(providers)) as pipe:
+    with Pipeline.load(build, backend=backend, providers=_providers(providers), precision=precision) as pipe:
         result = pipe.generate(request, progress=ctx.obj["progress"])
     save_image(result.image, out_path, result.settings)
     click.echo(str(out_path))
@@ -213,9 +222,7 @@ def parity(build, backend, providers, json_path, steps, seed, no_end_to_end) -> 
     """Compare every graph of BUILD, and a short generation, against PyTorch."""
     from controlrt.parity import ParityError, run_parity
 
-    report = run_parity(
-        build, backend, _providers(providers), steps=steps, seed=seed, end_to_end=not no_end_to_end
-    )
+    report = run_parity(build, backend, _providers(providers), steps=steps, seed=seed, end_to_end=not no_end_to_end)
     click.echo(report.table())
     if json_path:
         report.write_json(json_path)
@@ -224,9 +231,7 @@ def parity(build, backend, providers, json_path, steps, seed, no_end_to_end) -> 
 
 
 @cli.command()
-@click.option(
-    "--out", default="controlrt-demo", show_default=True, help="Folder for models, build and outputs."
-)
+@click.option("--out", default="controlrt-demo", show_default=True, help="Folder for models, build and outputs.")
 @click.option("--steps", type=int, default=20, show_default=True)
 def demo(out, steps) -> None:
     """Build the built-in small model, export it, generate with two controls, run parity."""

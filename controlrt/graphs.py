@@ -92,9 +92,7 @@ def graph_specs(info: ModelInfo, controlnets: list[ControlNetModelFolder]) -> li
     ]
 
 
-def load_graph_module(
-    spec: GraphSpec, base: BaseModel, controlnets: list[ControlNetModelFolder]
-) -> nn.Module:
+def load_graph_module(spec: GraphSpec, base: BaseModel, controlnets: list[ControlNetModelFolder]) -> nn.Module:
     """The PyTorch module that computes ``spec``, loaded from the source folders."""
     kind = spec.kind
     if kind is GraphKind.TEXT_ENCODER:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -64,18 +64,17 @@ class FileRecord:
             )
         if verify_hash and sha256_file(path) != self.sha256:
             raise BuildError(
-                f"build {root}: {self.path} is corrupted (sha256 differs from the manifest); "
-                "re-run controlrt export"
+                f"build {root}: {self.path} is corrupted (sha256 differs from the manifest); re-run controlrt export"
             )
 
 
 @dataclass(frozen=True)
-class GraphRecord:
-    """One exported graph: its spec, files (the .onnx first) and export-time validation."""
+class Variant:
+    """One precision of a graph: its files (the .onnx first), how it was made, how it validated."""
 
-    spec: GraphSpec
     files: tuple[FileRecord, ...]
     validation: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def onnx_file(self) -> str:
@@ -83,17 +82,38 @@ class GraphRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "spec": self.spec.to_dict(),
             "files": [f.__dict__ for f in self.files],
+            "settings": self.settings,
             "validation": self.validation,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Variant:
+        return cls(
+            tuple(FileRecord(**f) for f in data["files"]),
+            list(data.get("validation", [])),
+            dict(data.get("settings", {})),
+        )
+
+
+@dataclass(frozen=True)
+class GraphRecord:
+    """One graph: its spec and its variants by precision ("fp32", "fp16", "int8")."""
+
+    spec: GraphSpec
+    variants: dict[str, Variant]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_dict(),
+            "variants": {p: v.to_dict() for p, v in self.variants.items()},
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphRecord:
         return cls(
             GraphSpec.from_dict(data["spec"]),
-            tuple(FileRecord(**f) for f in data["files"]),
-            list(data.get("validation", [])),
+            {p: Variant.from_dict(v) for p, v in data["variants"].items()},
         )
 
 
@@ -117,6 +137,20 @@ class Manifest:
         """The ControlNet graphs in the order they were given to export."""
         specs = [g.spec for g in self.graphs.values() if g.spec.kind is GraphKind.CONTROLNET]
         return sorted(specs, key=lambda s: int(s.attributes["controlnet_index"]))
+
+    def precisions(self) -> set[str]:
+        """Precisions every UNet and ControlNet graph has (what a pipeline can run in)."""
+        kinds = {GraphKind.UNET, GraphKind.CONTROLNET}
+        sets = [set(g.variants) for g in self.graphs.values() if g.spec.kind in kinds]
+        return set.intersection(*sets) if sets else set()
+
+    def with_variants(self, precision: str, variants: dict[str, Variant]) -> Manifest:
+        """A copy with ``variants`` (graph name -> Variant) recorded under ``precision``."""
+        graphs = {
+            name: GraphRecord(g.spec, {**g.variants, **({precision: variants[name]} if name in variants else {})})
+            for name, g in self.graphs.items()
+        }
+        return replace(self, graphs=graphs, tools=tool_versions())
 
     def to_json(self) -> str:
         return json.dumps(
@@ -157,9 +191,7 @@ class Manifest:
         except BuildError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise BuildError(
-                f"build {where}: manifest.json is malformed ({exc}); re-run controlrt export"
-            ) from None
+            raise BuildError(f"build {where}: manifest.json is malformed ({exc}); re-run controlrt export") from None
 
     def write(self, root: Path) -> None:
         atomic_write_text(root / MANIFEST_NAME, self.to_json())
@@ -192,12 +224,26 @@ class Build:
         for record in manifest.assets:
             record.check(path, verify)
         for graph in manifest.graphs.values():
-            for record in graph.files:
-                record.check(path, verify)
+            for variant in graph.variants.values():
+                for record in variant.files:
+                    record.check(path, verify)
         return cls(path.resolve(), manifest)
 
-    def graph_path(self, name: str) -> Path:
-        return self.path / self.manifest.graphs[name].onnx_file
+    def variant(self, name: str, precision: str = "fp32") -> Variant:
+        """The graph's variant in ``precision``; BuildError naming the command that makes it."""
+        from controlrt.precision import Precision
+
+        precision = Precision.parse(precision)
+        record = self.manifest.graphs[name]
+        if precision not in record.variants:
+            raise BuildError(
+                f"build {self.path} has no {precision} {name} graph; make it with "
+                f"{precision.command.replace('BUILD', str(self.path))}"
+            )
+        return record.variants[precision]
+
+    def graph_path(self, name: str, precision: str = "fp32") -> Path:
+        return self.path / self.variant(name, precision).onnx_file
 
     @property
     def tokenizer_dir(self) -> Path:

@@ -92,9 +92,7 @@ def residual_layout(config: dict[str, Any], what: str) -> tuple[Residual, ...]:
     if isinstance(per_block, int):
         per_block = [per_block] * len(channels)
     if len(per_block) != len(channels) or len(config["down_block_types"]) != len(channels):
-        raise ModelError(
-            f"{what}: block_out_channels, layers_per_block and down_block_types disagree in length"
-        )
+        raise ModelError(f"{what}: block_out_channels, layers_per_block and down_block_types disagree in length")
     layout = [Residual(channels[0], 0)]
     for i, (width, layers) in enumerate(zip(channels, per_block, strict=True)):
         layout += [Residual(width, i)] * layers
@@ -122,9 +120,7 @@ def _config_hash(config_path: Path) -> str:
 
 def _weight_files(folder: Path) -> dict[str, int]:
     return {
-        p.name: p.stat().st_size
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+        p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
     }
 
 
@@ -179,9 +175,7 @@ class BaseModel:
     def info(self) -> ModelInfo:
         unet, vae, text = self.configs["unet"], self.configs["vae"], self.configs["text_encoder"]
         if unet.get("_class_name") != "UNet2DConditionModel":
-            raise ModelError(
-                f"base model: the unet is a {unet.get('_class_name')}, expected UNet2DConditionModel"
-            )
+            raise ModelError(f"base model: the unet is a {unet.get('_class_name')}, expected UNet2DConditionModel")
         _check_unsupported(
             unet,
             "base model unet",

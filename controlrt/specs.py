@@ -203,9 +203,7 @@ class GraphSpec:
                 raise InputError(f"{self.name}: input {t.name!r} has dtype {dtype}, expected {t.dtype}")
             shape = tuple(value.shape)
             if len(shape) != len(t.shape):
-                raise InputError(
-                    f"{self.name}: input {t.name!r} has shape {shape}, expected {t.shape_text()}"
-                )
+                raise InputError(f"{self.name}: input {t.name!r} has shape {shape}, expected {t.shape_text()}")
             for size, dim in zip(shape, t.shape, strict=True):
                 if isinstance(dim, int):
                     ok = size == dim

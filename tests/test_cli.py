@@ -116,8 +116,9 @@ def test_parity_fails_on_a_wrong_graph(tiny_build, tmp_path):
     shutil.copytree(tiny_build, build)
     shutil.copy(build / "graphs" / "controlnet_1.onnx", build / "graphs" / "controlnet_0.onnx")
     manifest = json.loads((build / "manifest.json").read_text())
-    manifest["graphs"]["controlnet_0"]["files"] = manifest["graphs"]["controlnet_1"]["files"]
-    manifest["graphs"]["controlnet_0"]["files"][0]["path"] = "graphs/controlnet_0.onnx"
+    variants = manifest["graphs"]["controlnet_0"]["variants"]
+    variants["fp32"]["files"] = manifest["graphs"]["controlnet_1"]["variants"]["fp32"]["files"]
+    variants["fp32"]["files"][0]["path"] = "graphs/controlnet_0.onnx"
     (build / "manifest.json").write_text(json.dumps(manifest))
     result = run("parity", build, "--steps", 2)
     assert result.exit_code == 1
@@ -238,7 +239,5 @@ def test_torch_backend_refuses_changed_sources(tiny_build, tiny_models, tmp_path
     manifest = json.loads((build / "manifest.json").read_text())
     manifest["sources"]["controlnets"][0]["config_sha256"]["controlnet"] = "0" * 64
     (build / "manifest.json").write_text(json.dumps(manifest))
-    result = run(
-        "generate", build, "--prompt", "x", "--steps", "1", "--backend", "torch", "--out", tmp_path / "o.png"
-    )
+    result = run("generate", build, "--prompt", "x", "--steps", "1", "--backend", "torch", "--out", tmp_path / "o.png")
     assert_clean_error(result, "changed since it was exported")

@@ -14,7 +14,7 @@ from controlrt.errors import BuildError, InputError, ValidationError
 from controlrt.export.onnx_export import ExportSettings, export_onnx
 from controlrt.graphs import graph_specs, load_graph_module
 from controlrt.io import replace_dir
-from controlrt.manifest import MANIFEST_NAME, FileRecord, GraphRecord, Manifest
+from controlrt.manifest import MANIFEST_NAME, FileRecord, GraphRecord, Manifest, Variant
 from controlrt.models import BaseModel, ControlNetModelFolder
 from controlrt.parity import compare_graph
 
@@ -31,9 +31,7 @@ def _check_target(out: Path, force: bool) -> None:
     if not force:
         raise InputError(f"output folder {out} already exists; pass --force to replace it")
     if not (out / MANIFEST_NAME).is_file():
-        raise InputError(
-            f"output folder {out} is not a controlrt build; refusing to replace it even with --force"
-        )
+        raise InputError(f"output folder {out} is not a controlrt build; refusing to replace it even with --force")
 
 
 def _copy_assets(base: BaseModel, staging: Path) -> list[Path]:
@@ -103,9 +101,12 @@ def export_build(
                         for r in failed
                     )
                     raise ValidationError(f"{spec.name} does not reproduce PyTorch on onnxruntime: {detail}")
-            records[spec.name] = GraphRecord(
-                spec, tuple(FileRecord.of(staging, f) for f in files), [asdict(r) for r in rows]
+            variant = Variant(
+                tuple(FileRecord.of(staging, f) for f in files),
+                [asdict(r) for r in rows],
+                {"exporter": settings.to_dict()},
             )
+            records[spec.name] = GraphRecord(spec, {"fp32": variant})
             del module
             gc.collect()
         assets = [FileRecord.of(staging, f) for f in _copy_assets(base, staging)]

@@ -77,21 +77,36 @@ def export_onnx(module: nn.Module, spec: GraphSpec, path: Path, settings: Export
         except Exception as exc:  # the exporter raises many types
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ExportError(f"{spec.name}: ONNX export at opset {settings.opset} failed: {first}") from exc
-        model = onnx.load(str(raw), load_external_data=True)
-        external = settings.external_data
-        if external is None:
-            external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-        data_name = path.name + ".data"
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=external,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=1024,
-        )
+        files = save_onnx(onnx.load(str(raw), load_external_data=True), path, settings.external_data)
+    logger.info("exported %s (%d file(s))", spec.name, len(files))
+    return files
+
+
+def is_large(model) -> bool:
+    """Whether a model's weights are too big for one protobuf file."""
+    return _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+
+
+def save_onnx(model, path: Path, external: bool | None = None) -> list[Path]:
+    """Save ``model`` to ``path``; weights go to ``path.data`` if ``external`` (None: if large).
+
+    Returns the files written, the .onnx first.
+    """
+    import onnx
+
+    if external is None:
+        external = is_large(model)
+    data_name = path.name + ".data"
+    (path.parent / data_name).unlink(missing_ok=True)  # external data is appended to, never replaced
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=1024,
+    )
     files = [path]
     if external and (path.parent / data_name).exists():
         files.append(path.parent / data_name)
-    logger.info("exported %s (%d file(s))", spec.name, len(files))
     return files

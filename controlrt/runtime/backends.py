@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from controlrt.errors import BuildError, InputError, ModelError
 from controlrt.manifest import Build, Manifest
 from controlrt.models import BaseModel, ControlNetModelFolder
+from controlrt.precision import Precision, variant_for
 from controlrt.runtime.session import Session
 
 BACKENDS = ("torch", "onnxruntime")
@@ -21,15 +22,22 @@ class BackendOptions:
         backend: "torch" (the diffusers modules, the reference) or "onnxruntime".
         providers: onnxruntime execution providers (cpu, cuda, tensorrt or full names).
         device: torch device for the torch backend ("cpu", "cuda").
+        precision: Which graph variants run (fp32, fp16, int8); the torch backend is fp32 only.
     """
 
     backend: str = "onnxruntime"
     providers: tuple[str, ...] | None = None
     device: str = "cpu"
+    precision: Precision = Precision.FP32
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise InputError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        object.__setattr__(self, "precision", Precision.parse(self.precision))
+        if self.backend == "torch" and self.precision is not Precision.FP32:
+            raise InputError(
+                f"the torch backend is the fp32 reference; --precision {self.precision} needs --backend onnxruntime"
+            )
 
 
 def open_sources(manifest: Manifest) -> tuple[BaseModel, list[ControlNetModelFolder]]:
@@ -69,11 +77,11 @@ class SessionFactory:
             return TorchSession(module, spec, self.options.device)
         from controlrt.runtime.ort_backend import OrtSession
 
-        return OrtSession(self.build.graph_path(name), spec, self.options.providers)
+        variants = set(self.build.manifest.graphs[name].variants)
+        precision = variant_for(spec.kind, self.options.precision, variants)
+        return OrtSession(self.build.graph_path(name, precision), spec, self.options.providers)
 
 
-def open_sessions(
-    build: Build, options: BackendOptions, names: Sequence[str] | None = None
-) -> dict[str, Session]:
+def open_sessions(build: Build, options: BackendOptions, names: Sequence[str] | None = None) -> dict[str, Session]:
     factory = SessionFactory(build, options)
     return {name: factory.open(name) for name in (names or list(build.manifest.graphs))}

@@ -29,9 +29,7 @@ def load_image(source: ControlImage) -> Image.Image | np.ndarray | torch.Tensor:
         raise InputError(f"control image {path} is not a readable image ({exc.__class__.__name__})") from None
 
 
-def preprocess_control(
-    image: Any, height: int, width: int, vae_scale_factor: int, channels: int
-) -> torch.Tensor:
+def preprocess_control(image: Any, height: int, width: int, vae_scale_factor: int, channels: int) -> torch.Tensor:
     """[1, channels, height, width] float32 in [0, 1], resized like diffusers' control images.
 
     The same VaeImageProcessor settings as StableDiffusionControlNetPipeline (RGB conversion,
@@ -50,9 +48,7 @@ def preprocess_control(
     except (ValueError, TypeError) as exc:
         raise InputError(f"control image cannot be used: {exc}") from None
     if tensor.shape[0] != 1 or tensor.shape[1] != channels:
-        raise InputError(
-            f"control image has shape {tuple(tensor.shape)}, expected one {channels}-channel image"
-        )
+        raise InputError(f"control image has shape {tuple(tensor.shape)}, expected one {channels}-channel image")
     return tensor
 
 

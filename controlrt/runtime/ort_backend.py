@@ -74,18 +74,12 @@ class OrtSession(Session):
         return self._session.get_providers()
 
     def _run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        arrays = {
-            name: np.ascontiguousarray(feeds[name].detach().cpu().numpy()) for name in self.spec.input_names
-        }
+        arrays = {name: np.ascontiguousarray(feeds[name].detach().cpu().numpy()) for name in self.spec.input_names}
         try:
             outputs = self._session.run(self.spec.output_names, arrays)
         except Exception as exc:
-            raise BackendError(
-                f"onnxruntime failed on {self.spec.name}: {str(exc).splitlines()[0]}"
-            ) from None
-        return {
-            name: torch.from_numpy(out) for name, out in zip(self.spec.output_names, outputs, strict=True)
-        }
+            raise BackendError(f"onnxruntime failed on {self.spec.name}: {str(exc).splitlines()[0]}") from None
+        return {name: torch.from_numpy(out) for name, out in zip(self.spec.output_names, outputs, strict=True)}
 
     def close(self) -> None:
         self._session = None

@@ -42,9 +42,7 @@ class Pipeline:
         image = pipe("a house", controls=["edges.png"], steps=20, seed=1)
     """
 
-    def __init__(
-        self, build: Build, sessions: dict[str, Session], options: BackendOptions, tokenizer
-    ) -> None:
+    def __init__(self, build: Build, sessions: dict[str, Session], options: BackendOptions, tokenizer) -> None:
         self.build = build
         self.sessions = sessions
         self.options = options
@@ -63,6 +61,7 @@ class Pipeline:
         providers: Sequence[str] | None = None,
         device: str = "cpu",
         verify: bool = True,
+        precision: str = "fp32",
     ) -> Pipeline:
         """Open a build and every graph on ``backend`` ("torch" or "onnxruntime").
 
@@ -72,8 +71,9 @@ class Pipeline:
             providers: onnxruntime execution providers, e.g. ["cuda"]; default CPU.
             device: torch device for the torch backend.
             verify: Check every file's sha256 against the manifest (else only sizes).
+            precision: "fp32", "fp16" or "int8" graphs (onnxruntime); the build must have them.
         """
-        return cls.from_build(Build.open(build_dir, verify=verify), backend, providers, device)
+        return cls.from_build(Build.open(build_dir, verify=verify), backend, providers, device, precision)
 
     @classmethod
     def from_build(
@@ -82,11 +82,12 @@ class Pipeline:
         backend: str = "onnxruntime",
         providers: Sequence[str] | None = None,
         device: str = "cpu",
+        precision: str = "fp32",
     ) -> Pipeline:
         """Like :meth:`load`, for a build that is already open (and checked)."""
         from transformers import AutoTokenizer
 
-        options = BackendOptions(backend, tuple(providers) if providers else None, device)
+        options = BackendOptions(backend, tuple(providers) if providers else None, device, precision)
         try:
             tokenizer = AutoTokenizer.from_pretrained(build.tokenizer_dir)
         except (OSError, ValueError) as exc:
@@ -104,9 +105,7 @@ class Pipeline:
         return self.generate(GenerationRequest(prompt, tuple(controls), **settings)).image
 
     def generate(self, request: GenerationRequest, progress: bool = False) -> GenerationResult:
-        resolved = resolve(
-            request, len(self.controlnet_specs), self.info.size_multiple, self.info.default_size
-        )
+        resolved = resolve(request, len(self.controlnet_specs), self.info.size_multiple, self.info.default_size)
         device = self.sessions["unet"].device
         images = [load_image(c) for c in resolved.controls]  # read every file before any work
         scheduler = make_scheduler(self.build.scheduler_config, request.scheduler)
@@ -140,6 +139,7 @@ class Pipeline:
         image = postprocess(decoded, f)
         settings = request.settings() | {"height": resolved.height, "width": resolved.width}
         settings["backend"] = self.options.backend
+        settings["precision"] = str(self.options.precision)
         return GenerationResult(image, latents, settings)
 
     def _encode(self, texts: list[str]) -> torch.Tensor:
@@ -160,9 +160,7 @@ class Pipeline:
         for k, image in enumerate(images):
             spec = self.controlnet_specs[k]
             channels = spec.tensor("controlnet_cond").shape[1]
-            tensor = preprocess_control(
-                image, resolved.height, resolved.width, self.info.vae_scale_factor, channels
-            )
+            tensor = preprocess_control(image, resolved.height, resolved.width, self.info.vae_scale_factor, channels)
             if both_branches:
                 tensor = torch.cat([tensor] * 2)
             plans.append(

@@ -65,9 +65,7 @@ def _per_control(value: FloatOrList, count: int, label: str) -> list[float]:
     if len(values) == 1:
         values = values * count
     elif len(values) != count:
-        raise InputError(
-            f"{len(values)} {label} values given for {count} control(s); give one or one per control"
-        )
+        raise InputError(f"{len(values)} {label} values given for {count} control(s); give one or one per control")
     out = []
     for v in values:
         try:
@@ -88,9 +86,7 @@ def resolve(
         raise InputError("prompt must be a string")
     controls = list(request.controls)
     if len(controls) > num_controlnets:
-        raise InputError(
-            f"{len(controls)} control images given but the build has {num_controlnets} ControlNet(s)"
-        )
+        raise InputError(f"{len(controls)} control images given but the build has {num_controlnets} ControlNet(s)")
     mode = ControlMode.parse(request.control_mode)
     scales = _per_control(request.scales, len(controls), "scale")
     starts = _per_control(request.start, len(controls), "start")

@@ -47,8 +47,7 @@ class Session(ABC):
             got = tuple(outputs[t.name].shape)
             if got != expected:
                 raise BackendError(
-                    f"{self.backend} {self.spec.name}: output {t.name!r} has shape {got}, "
-                    f"the spec says {expected}"
+                    f"{self.backend} {self.spec.name}: output {t.name!r} has shape {got}, the spec says {expected}"
                 )
         return outputs
 

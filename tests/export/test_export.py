@@ -26,7 +26,9 @@ def test_manifest_records_everything(tiny_build, tiny_models):
     build = Build.open(tiny_build)
     m = build.manifest
     assert list(m.graphs) == ["text_encoder", "controlnet_0", "controlnet_1", "unet", "vae_decoder"]
-    for record in m.graphs.values():
+    for graph in m.graphs.values():
+        assert list(graph.variants) == ["fp32"]
+        record = graph.variants["fp32"]
         for f in record.files:
             assert sha256_file(tiny_build / f.path) == f.sha256
         assert record.validation and all(r["passed"] for r in record.validation)
@@ -49,9 +51,7 @@ def test_manifest_records_everything(tiny_build, tiny_models):
 
 def test_unet_graph_takes_residual_inputs_with_symbolic_axes(tiny_build):
     model = onnx.load(str(tiny_build / "graphs" / "unet.onnx"), load_external_data=False)
-    inputs = {
-        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
-    }
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     assert list(inputs)[3:] == [f"down_block_res_{i}" for i in range(6)] + ["mid_block_res"]
     assert inputs["sample"] == ["batch", 4, "height/2", "width/2"]
     assert inputs["mid_block_res"] == ["batch", 64, "height/4", "width/4"]
@@ -61,11 +61,9 @@ def test_unet_graph_takes_residual_inputs_with_symbolic_axes(tiny_build):
 
 def test_external_data_and_opset(tiny_models, tmp_path, pipelines):
     out = tmp_path / "ext"
-    export_build(
-        tiny_models.base, tiny_models.controlnets[:1], out, ExportSettings(opset=17, external_data=True)
-    )
+    export_build(tiny_models.base, tiny_models.controlnets[:1], out, ExportSettings(opset=17, external_data=True))
     build = Build.open(out)
-    files = [f.path for f in build.manifest.graphs["unet"].files]
+    files = [f.path for f in build.manifest.graphs["unet"].variants["fp32"].files]
     assert files == ["graphs/unet.onnx", "graphs/unet.onnx.data"]
     graph, data = (os.path.getsize(out / "graphs" / name) for name in ("unet.onnx", "unet.onnx.data"))
     assert graph < data / 4  # the weights live in the .data file

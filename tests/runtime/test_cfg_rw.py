@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from controlrt.builtin import sample_control_images
-from controlrt.parity import END_TO_END_PSNR_DB, psnr, tensor_metrics
+from controlrt.parity import END_TO_END_PSNR_DB as _DB
+from controlrt.parity import psnr, tensor_metrics
 from controlrt.runtime.request import GenerationRequest
+
+END_TO_END_PSNR_DB = _DB["fp32"]
 
 STEPS, SEED, GUIDANCE = 5, 4, 6.0
 PROMPT, SCALES = "a blue square", [0.9, 0.5]
@@ -20,9 +23,7 @@ def reference_latents(models, images, normalized: bool) -> torch.Tensor:
     from diffusers import ControlNetModel, StableDiffusionPipeline
     from diffusers.image_processor import VaeImageProcessor
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        models.base, safety_checker=None, requires_safety_checker=False
-    )
+    pipe = StableDiffusionPipeline.from_pretrained(models.base, safety_checker=None, requires_safety_checker=False)
     nets = [ControlNetModel.from_pretrained(p).eval() for p in models.controlnets]
     f = pipe.vae_scale_factor
     height, width = pipe.unet.config.sample_size * f, pipe.unet.config.sample_size * f
@@ -80,9 +81,7 @@ def test_cfg_rw_matches_independent_loop(normalized, backend, tiny_models, pipel
     latents, expected = reference_latents(tiny_models, images, normalized)
     mode = "cfg-rw-normalized" if normalized else "cfg-rw"
     result = pipe.generate(
-        GenerationRequest(
-            PROMPT, images, scales=SCALES, control_mode=mode, steps=STEPS, seed=SEED, guidance=GUIDANCE
-        )
+        GenerationRequest(PROMPT, images, scales=SCALES, control_mode=mode, steps=STEPS, seed=SEED, guidance=GUIDANCE)
     )
     assert tensor_metrics(latents, result.latents)["rel_l2"] < 1e-4
     assert psnr(expected, np.asarray(result.image)) >= END_TO_END_PSNR_DB

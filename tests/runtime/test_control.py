@@ -56,9 +56,7 @@ def test_guess_weights_equal_diffusers_controlnet_guess_mode(tiny_models):
     args = (torch.randn(1, 4, 16, 16, generator=g), torch.tensor([500]), torch.randn(1, 77, 32, generator=g))
     cond = torch.rand(1, 3, 32, 32, generator=g)
     with torch.no_grad():
-        down, mid = net(
-            *args, controlnet_cond=cond, conditioning_scale=0.7, guess_mode=True, return_dict=False
-        )
+        down, mid = net(*args, controlnet_cond=cond, conditioning_scale=0.7, guess_mode=True, return_dict=False)
         raw_down, raw_mid = net(*args, controlnet_cond=cond, return_dict=False)
     weights = block_weights(ControlMode.GUESS, range(len(down) + 1)) * 0.7
     for i, (scaled, raw) in enumerate(zip([*down, mid], [*raw_down, raw_mid], strict=True)):

@@ -56,9 +56,7 @@ def test_onnxruntime_providers(tiny_build):
     assert resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
     build = Build.open(tiny_build)
     with pytest.raises(BackendError, match="onnxruntime-gpu"):
-        OrtSession(
-            build.graph_path("unet"), build.manifest.spec("unet"), providers=["NoSuchExecutionProvider"]
-        )
+        OrtSession(build.graph_path("unet"), build.manifest.spec("unet"), providers=["NoSuchExecutionProvider"])
     with pytest.raises(BuildError, match="does not match its spec"):
         OrtSession(build.graph_path("vae_decoder"), build.manifest.spec("unet"))
 

@@ -1,0 +1,127 @@
+"""``controlrt calibrate``: int8 (Q/DQ) UNet and ControlNet graphs from captured loop inputs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from controlrt.calibration.capture import CaptureSettings, Feeds, capture
+from controlrt.calibration.data import CalibrationData
+from controlrt.calibration.quantize import make_quantizer
+from controlrt.errors import InputError
+from controlrt.export.variants import write_variants
+from controlrt.manifest import Build, Manifest
+from controlrt.precision import INT8_KINDS, Precision
+from controlrt.specs import GraphSpec
+
+logger = logging.getLogger(__name__)
+
+# Held-out generations come from the built-in data set at seeds calibration never uses.
+HELD_OUT_SEED = 1_000_003
+HELD_OUT_SAMPLES = 2
+DEFAULT_STEPS = 4
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """How int8 graphs are made.
+
+    Attributes:
+        method: "onnxruntime" (quantize_static) or "modelopt" (NVIDIA ModelOpt).
+        calibration: Activation range method: "percentile", "entropy" or "minmax"
+            (onnxruntime); "percentile" or "max" (modelopt).
+        samples: Generations captured for calibration.
+        steps: Denoising steps per generation (every step is captured).
+        height, width: Image size of the captured generations (default: native).
+        seed: Seed of the built-in data and of the generations.
+    """
+
+    method: str = "onnxruntime"
+    calibration: str | None = None
+    samples: int = 8
+    steps: int = DEFAULT_STEPS
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.samples < 1:
+            raise InputError(f"--samples must be at least 1, got {self.samples}")
+        if self.steps < 1:
+            raise InputError(f"--steps must be at least 1, got {self.steps}")
+
+
+def _capture_settings(build: Build, steps: int, height: int | None, width: int | None, seed: int) -> CaptureSettings:
+    info = build.manifest.info
+    height = height or info.default_size[0]
+    width = width or info.default_size[1]
+    build.manifest.spec("unet").sizes(1, height, width)  # InputError unless a valid size
+    return CaptureSettings(steps=steps, height=height, width=width, seed=seed)
+
+
+def held_out_captures(
+    build: Build, steps: int | None = None, height: int | None = None, width: int | None = None
+) -> dict[str, list[Feeds]]:
+    """Captured inputs of built-in generations that no calibration uses.
+
+    Size and steps default to those of the build's int8 calibration, else native size, 4 steps.
+    """
+    unet = build.manifest.graphs["unet"]
+    recorded = unet.variants[Precision.INT8].settings.get("capture", {}) if Precision.INT8 in unet.variants else {}
+    cap = _capture_settings(
+        build,
+        steps or recorded.get("steps", DEFAULT_STEPS),
+        height or recorded.get("height"),
+        width or recorded.get("width"),
+        HELD_OUT_SEED,
+    )
+    data = CalibrationData.builtin(
+        HELD_OUT_SAMPLES, len(build.manifest.controlnet_specs), cap.height, cap.width, HELD_OUT_SEED
+    )
+    return capture(build, data, cap)
+
+
+def calibrate_build(
+    build_dir: str | Path, data_dir: str | Path | None = None, settings: CalibrationSettings | None = None
+) -> Manifest:
+    """Capture loop inputs, quantize the UNet and every ControlNet to int8, check, record.
+
+    Each int8 graph is checked against the fp32 graph on held-out captured inputs with the int8
+    tolerances of controlrt.parity before it is recorded.
+    """
+    from controlrt.parity import captured_cases, compare_feeds, tolerance_for
+    from controlrt.runtime.ort_backend import OrtSession
+
+    settings = settings or CalibrationSettings()
+    settings.check()
+    quantizer = make_quantizer(settings.method, settings.calibration)
+    build = Build.open(build_dir)
+    cap = _capture_settings(build, settings.steps, settings.height, settings.width, settings.seed)
+    count = len(build.manifest.controlnet_specs)
+    if data_dir is None:
+        data = CalibrationData.builtin(settings.samples, count, cap.height, cap.width, settings.seed)
+    else:
+        data = CalibrationData.from_folder(data_dir, settings.samples, count)
+    logger.info("capturing %d generations x %d steps", len(data), cap.steps)
+    calibration = capture(build, data, cap)
+    held_out = held_out_captures(build, cap.steps, cap.height, cap.width)
+    names = [n for n, g in build.manifest.graphs.items() if g.spec.kind in INT8_KINDS]
+
+    def produce(spec: GraphSpec, target: Path) -> list[Path]:
+        return quantizer.quantize(spec, build.graph_path(spec.name), calibration[spec.name], target)
+
+    def check(spec: GraphSpec, path: Path):
+        with OrtSession(build.graph_path(spec.name), spec) as fp32, OrtSession(path, spec) as int8:
+            cases = captured_cases(held_out[spec.name])
+            return compare_feeds(fp32, int8, cases, tolerance_for(Precision.INT8, spec.kind))
+
+    recorded = {
+        **quantizer.describe(),
+        "data": data.source,
+        "data_sha256": data.digest,
+        "samples": len(data),
+        "capture": asdict(cap),
+        "checked_against": "fp32 graph on held-out captured inputs",
+    }
+    return write_variants(build, Precision.INT8, names, produce, check, recorded)

@@ -1,0 +1,154 @@
+"""int8 quantizers behind one interface; both write explicit, symmetric int8 Q/DQ graphs.
+
+TensorRT 10/11 builds int8 from QuantizeLinear/DequantizeLinear pairs in the ONNX file (its
+implicit calibrators are gone), so both quantizers produce symmetric int8 Q/DQ (zero point 0),
+per-channel for weights, per-tensor for activations. Layers that are sensitive and cheap stay
+unquantized (EXCLUDE_PATTERNS): the timestep embedding and its per-block projections, the first
+and last convolutions, shortcut convolutions and the attention blocks' output projections.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from controlrt.errors import InputError
+from controlrt.specs import GraphSpec
+
+logger = logging.getLogger(__name__)
+
+EXCLUDE_PATTERNS = (
+    "time_proj",
+    "time_embedding",
+    "time_emb_proj",
+    "conv_in",
+    "conv_out",
+    "conv_shortcut",
+    "proj_out",
+)
+QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+METHODS = ("onnxruntime", "modelopt")
+
+
+def excluded(name: str) -> bool:
+    """Whether a layer (module path or ONNX node name) stays unquantized."""
+    return any(p in name for p in EXCLUDE_PATTERNS)
+
+
+class Quantizer(ABC):
+    """Turns an fp32 graph plus captured inputs into an int8 Q/DQ graph."""
+
+    name = ""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """The settings, as recorded in the manifest."""
+
+    @abstractmethod
+    def quantize(
+        self,
+        spec: GraphSpec,
+        fp32_onnx: Path,
+        samples: Sequence[dict[str, np.ndarray]],
+        target: Path,
+        module=None,
+    ) -> list[Path]:
+        """Write the int8 graph to ``target``; return the files written, the .onnx first.
+
+        Args:
+            spec: The graph's spec.
+            fp32_onnx: The build's fp32 graph.
+            samples: Captured feeds, one dict per call.
+            target: Where to write the int8 .onnx.
+            module: A callable returning the graph's torch module (for quantizers that need it).
+        """
+
+
+class OnnxRuntimeQuantizer(Quantizer):
+    """onnxruntime's quantize_static: QDQ, symmetric QInt8, per-channel weights."""
+
+    name = "onnxruntime"
+
+    def __init__(self, calibration: str = "percentile", percentile: float = 99.999) -> None:
+        if calibration not in ("entropy", "percentile", "minmax"):
+            raise InputError(f"unknown onnxruntime calibration {calibration!r}; use entropy, percentile or minmax")
+        self.calibration = calibration
+        self.percentile = percentile
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "quantizer": self.name,
+            "format": "QDQ",
+            "activations": "int8 symmetric per-tensor",
+            "weights": "int8 symmetric per-channel",
+            "calibration": self.calibration,
+            "percentile": self.percentile if self.calibration == "percentile" else None,
+            "ops": list(QUANTIZED_OPS),
+            "excluded": list(EXCLUDE_PATTERNS),
+        }
+
+    def quantize(self, spec, fp32_onnx, samples, target, module=None) -> list[Path]:
+        import onnx
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self._it: Iterator = iter(samples)
+
+            def get_next(self):
+                return next(self._it, None)
+
+            def rewind(self) -> None:
+                self._it = iter(samples)
+
+        model = onnx.load(str(fp32_onnx), load_external_data=False)
+        large = fp32_onnx.with_name(fp32_onnx.name + ".data").exists()
+        skip = [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS and excluded(n.name)]
+        method = {
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+            "minmax": CalibrationMethod.MinMax,
+        }[self.calibration]
+        quantize_static(
+            str(fp32_onnx),
+            str(target),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            calibrate_method=method,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            nodes_to_exclude=skip,
+            use_external_data_format=large,
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+                "CalibMaxIntermediateOutputs": 2,
+                "CalibPercentile": self.percentile,
+                "CalibTensorRangeSymmetric": True,
+            },
+            calibration_providers=["CPUExecutionProvider"],
+        )
+        return [target, *sorted(p for p in target.parent.glob(target.name + "*") if p != target)]
+
+
+def make_quantizer(method: str, calibration: str | None = None) -> Quantizer:
+    if method == "onnxruntime":
+        return OnnxRuntimeQuantizer(calibration or "percentile")
+    if method == "modelopt":
+        from controlrt.calibration.modelopt_quantizer import ModelOptQuantizer
+
+        return ModelOptQuantizer(calibration or "percentile")
+    raise InputError(f"unknown quantizer {method!r}; choose one of {', '.join(METHODS)}")

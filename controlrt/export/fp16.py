@@ -1,0 +1,81 @@
+"""``controlrt convert BUILD --precision fp16``: fp16 variants of every graph.
+
+Weights and most arithmetic become fp16; inputs and outputs stay fp32 (``keep_io_types``), so the
+runtime feeds every precision the same tensors. Numerically fragile parts stay fp32:
+
+- ops in FP16_OP_BLOCK_LIST: normalisation statistics (InstanceNormalization, which is how
+  GroupNorm exports, LayerNormalization, GroupNormalization) and Softmax;
+- nodes whose names contain FP16_NODE_PATTERNS: the sinusoidal timestep embedding and its MLP
+  (timesteps up to 1000 times a frequency lose their phase in fp16), and the VAE decoder's last
+  normalisation and convolution, which set the final pixel values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from controlrt.errors import InputError
+from controlrt.export.onnx_export import is_large, save_onnx
+from controlrt.export.variants import write_variants
+from controlrt.manifest import Build, Manifest
+from controlrt.parity import compare_graph, tolerance_for
+from controlrt.precision import Precision
+from controlrt.specs import GraphSpec
+
+FP16_OP_BLOCK_LIST = (
+    "InstanceNormalization",
+    "GroupNormalization",
+    "LayerNormalization",
+    "Softmax",
+)
+FP16_NODE_PATTERNS = (
+    "/time_proj/",
+    "/time_embedding/",
+    "/decoder/conv_norm_out/",
+    "/decoder/conv_out/",
+)
+
+
+def convert_graph_fp16(source: Path, target: Path) -> list[Path]:
+    """Write an fp16 copy of the fp32 ONNX graph ``source`` to ``target``."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = onnx.load(str(source))
+    large = is_large(model)
+    nodes = [n.name for n in model.graph.node if any(p in n.name for p in FP16_NODE_PATTERNS)]
+    converted = convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_OP_BLOCK_LIST],
+        node_block_list=nodes,
+        disable_shape_infer=large,  # shape inference cannot serialise a >2 GiB model
+    )
+    return save_onnx(converted, target, external=large)
+
+
+def convert_build(build_dir: str | Path, precision: str | Precision = Precision.FP16) -> Manifest:
+    """Add fp16 variants of every graph to a build, each checked against its fp32 graph."""
+    from controlrt.runtime.ort_backend import OrtSession
+
+    precision = Precision.parse(precision)
+    if precision is not Precision.FP16:
+        hint = "controlrt calibrate" if precision is Precision.INT8 else "controlrt export"
+        raise InputError(f"convert makes fp16 graphs; {precision} graphs come from {hint}")
+    build = Build.open(build_dir)
+
+    def produce(spec: GraphSpec, target: Path) -> list[Path]:
+        return convert_graph_fp16(build.graph_path(spec.name), target)
+
+    def check(spec: GraphSpec, path: Path):
+        with OrtSession(build.graph_path(spec.name), spec) as fp32, OrtSession(path, spec) as fp16:
+            return compare_graph(fp32, fp16, tolerance_for(Precision.FP16, spec.kind))
+
+    settings = {
+        "converter": "onnxruntime.transformers.float16.convert_float_to_float16",
+        "keep_io_types": True,
+        "op_block_list": list(FP16_OP_BLOCK_LIST),
+        "node_patterns": list(FP16_NODE_PATTERNS),
+        "checked_against": "fp32 graph",
+    }
+    return write_variants(build, precision, list(build.manifest.graphs), produce, check, settings)

@@ -1,0 +1,45 @@
+"""Numeric precision of a build's graphs: one enum, and which variant each graph uses.
+
+fp16 graphs exist for every graph; int8 (explicit QuantizeLinear/DequantizeLinear) graphs for the
+UNet and the ControlNets only. In an int8 pipeline the text encoder and VAE decoder run in fp16
+where the build has it, else fp32.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from controlrt.errors import InputError
+from controlrt.specs import GraphKind
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+    @classmethod
+    def parse(cls, value: str | Precision) -> Precision:
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            raise InputError(f"unknown precision {value!r}; choose one of {', '.join(p.value for p in cls)}") from None
+
+    @property
+    def command(self) -> str:
+        """The command that adds this precision to a build."""
+        return {
+            Precision.FP32: "controlrt export",
+            Precision.FP16: "controlrt convert BUILD --precision fp16",
+            Precision.INT8: "controlrt calibrate BUILD",
+        }[self]
+
+
+INT8_KINDS = frozenset({GraphKind.UNET, GraphKind.CONTROLNET})
+
+
+def variant_for(kind: GraphKind, precision: Precision, available: set[str]) -> Precision:
+    """The variant a graph of ``kind`` runs in a ``precision`` pipeline, given those it has."""
+    if precision is Precision.INT8 and kind not in INT8_KINDS:
+        return Precision.FP16 if Precision.FP16 in available else Precision.FP32
+    return precision
