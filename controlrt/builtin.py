@@ -56,6 +56,23 @@ class Architecture:
 
 TINY = Architecture()
 
+# A second small architecture unlike TINY, for tests and measurements on "another" model: three
+# UNet blocks of one layer, a wider cross-attention, a VAE with factor 4, a shorter token
+# sequence and an Euler scheduler.
+ALTERNATE = Architecture(
+    unet_channels=(16, 32, 48),
+    layers_per_block=1,
+    cross_attention_dim=48,
+    attention_head_dim=8,
+    norm_num_groups=8,
+    vae_channels=(8, 16, 16),
+    sample_size=16,
+    text_heads=4,
+    sequence_length=32,
+    scheduler="EulerDiscreteScheduler",
+    controlnets=("lines", "seg"),
+)
+
 # Settings Stable Diffusion 1.5 ships with, per scheduler class.
 _SCHEDULER_EXTRAS = {
     "DDIMScheduler": {"clip_sample": False, "set_alpha_to_one": False},

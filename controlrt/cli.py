@@ -214,20 +214,78 @@ def generate(
 @cli.command()
 @click.argument("build")
 @_backend_options
+@_precision_option
 @click.option("--json", "json_path", default=None, metavar="FILE", help="Also write the report as JSON.")
 @click.option("--steps", type=int, default=4, show_default=True, help="Steps of the end-to-end run.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--height", type=int, default=None, help="End-to-end image height (default: native).")
+@click.option("--width", type=int, default=None, help="End-to-end image width (default: native).")
 @click.option("--no-end-to-end", is_flag=True, help="Compare the graphs only.")
-def parity(build, backend, providers, json_path, steps, seed, no_end_to_end) -> None:
-    """Compare every graph of BUILD, and a short generation, against PyTorch."""
+def parity(build, backend, providers, precision, json_path, steps, seed, height, width, no_end_to_end) -> None:
+    """Compare every graph of BUILD, and a short generation, against the fp32 PyTorch reference.
+
+    fp32 graphs are compared on seeded inputs at two shapes; fp16 and int8 graphs on held-out
+    inputs captured from the reference denoise loop.
+    """
     from controlrt.parity import ParityError, run_parity
 
-    report = run_parity(build, backend, _providers(providers), steps=steps, seed=seed, end_to_end=not no_end_to_end)
+    report = run_parity(
+        build,
+        backend,
+        _providers(providers),
+        steps=steps,
+        seed=seed,
+        end_to_end=not no_end_to_end,
+        precision=precision,
+        height=height,
+        width=width,
+    )
     click.echo(report.table())
     if json_path:
         report.write_json(json_path)
     if not report.passed:
         raise ParityError(f"parity failed: {', '.join(report.failures)}")
+
+
+@cli.command()
+@click.argument("build")
+@click.option("--precision", required=True, help="fp16 (int8 graphs come from controlrt calibrate).")
+def convert(build, precision) -> None:
+    """Add fp16 variants of every graph to BUILD, each checked against its fp32 graph."""
+    from controlrt.export.fp16 import convert_build
+
+    manifest = convert_build(build, precision)
+    click.echo(" ".join(f"{n}.{precision}" for n in manifest.graphs))
+
+
+@cli.command()
+@click.argument("build")
+@click.option(
+    "--data",
+    "data_dir",
+    default=None,
+    metavar="DIR",
+    help="Control images and a prompts.txt; default: the built-in calibration set.",
+)
+@click.option("--samples", type=int, default=8, show_default=True, help="Generations to capture.")
+@click.option("--steps", type=int, default=4, show_default=True, help="Denoising steps per generation.")
+@click.option("--method", type=click.Choice(["modelopt", "onnxruntime"]), default="modelopt", show_default=True)
+@click.option(
+    "--calibration",
+    default=None,
+    help="Activation ranges: modelopt percentile (default) or max; onnxruntime percentile (default), "
+    "entropy or minmax.",
+)
+@click.option("--height", type=int, default=None, help="Capture size (default: native).")
+@click.option("--width", type=int, default=None, help="Capture size (default: native).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def calibrate(build, data_dir, samples, steps, method, calibration, height, width, seed) -> None:
+    """Capture the UNet's and ControlNets' inputs over real generations; write int8 (Q/DQ) graphs."""
+    from controlrt.calibration.calibrate import CalibrationSettings, calibrate_build
+
+    settings = CalibrationSettings(method, calibration, samples, steps, height, width, seed)
+    manifest = calibrate_build(build, data_dir, settings)
+    click.echo(" ".join(f"{n}.int8" for n, g in manifest.graphs.items() if "int8" in g.variants))
 
 
 @cli.command()

@@ -184,8 +184,8 @@ def psnr(reference: np.ndarray, candidate: np.ndarray) -> float:
 def ssim(reference: np.ndarray, candidate: np.ndarray) -> float:
     """Mean SSIM of two uint8 HxWxC images (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5,
     per channel, valid region), in [-1, 1]; 1 when identical."""
-    a = torch.as_tensor(reference, dtype=torch.float64).permute(2, 0, 1)[:, None]
-    b = torch.as_tensor(candidate, dtype=torch.float64).permute(2, 0, 1)[:, None]
+    a = torch.from_numpy(np.asarray(reference, dtype=np.float64)).permute(2, 0, 1)[:, None]
+    b = torch.from_numpy(np.asarray(candidate, dtype=np.float64)).permute(2, 0, 1)[:, None]
     size = min(11, a.shape[-1], a.shape[-2])
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * 1.5**2))

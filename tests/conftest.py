@@ -15,25 +15,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from controlrt.builtin import TINY, Architecture, BuiltinModels, write_builtin_models
+from controlrt.builtin import ALTERNATE, TINY, BuiltinModels, write_builtin_models
 
-# A second architecture unlike the built-in one: three UNet blocks, one layer each, a wider
-# cross-attention, a VAE with factor 4, a shorter token sequence and an Euler scheduler.
-OTHER = Architecture(
-    unet_channels=(16, 32, 48),
-    layers_per_block=1,
-    cross_attention_dim=48,
-    attention_head_dim=8,
-    norm_num_groups=8,
-    vae_channels=(8, 16, 16),
-    sample_size=16,
-    text_heads=4,
-    sequence_length=32,
-    scheduler="EulerDiscreteScheduler",
-    controlnets=("lines", "seg"),
-)
-
-ARCHITECTURES = {"tiny": TINY, "other": OTHER}
+ARCHITECTURES = {"tiny": TINY, "other": ALTERNATE}
 
 
 @pytest.fixture(scope="session")

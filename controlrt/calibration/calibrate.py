@@ -37,7 +37,7 @@ class CalibrationSettings:
         seed: Seed of the built-in data and of the generations.
     """
 
-    method: str = "onnxruntime"
+    method: str = "modelopt"
     calibration: str | None = None
     samples: int = 8
     steps: int = DEFAULT_STEPS
@@ -108,8 +108,14 @@ def calibrate_build(
     held_out = held_out_captures(build, cap.steps, cap.height, cap.width)
     names = [n for n, g in build.manifest.graphs.items() if g.spec.kind in INT8_KINDS]
 
+    def module(spec: GraphSpec):
+        from controlrt.graphs import load_graph_module
+        from controlrt.runtime.backends import open_sources
+
+        return lambda: load_graph_module(spec, *open_sources(build.manifest))
+
     def produce(spec: GraphSpec, target: Path) -> list[Path]:
-        return quantizer.quantize(spec, build.graph_path(spec.name), calibration[spec.name], target)
+        return quantizer.quantize(spec, build.graph_path(spec.name), calibration[spec.name], target, module(spec))
 
     def check(spec: GraphSpec, path: Path):
         with OrtSession(build.graph_path(spec.name), spec) as fp32, OrtSession(path, spec) as int8:

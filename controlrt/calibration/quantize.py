@@ -135,7 +135,7 @@ class OnnxRuntimeQuantizer(Quantizer):
             extra_options={
                 "ActivationSymmetric": True,
                 "WeightSymmetric": True,
-                "CalibMaxIntermediateOutputs": 2,
+                "QuantizeBias": False,  # TensorRT takes int8 Q/DQ only; biases stay fp32
                 "CalibPercentile": self.percentile,
                 "CalibTensorRangeSymmetric": True,
             },
