@@ -103,14 +103,19 @@ class OnnxRuntimeQuantizer(Quantizer):
         )
 
         class Reader(CalibrationDataReader):
+            """Serves the samples in ranges, so the calibrator holds one call's activations at a time."""
+
             def __init__(self) -> None:
-                self._it: Iterator = iter(samples)
+                self.set_range(0, len(samples))
+
+            def __len__(self) -> int:
+                return len(samples)
+
+            def set_range(self, start_index: int, end_index: int) -> None:
+                self._it: Iterator = iter(samples[start_index:end_index])
 
             def get_next(self):
                 return next(self._it, None)
-
-            def rewind(self) -> None:
-                self._it = iter(samples)
 
         model = onnx.load(str(fp32_onnx), load_external_data=False)
         large = fp32_onnx.with_name(fp32_onnx.name + ".data").exists()
@@ -138,6 +143,7 @@ class OnnxRuntimeQuantizer(Quantizer):
                 "QuantizeBias": False,  # TensorRT takes int8 Q/DQ only; biases stay fp32
                 "CalibPercentile": self.percentile,
                 "CalibTensorRangeSymmetric": True,
+                "CalibStridedMinMax": 1,  # one call at a time: bounded memory, any range method
             },
             calibration_providers=["CPUExecutionProvider"],
         )

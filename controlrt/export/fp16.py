@@ -39,17 +39,28 @@ FP16_NODE_PATTERNS = (
 def convert_graph_fp16(source: Path, target: Path) -> list[Path]:
     """Write an fp16 copy of the fp32 ONNX graph ``source`` to ``target``."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     model = onnx.load(str(source))
     large = is_large(model)
+    if large:
+        # The converter's own shape inference cannot serialise a >2 GiB model; infer on the file
+        # instead, so it still knows every value's type when placing casts around blocked nodes.
+        inferred = source.with_name(f".{source.stem}.inferred.onnx")
+        try:
+            onnx.shape_inference.infer_shapes_path(str(source), str(inferred))
+            model = onnx.load(str(inferred), load_external_data=False)
+        finally:
+            inferred.unlink(missing_ok=True)
+        load_external_data_for_model(model, str(source.parent))
     nodes = [n.name for n in model.graph.node if any(p in n.name for p in FP16_NODE_PATTERNS)]
     converted = convert_float_to_float16(
         model,
         keep_io_types=True,
         op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_OP_BLOCK_LIST],
         node_block_list=nodes,
-        disable_shape_infer=large,  # shape inference cannot serialise a >2 GiB model
+        disable_shape_infer=large,  # done above
     )
     return save_onnx(converted, target, external=large)
 

@@ -1,0 +1,113 @@
+"""fp16 and int8 quality against fp32, for each quantizer, on a model with two ControlNets.
+
+    python benchmarks/precision_quality.py --arch alternate            # small, ~5 min on 2 cores
+    python benchmarks/precision_quality.py --arch sd15 --methods modelopt:percentile,onnxruntime:minmax \\
+        --samples 4                                                    # SD1.5 shapes, ~1 h, ~22 GB
+
+Random weights (nothing is downloaded). Builds the model set, exports it, adds fp16 graphs, then
+for each quantizer calibrates int8 graphs and runs ``controlrt parity`` at that precision: the
+final image's PSNR and SSIM against the fp32 torch reference at the same seed (4 steps, 256 px by
+default) and the mean relative L2 error of the UNet and ControlNet outputs on held-out captured
+inputs. Each stage runs in a fresh process so memory is returned between stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+
+def _in_child(fn, *args):
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def make_build(arch_name: str, root: str) -> str:
+    from controlrt import builtin
+    from controlrt.export.build import export_build
+
+    arch = {"alternate": builtin.ALTERNATE, "sd15": builtin.SD15, "tiny": builtin.TINY}[arch_name]
+    models = builtin.write_builtin_models(Path(root) / "models", arch, seed=0)
+    export_build(models.base, models.controlnets, Path(root) / "build", force=True)
+    return str(Path(root) / "build")
+
+
+def convert(build: str) -> None:
+    from controlrt.export.fp16 import convert_build
+
+    convert_build(build, "fp16")
+
+
+def calibrate(build: str, method: str, calibration: str, samples: int, steps: int, size: int) -> None:
+    from controlrt.calibration.calibrate import CalibrationSettings, calibrate_build
+
+    calibrate_build(build, settings=CalibrationSettings(method, calibration, samples, steps, size, size))
+
+
+def parity(build: str, precision: str, steps: int, size: int) -> dict:
+    from controlrt.calibration.calibrate import held_out_captures
+    from controlrt.manifest import Build
+    from controlrt.parity import run_parity
+
+    held_out_captures(Build.open(build), steps, size, size)  # held-out inputs at this size
+    report = run_parity(build, precision=precision, steps=steps, height=size, width=size)
+    rows = report.graphs
+
+    def mean(prefix: str) -> float:
+        values = [r.rel_l2 for r in rows if r.graph.startswith(prefix)]
+        return sum(values) / len(values)
+
+    e = report.end_to_end
+    return {
+        "psnr_db": e.psnr_db,
+        "ssim": e.ssim,
+        "unet_rel_l2": mean("unet"),
+        "controlnet_rel_l2": mean("controlnet"),
+        "passed": report.passed,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["alternate", "sd15", "tiny"], default="alternate")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=8, help="calibration generations")
+    parser.add_argument(
+        "--methods",
+        default="modelopt:percentile,modelopt:max,onnxruntime:percentile,onnxruntime:entropy,onnxruntime:minmax",
+    )
+    parser.add_argument("--out", default="precision-bench")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    root = Path(args.out) / args.arch
+    t0 = time.time()
+    build = _in_child(make_build, args.arch, str(root))
+    print(f"[{time.time() - t0:6.0f}s] exported {build}", flush=True)
+    _in_child(convert, build)
+    results = {"fp16": _in_child(parity, build, "fp16", args.steps, args.size)}
+    print(f"[{time.time() - t0:6.0f}s] fp16: {results['fp16']}", flush=True)
+    for spec in args.methods.split(","):
+        method, _, calibration = spec.partition(":")
+        _in_child(calibrate, build, method, calibration or None, args.samples, args.steps, args.size)
+        results[f"int8 {spec}"] = _in_child(parity, build, "int8", args.steps, args.size)
+        print(f"[{time.time() - t0:6.0f}s] int8 {spec}: {results[f'int8 {spec}']}", flush=True)
+
+    print(f"\n{args.arch}, 2 ControlNets, {args.size} px, {args.steps} steps, {args.samples} calibration samples")
+    print(f"{'variant':<28} {'PSNR dB':>8} {'SSIM':>7} {'UNet rel_l2':>12} {'CN rel_l2':>10}")
+    for name, r in results.items():
+        print(
+            f"{name:<28} {r['psnr_db']:>8.2f} {r['ssim']:>7.4f} {r['unet_rel_l2']:>12.4f} "
+            f"{r['controlnet_rel_l2']:>10.4f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
