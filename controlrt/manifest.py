@@ -138,12 +138,6 @@ class Manifest:
         specs = [g.spec for g in self.graphs.values() if g.spec.kind is GraphKind.CONTROLNET]
         return sorted(specs, key=lambda s: int(s.attributes["controlnet_index"]))
 
-    def precisions(self) -> set[str]:
-        """Precisions every UNet and ControlNet graph has (what a pipeline can run in)."""
-        kinds = {GraphKind.UNET, GraphKind.CONTROLNET}
-        sets = [set(g.variants) for g in self.graphs.values() if g.spec.kind in kinds]
-        return set.intersection(*sets) if sets else set()
-
     def with_variants(self, precision: str, variants: dict[str, Variant]) -> Manifest:
         """A copy with ``variants`` (graph name -> Variant) recorded under ``precision``."""
         graphs = {
