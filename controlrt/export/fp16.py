@@ -62,7 +62,19 @@ def convert_graph_fp16(source: Path, target: Path) -> list[Path]:
         node_block_list=nodes,
         disable_shape_infer=large,  # done above
     )
+    del model
+    _unique_node_names(converted)
     return save_onnx(converted, target, external=large)
+
+
+def _unique_node_names(model) -> None:
+    """Rename repeated node names (some onnxruntime releases' converter repeats the name of a Cast it
+    inserts before several blocked consumers, which the checker rejects)."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if node.name and node.name in seen:
+            node.name = f"{node.name}_{i}"
+        seen.add(node.name)
 
 
 def convert_build(build_dir: str | Path, precision: str | Precision = Precision.FP16) -> Manifest:
