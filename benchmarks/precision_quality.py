@@ -85,11 +85,13 @@ def main() -> None:
     )
     parser.add_argument("--out", default="precision-bench")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--reuse", action="store_true", help="reuse an exported build under --out")
     args = parser.parse_args()
 
     root = Path(args.out) / args.arch
     t0 = time.time()
-    build = _in_child(make_build, args.arch, str(root))
+    existing = root / "build" / "manifest.json"
+    build = str(root / "build") if args.reuse and existing.is_file() else _in_child(make_build, args.arch, str(root))
     print(f"[{time.time() - t0:6.0f}s] exported {build}", flush=True)
     _in_child(convert, build)
     results = {"fp16": _in_child(parity, build, "fp16", args.steps, args.size)}

@@ -63,18 +63,27 @@ def convert_graph_fp16(source: Path, target: Path) -> list[Path]:
         disable_shape_infer=large,  # done above
     )
     del model
-    _unique_node_names(converted)
+    _drop_repeated_casts(converted)
     return save_onnx(converted, target, external=large)
 
 
-def _unique_node_names(model) -> None:
-    """Rename repeated node names (some onnxruntime releases' converter repeats the name of a Cast it
-    inserts before several blocked consumers, which the checker rejects)."""
-    seen: set[str] = set()
-    for i, node in enumerate(model.graph.node):
-        if node.name and node.name in seen:
-            node.name = f"{node.name}_{i}"
-        seen.add(node.name)
+def _drop_repeated_casts(model) -> None:
+    """Remove exact repeats of a node (same op, inputs, outputs, attributes).
+
+    Some onnxruntime releases (1.30) insert one identical Cast per blocked consumer of a value,
+    all with the same name and output, which makes the model invalid; the first one suffices.
+    """
+    seen: set[bytes] = set()
+    keep = []
+    for node in model.graph.node:
+        key = node.SerializeToString()
+        if node.op_type == "Cast" and key in seen:
+            continue
+        seen.add(key)
+        keep.append(node)
+    if len(keep) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
 
 
 def convert_build(build_dir: str | Path, precision: str | Precision = Precision.FP16) -> Manifest:
