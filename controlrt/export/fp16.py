@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from controlrt.errors import InputError
-from controlrt.export.onnx_export import is_large, save_onnx
+from controlrt.export.onnx_export import save_onnx
 from controlrt.export.variants import write_variants
 from controlrt.manifest import Build, Manifest
 from controlrt.parity import compare_graph, tolerance_for
@@ -42,9 +42,10 @@ def convert_graph_fp16(source: Path, target: Path) -> list[Path]:
     from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = onnx.load(str(source))
-    large = is_large(model)
-    if large:
+    large = source.with_name(source.name + ".data").exists()  # export's rule for big graphs
+    if not large:
+        model = onnx.load(str(source))
+    else:
         # The converter's own shape inference cannot serialise a >2 GiB model; infer on the file
         # instead, so it still knows every value's type when placing casts around blocked nodes.
         inferred = source.with_name(f".{source.stem}.inferred.onnx")
