@@ -103,6 +103,9 @@ def denoise(
     cond_slice = slice(half, batch) if cfg and conditional_only else slice(0, batch)
     names = [t.name for t in unet.spec.inputs[3:]]
     zero_residuals = _zero_residuals(unet, batch, latents.shape[2:], device)
+    # Conditional-only control: the uncond half of this buffer stays zero, the cond half is
+    # overwritten each step (allocated once, not per step).
+    padded = _zero_residuals(unet, batch, latents.shape[2:], device) if cond_slice.start else {}
     extra = step_kwargs(scheduler, generator)
     cn_embeds = prompt_embeds[cond_slice]
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", leave=False)):
@@ -119,7 +122,9 @@ def denoise(
         if summed is None:
             residuals = zero_residuals
         elif cond_slice.start:
-            residuals = {n: torch.cat([torch.zeros_like(r), r]) for n, r in summed.items()}
+            for n, r in summed.items():
+                padded[n][cond_slice].copy_(r)
+            residuals = padded
         else:
             residuals = summed
         noise = unet.infer(
