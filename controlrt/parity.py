@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,7 @@ __all__ = [
     "ParityReport",
     "Tolerance",
     "compare_graph",
+    "compare_in_turn",
     "run_parity",
 ]
 
@@ -145,8 +146,8 @@ def compare_graph(
 ) -> list[Comparison]:
     """Run both sessions on the same seeded inputs at each size and compare every output."""
     spec = reference.spec
-    cases = [(_shape_label(s), spec.dummy_inputs(s, seed=seed + n)) for n, s in enumerate(sizes or parity_sizes(spec))]
-    return compare_feeds(reference, candidate, cases, tolerance or tolerance_for(Precision.FP32, spec.kind))
+    tolerance = tolerance or tolerance_for(Precision.FP32, spec.kind)
+    return compare_feeds(reference, candidate, seeded_cases(spec, sizes, seed), tolerance)
 
 
 def compare_feeds(
@@ -165,6 +166,36 @@ def compare_feeds(
         for name in spec.output_names:
             rows.append(judge(spec.name, label, name, expected[name], got[name], tolerance))
     return rows
+
+
+def compare_in_turn(
+    open_reference: Callable[[], Session],
+    open_candidate: Callable[[], Session],
+    cases: Sequence[tuple[str, Mapping[str, Any]]],
+    tolerance: Tolerance,
+) -> list[Comparison]:
+    """Like compare_feeds, but never holds both sessions at once.
+
+    The reference runs every case and is closed before the candidate opens: two sessions of a
+    full-size UNet at 512 px need more memory than many machines have.
+    """
+    cases = [(label, {k: torch.as_tensor(v) for k, v in feeds.items()}) for label, feeds in cases]
+    with open_reference() as reference:
+        spec = reference.spec
+        expected = [reference.infer(feeds) for _, feeds in cases]
+    rows = []
+    with open_candidate() as candidate:
+        for (label, feeds), want in zip(cases, expected, strict=True):
+            got = candidate.infer(feeds)
+            for name in spec.output_names:
+                rows.append(judge(spec.name, label, name, want[name], got[name], tolerance))
+            del got
+    return rows
+
+
+def seeded_cases(spec: GraphSpec, sizes: Sequence[Mapping[str, int]] | None = None, seed: int = 1234):
+    """(label, feeds) at each size (default: parity_sizes), the inputs compare_graph uses."""
+    return [(_shape_label(s), spec.dummy_inputs(s, seed=seed + n)) for n, s in enumerate(sizes or parity_sizes(spec))]
 
 
 def captured_cases(records: Sequence[Mapping[str, Any]], limit: int = 4) -> list[tuple[str, Mapping[str, Any]]]:

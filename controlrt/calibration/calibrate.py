@@ -90,7 +90,7 @@ def calibrate_build(
     Each int8 graph is checked against the fp32 graph on held-out captured inputs with the int8
     tolerances of controlrt.parity before it is recorded.
     """
-    from controlrt.parity import captured_cases, compare_feeds, tolerance_for
+    from controlrt.parity import captured_cases, compare_in_turn, tolerance_for
     from controlrt.runtime.ort_backend import OrtSession
 
     settings = settings or CalibrationSettings()
@@ -118,9 +118,12 @@ def calibrate_build(
         return quantizer.quantize(spec, build.graph_path(spec.name), calibration[spec.name], target, module(spec))
 
     def check(spec: GraphSpec, path: Path):
-        with OrtSession(build.graph_path(spec.name), spec) as fp32, OrtSession(path, spec) as int8:
-            cases = captured_cases(held_out[spec.name])
-            return compare_feeds(fp32, int8, cases, tolerance_for(Precision.INT8, spec.kind))
+        return compare_in_turn(
+            lambda: OrtSession(build.graph_path(spec.name), spec),
+            lambda: OrtSession(path, spec),
+            captured_cases(held_out[spec.name]),
+            tolerance_for(Precision.INT8, spec.kind),
+        )
 
     recorded = {
         **quantizer.describe(),

@@ -18,7 +18,7 @@ from controlrt.errors import InputError
 from controlrt.export.onnx_export import save_onnx
 from controlrt.export.variants import write_variants
 from controlrt.manifest import Build, Manifest
-from controlrt.parity import compare_graph, tolerance_for
+from controlrt.parity import compare_in_turn, seeded_cases, tolerance_for
 from controlrt.precision import Precision
 from controlrt.specs import GraphSpec
 
@@ -101,8 +101,12 @@ def convert_build(build_dir: str | Path, precision: str | Precision = Precision.
         return convert_graph_fp16(build.graph_path(spec.name), target)
 
     def check(spec: GraphSpec, path: Path):
-        with OrtSession(build.graph_path(spec.name), spec) as fp32, OrtSession(path, spec) as fp16:
-            return compare_graph(fp32, fp16, tolerance_for(Precision.FP16, spec.kind))
+        return compare_in_turn(
+            lambda: OrtSession(build.graph_path(spec.name), spec),
+            lambda: OrtSession(path, spec),
+            seeded_cases(spec),
+            tolerance_for(Precision.FP16, spec.kind),
+        )
 
     settings = {
         "converter": "onnxruntime.transformers.float16.convert_float_to_float16",
