@@ -100,6 +100,16 @@ def export(base_dir, controlnets, out, opset, force, external_data, no_validate)
 
 def _backend_options(f):
     f = click.option(
+        "--weight-streaming-budget",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="tensorrt: GiB of weights per engine kept on the GPU (engines built with --weight-streaming).",
+    )(f)
+    f = click.option(
+        "--cuda-graphs", is_flag=True, help="tensorrt: capture and replay CUDA graphs (static engines are best)."
+    )(f)
+    f = click.option(
         "--providers",
         default=None,
         metavar="LIST",
@@ -107,7 +117,7 @@ def _backend_options(f):
     )(f)
     f = click.option(
         "--backend",
-        type=click.Choice(["torch", "onnxruntime"]),
+        type=click.Choice(["torch", "onnxruntime", "tensorrt"]),
         default="onnxruntime",
         show_default=True,
         help="Where the graphs run.",
@@ -120,12 +130,26 @@ def _precision_option(f):
         "--precision",
         default="fp32",
         show_default=True,
-        help="fp32 | fp16 | int8 graphs (onnxruntime); the build must have them.",
+        help="fp32 | fp16 | int8 graphs (onnxruntime) or engines (tensorrt); the build must have them.",
     )(f)
 
 
 def _providers(text: str | None) -> list[str] | None:
     return [p.strip() for p in text.split(",") if p.strip()] if text else None
+
+
+def _tensorrt_options(backend: str, cuda_graphs: bool, budget_gb: float | None) -> dict:
+    """The tensorrt-only Pipeline options, refused with another backend."""
+    from controlrt.errors import InputError
+
+    if backend != "tensorrt":
+        if cuda_graphs or budget_gb is not None:
+            raise InputError("--cuda-graphs and --weight-streaming-budget need --backend tensorrt")
+        return {}
+    if budget_gb is not None and budget_gb < 0:
+        raise InputError(f"--weight-streaming-budget {budget_gb} must not be negative")
+    budget = None if budget_gb is None else int(budget_gb * (1 << 30))
+    return {"cuda_graphs": cuda_graphs, "weight_streaming_budget": budget}
 
 
 @cli.command()
@@ -180,6 +204,8 @@ def generate(
     scheduler,
     backend,
     providers,
+    cuda_graphs,
+    weight_streaming_budget,
     precision,
     out,
 ) -> None:
@@ -205,7 +231,8 @@ def generate(
     )
     out_path = Path(out)
     check_image_path(out_path)
-    with Pipeline.load(build, backend=backend, providers=_providers(providers), precision=precision) as pipe:
+    options = _tensorrt_options(backend, cuda_graphs, weight_streaming_budget)
+    with Pipeline.load(build, backend=backend, providers=_providers(providers), precision=precision, **options) as pipe:
         result = pipe.generate(request, progress=ctx.obj["progress"])
     save_image(result.image, out_path, result.settings)
     click.echo(str(out_path))
@@ -221,7 +248,20 @@ def generate(
 @click.option("--height", type=int, default=None, help="End-to-end image height (default: native).")
 @click.option("--width", type=int, default=None, help="End-to-end image width (default: native).")
 @click.option("--no-end-to-end", is_flag=True, help="Compare the graphs only.")
-def parity(build, backend, providers, precision, json_path, steps, seed, height, width, no_end_to_end) -> None:
+def parity(
+    build,
+    backend,
+    providers,
+    cuda_graphs,
+    weight_streaming_budget,
+    precision,
+    json_path,
+    steps,
+    seed,
+    height,
+    width,
+    no_end_to_end,
+) -> None:
     """Compare every graph of BUILD, and a short generation, against the fp32 PyTorch reference.
 
     fp32 graphs are compared on seeded inputs at two shapes; fp16 and int8 graphs on held-out
@@ -239,6 +279,7 @@ def parity(build, backend, providers, precision, json_path, steps, seed, height,
         precision=precision,
         height=height,
         width=width,
+        **_tensorrt_options(backend, cuda_graphs, weight_streaming_budget),
     )
     click.echo(report.table())
     if json_path:
@@ -286,6 +327,89 @@ def calibrate(build, data_dir, samples, steps, method, calibration, height, widt
     settings = CalibrationSettings(method, calibration, samples, steps, height, width, seed)
     manifest = calibrate_build(build, data_dir, settings)
     click.echo(" ".join(f"{n}.int8" for n, g in manifest.graphs.items() if "int8" in g.variants))
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    """HxW or one number for a square, in pixels."""
+    from controlrt.errors import InputError
+
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise InputError(f"size {text!r} is not HEIGHTxWIDTH or one number") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2:
+        raise InputError(f"size {text!r} is not HEIGHTxWIDTH or one number")
+    return values[0], values[1]
+
+
+@cli.command("build")
+@click.argument("build_dir", metavar="BUILD")
+@click.option("--precision", default="fp16", show_default=True, help="fp32 | fp16 | int8 (from the build's graphs).")
+@click.option("--min-size", default=None, metavar="HxW", help="Smallest image (default: half the native size).")
+@click.option("--opt-size", default=None, metavar="HxW", help="Size tuned for (default: native).")
+@click.option("--max-size", default=None, metavar="HxW", help="Largest image (default: twice the native size).")
+@click.option("--min-batch", type=int, default=1, show_default=True, help="Fewest images per request.")
+@click.option("--opt-batch", type=int, default=1, show_default=True, help="Images per request tuned for.")
+@click.option("--max-batch", type=int, default=1, show_default=True, help="Most images per request.")
+@click.option("--static", is_flag=True, help="Fixed shapes (opt size and batch): fastest, allows CUDA graphs.")
+@click.option("--timing-cache", default=None, metavar="PATH", help="Timing cache file (default: in BUILD/engines).")
+@click.option("--refittable", is_flag=True, help="ControlNet engines take new weights later (controlrt refit).")
+@click.option("--weight-stripped", is_flag=True, help="Plans without weights, refitted from the ONNX at load.")
+@click.option("--weight-streaming", is_flag=True, help="Allow a weight streaming budget at load (small GPUs).")
+@click.option("--optimization-level", type=int, default=3, show_default=True, help="Builder optimization level 0-5.")
+@click.option("--workspace", type=float, default=None, metavar="GB", help="Workspace memory limit in GiB.")
+@click.option("--graph", "graphs", multiple=True, help="Only this graph (repeatable; default: all).")
+@click.option("--force", is_flag=True, help="Rebuild engines that are current.")
+def build_cmd(
+    build_dir,
+    precision,
+    min_size,
+    opt_size,
+    max_size,
+    min_batch,
+    opt_batch,
+    max_batch,
+    static,
+    timing_cache,
+    refittable,
+    weight_stripped,
+    weight_streaming,
+    optimization_level,
+    workspace,
+    graphs,
+    force,
+) -> None:
+    """Build a TensorRT engine per graph of BUILD (needs TensorRT and an NVIDIA GPU)."""
+    from controlrt.engine.builder import build_engines
+    from controlrt.engine.cache import BuildOptions
+    from controlrt.engine.profiles import ProfileSettings
+
+    profile = ProfileSettings(
+        _size(min_size), _size(opt_size), _size(max_size), min_batch, opt_batch, max_batch, static
+    )
+    options = BuildOptions(refittable, weight_stripped, optimization_level, workspace, weight_streaming)
+    results = build_engines(build_dir, precision, profile, options, timing_cache, graphs or None, force)
+    for r in results:
+        click.echo(f"{r.graph} {r.precision} {r.status} {r.plan_bytes / 2**20:.1f} MiB {r.seconds:.1f} s")
+
+
+@cli.command()
+@click.argument("build_dir", metavar="BUILD")
+@click.option("--controlnet", required=True, help="Which ControlNet: graph name (controlnet_0) or source name.")
+@click.option(
+    "--from", "source", required=True, metavar="CN_DIR_OR_ONNX", help="A diffusers ControlNet folder or fp32 .onnx."
+)
+def refit(build_dir, controlnet, source) -> None:
+    """Give a ControlNet's refittable engines the weights of another ControlNet of its architecture."""
+    from controlrt.engine.refit import refit_controlnet
+
+    for line in refit_controlnet(build_dir, controlnet, source):
+        click.echo(f"refitted {line}")
 
 
 @cli.command()

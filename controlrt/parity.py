@@ -322,6 +322,7 @@ def run_parity(
     precision: str | Precision = Precision.FP32,
     height: int | None = None,
     width: int | None = None,
+    **backend_options: Any,
 ) -> ParityReport:
     """Compare every graph of a build on ``backend`` in ``precision`` with torch fp32, then a
     short generation.
@@ -330,6 +331,7 @@ def run_parity(
     inputs captured from the reference denoise loop (never the calibration samples). The
     end-to-end run uses the built-in sample controls (one per ControlNet), uniform mode, CFG and
     a negative prompt, at the model's native size unless ``height``/``width`` are given.
+    ``backend_options`` go to BackendOptions (cuda_graphs, weight_streaming_budget).
     """
     from controlrt.builtin import sample_control_images
     from controlrt.manifest import Build
@@ -338,7 +340,7 @@ def run_parity(
 
     precision = Precision.parse(precision)
     build = Build.open(build_dir)
-    candidate = Pipeline.from_build(build, backend=backend, providers=providers, precision=precision)
+    candidate = Pipeline.from_build(build, backend=backend, providers=providers, precision=precision, **backend_options)
     reference = Pipeline.from_build(build, backend="torch")
     report = ParityReport(backend, precision)
     try:

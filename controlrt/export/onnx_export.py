@@ -44,6 +44,11 @@ class ExportSettings:
             "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> ExportSettings:
+        """The settings a manifest recorded (unknown keys, such as the exporter's name, ignored)."""
+        return cls(**{k: data[k] for k in ("opset", "external_data", "trace_batch") if k in data})
+
 
 def _initializer_bytes(model) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)

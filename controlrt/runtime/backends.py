@@ -11,7 +11,7 @@ from controlrt.models import BaseModel, ControlNetModelFolder
 from controlrt.precision import Precision, variant_for
 from controlrt.runtime.session import Session
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -19,30 +19,48 @@ class BackendOptions:
     """Which backend runs the graphs, and where.
 
     Attributes:
-        backend: "torch" (the diffusers modules, the reference) or "onnxruntime".
+        backend: "torch" (the diffusers modules, the reference), "onnxruntime" or "tensorrt"
+            (the engines of controlrt build).
         providers: onnxruntime execution providers (cpu, cuda, tensorrt or full names).
-        device: torch device for the torch backend ("cpu", "cuda").
+        device: torch device; default "cpu" for torch, "cuda" for tensorrt (onnxruntime follows
+            its providers).
         precision: Which graph variants run (fp32, fp16, int8); the torch backend is fp32 only.
+        cuda_graphs: tensorrt: capture and replay CUDA graphs per input-shape signature.
+        weight_streaming_budget: tensorrt: bytes of weights per engine kept on the GPU (engines
+            built with --weight-streaming); None keeps them all.
     """
 
     backend: str = "onnxruntime"
     providers: tuple[str, ...] | None = None
-    device: str = "cpu"
+    device: str | None = None
     precision: Precision = Precision.FP32
+    cuda_graphs: bool = False
+    weight_streaming_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise InputError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         object.__setattr__(self, "precision", Precision.parse(self.precision))
+        if self.device is None:
+            object.__setattr__(self, "device", "cuda" if self.backend == "tensorrt" else "cpu")
+        if self.backend != "tensorrt" and (self.cuda_graphs or self.weight_streaming_budget is not None):
+            raise InputError("CUDA graphs and weight streaming are options of --backend tensorrt")
         if self.backend == "torch" and self.precision is not Precision.FP32:
             raise InputError(
-                f"the torch backend is the fp32 reference; --precision {self.precision} needs --backend onnxruntime"
+                f"the torch backend is the fp32 reference; --precision {self.precision} "
+                "needs --backend onnxruntime or tensorrt"
             )
 
 
 def open_sources(manifest: Manifest) -> tuple[BaseModel, list[ControlNetModelFolder]]:
     """The source folders a build was exported from, refused if they changed since."""
     sources = manifest.sources
+    refitted = [s["path"] for s in sources["controlnets"] if s.get("onnx")]
+    if refitted:
+        raise BuildError(
+            f"the torch reference needs diffusers folders, but a ControlNet was refitted from {refitted[0]}; "
+            "refit from a ControlNet folder to compare against torch"
+        )
     try:
         base = BaseModel.open(sources["base"]["path"])
         controlnets = [ControlNetModelFolder.open(s["path"]) for s in sources["controlnets"]]
@@ -74,11 +92,22 @@ class SessionFactory:
             if self._sources is None:
                 self._sources = open_sources(self.build.manifest)
             module = load_graph_module(spec, *self._sources)
-            return TorchSession(module, spec, self.options.device)
-        from controlrt.runtime.ort_backend import OrtSession
-
+            return TorchSession(module, spec, self.options.device or "cpu")
         variants = set(self.build.manifest.graphs[name].variants)
         precision = variant_for(spec.kind, self.options.precision, variants)
+        if self.options.backend == "tensorrt":
+            from controlrt.runtime.trt_backend import open_engine_session
+
+            return open_engine_session(
+                self.build,
+                name,
+                precision,
+                cuda_graphs=self.options.cuda_graphs,
+                weight_streaming_budget=self.options.weight_streaming_budget,
+                device=self.options.device or "cuda",
+            )
+        from controlrt.runtime.ort_backend import OrtSession
+
         return OrtSession(self.build.graph_path(name, precision), spec, self.options.providers)
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from controlrt.errors import BuildError
 from controlrt.manifest import Build
+from controlrt.precision import Precision
 from controlrt.runtime.backends import BackendOptions, open_sessions
 from controlrt.runtime.control import block_weights, residual_divisors
 from controlrt.runtime.images import load_image, postprocess, preprocess_control
@@ -59,21 +60,25 @@ class Pipeline:
         build_dir: str | Path,
         backend: str = "onnxruntime",
         providers: Sequence[str] | None = None,
-        device: str = "cpu",
+        device: str | None = None,
         verify: bool = True,
         precision: str = "fp32",
+        **options: Any,
     ) -> Pipeline:
-        """Open a build and every graph on ``backend`` ("torch" or "onnxruntime").
+        """Open a build and every graph on ``backend``.
 
         Args:
             build_dir: Folder written by ``controlrt export``.
-            backend: "onnxruntime" (the exported graphs) or "torch" (the source modules).
+            backend: "onnxruntime" (the exported graphs), "tensorrt" (the engines of
+                ``controlrt build``) or "torch" (the source modules, the reference).
             providers: onnxruntime execution providers, e.g. ["cuda"]; default CPU.
-            device: torch device for the torch backend.
+            device: torch device for the torch and tensorrt backends (default cpu / cuda).
             verify: Check every file's sha256 against the manifest (else only sizes).
-            precision: "fp32", "fp16" or "int8" graphs (onnxruntime); the build must have them.
+            precision: "fp32", "fp16" or "int8" graphs; the build must have them.
+            options: Further BackendOptions: cuda_graphs, weight_streaming_budget (tensorrt).
         """
-        return cls.from_build(Build.open(build_dir, verify=verify), backend, providers, device, precision)
+        build = Build.open(build_dir, verify=verify)
+        return cls.from_build(build, backend, providers, device, precision, **options)
 
     @classmethod
     def from_build(
@@ -81,19 +86,22 @@ class Pipeline:
         build: Build,
         backend: str = "onnxruntime",
         providers: Sequence[str] | None = None,
-        device: str = "cpu",
+        device: str | None = None,
         precision: str = "fp32",
+        **options: Any,
     ) -> Pipeline:
         """Like :meth:`load`, for a build that is already open (and checked)."""
         from transformers import AutoTokenizer
 
-        options = BackendOptions(backend, tuple(providers) if providers else None, device, precision)
+        backend_options = BackendOptions(
+            backend, tuple(providers) if providers else None, device, Precision.parse(precision), **options
+        )
         try:
             tokenizer = AutoTokenizer.from_pretrained(build.tokenizer_dir)
         except (OSError, ValueError) as exc:
             raise BuildError(f"build {build.path}: cannot load its tokenizer ({exc})") from None
-        sessions = open_sessions(build, options)
-        return cls(build, sessions, options, tokenizer)
+        sessions = open_sessions(build, backend_options)
+        return cls(build, sessions, backend_options, tokenizer)
 
     @property
     def controlnet_names(self) -> list[str]:

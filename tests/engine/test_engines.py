@@ -1,0 +1,279 @@
+"""Engine building, caching, refit and the TensorRT session's control flow, on the CPU.
+
+TensorRT is replaced by tests/engine/fake_tensorrt.py, a FAKE that runs the ONNX graph with
+onnxruntime: these tests check controlrt's own logic (which engine may run, what it is keyed by,
+the order of TensorRT calls, buffer binding, CUDA-graph capture per shape signature, refit
+bookkeeping), not TensorRT. The real thing is tested in test_tensorrt_gpu.py where it exists.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import fake_tensorrt
+import numpy as np
+import pytest
+import torch
+
+from controlrt.builtin import TINY, sample_control_images, write_builtin_models
+from controlrt.engine import builder
+from controlrt.engine.cache import BuildOptions, EngineStore, Gpu, TimingCache
+from controlrt.engine.profiles import ProfileSettings
+from controlrt.errors import BackendError, BuildError, InputError
+from controlrt.manifest import Build
+from controlrt.parity import compare_feeds, psnr, seeded_cases, tolerance_for
+from controlrt.precision import Precision
+from controlrt.runtime.ort_backend import OrtSession
+from controlrt.runtime.trt_backend import TensorRTSession, open_engine_session
+
+FAKE_GPU = Gpu("Fake GPU", "9.0")
+
+
+def fake_build_plan(onnx_path, profiles, options, cache):
+    return fake_tensorrt.make_plan(
+        onnx_path,
+        refittable=options.refittable,
+        stripped=options.weight_stripped,
+        weight_streaming=options.weight_streaming,
+    )
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    """The fake in place of tensorrt, a fake GPU, and fake plans instead of polygraphy builds."""
+    module = fake_tensorrt.install(monkeypatch)
+    monkeypatch.setattr(Gpu, "current", classmethod(lambda cls, device=0: FAKE_GPU))
+    monkeypatch.setattr(builder, "require_cuda", lambda: None)
+    monkeypatch.setattr("controlrt.engine.trt.require_cuda", lambda: None)
+    monkeypatch.setattr(builder, "build_plan", fake_build_plan)
+    fake_tensorrt.FakeGraph.captured.clear()
+    return module
+
+
+@pytest.fixture
+def build(tiny_build, tmp_path):
+    """A private copy of the tiny build (engines and refits write into it)."""
+    return shutil.copytree(tiny_build, tmp_path / "build")
+
+
+def _session(build_dir, name, **kwargs) -> TensorRTSession:
+    return open_engine_session(Build.open(build_dir), name, Precision.FP32, device="cpu", **kwargs)
+
+
+def test_build_then_keep_current_engines(fake_trt, build):
+    first = builder.build_engines(build, "fp32")
+    assert {r.status for r in first} == {"built"}
+    assert {r.graph for r in first} == set(Build.open(build).manifest.graphs)
+    store = EngineStore(Build.open(build))
+    record = json.loads(store.record_path("unet", Precision.FP32).read_text())
+    assert record["key"]["tensorrt"] == fake_tensorrt.__version__
+    assert record["key"]["gpu"] == {"name": "Fake GPU", "compute_capability": "9.0"}
+    assert [name for name, _ in record["key"]["onnx"]] == ["graphs/unet.onnx"]
+
+    assert {r.status for r in builder.build_engines(build, "fp32")} == {"current"}
+    assert {r.status for r in builder.build_engines(build, "fp32", force=True)} == {"built"}
+    # other profiles or options make another engine
+    changed = builder.build_engines(build, "fp32", ProfileSettings(max_batch=2), graphs=["unet"])
+    assert [r.status for r in changed] == ["built"]
+    assert {r.status for r in builder.build_engines(build, "fp32", ProfileSettings(max_batch=2))} == {
+        "built",
+        "current",
+    }
+    refit = builder.build_engines(build, "fp32", ProfileSettings(max_batch=2), BuildOptions(refittable=True))
+    assert {r.graph for r in refit if r.status == "built"} == {"controlnet_0", "controlnet_1"}
+
+
+def test_missing_precision_names_the_command(fake_trt, build):
+    with pytest.raises(BuildError, match="controlrt convert"):
+        builder.build_engines(build, "fp16")
+    with pytest.raises(InputError, match="no graph"):
+        builder.build_engines(build, "fp32", graphs=["nope"])
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("tensorrt", "built by TensorRT 10.1.0"),
+        ("gpu", "built for Other GPU"),
+        ("onnx", "ONNX graph changed"),
+        ("truncate", "truncated or corrupted"),
+        ("record", "has no fp32 TensorRT engine"),
+    ],
+)
+def test_stale_or_foreign_engines_are_refused(fake_trt, build, damage, reason):
+    builder.build_engines(build, "fp32", graphs=["controlnet_0"])
+    store = EngineStore(Build.open(build))
+    path = store.record_path("controlnet_0", Precision.FP32)
+    record = store.record("controlnet_0", Precision.FP32)
+    if damage == "truncate":
+        plan = store.plan_path("controlnet_0", Precision.FP32)
+        plan.write_bytes(plan.read_bytes()[:-3])
+    elif damage == "record":
+        path.unlink()
+    else:
+        key = {
+            "tensorrt": replace(record.key, tensorrt="10.1.0"),
+            "gpu": replace(record.key, gpu=Gpu("Other GPU", "8.6")),
+            "onnx": replace(record.key, onnx=(("graphs/controlnet_0.onnx", "0" * 64),)),
+        }[damage]
+        path.write_text(replace(record, key=key).to_json())
+    with pytest.raises(BuildError, match=reason) as info:
+        _session(build, "controlnet_0")
+    assert "controlrt build" in str(info.value)
+
+
+def test_timing_cache_is_per_version(tmp_path):
+    cache = TimingCache(tmp_path / "t.cache", "10.13.0")
+    assert cache.load() is None
+    cache.path.write_bytes(b"tactics")
+    cache.mark_written()
+    assert cache.load() == b"tactics"
+    assert TimingCache(tmp_path / "t.cache", "11.4.0").load() is None  # another version's cache
+
+
+def _ort_reference(build_dir, name, cases):
+    spec = Build.open(build_dir).manifest.spec(name)
+    with OrtSession(Build.open(build_dir).graph_path(name), spec) as ort:
+        return [ort.infer(feeds) for _, feeds in cases]
+
+
+def test_session_sets_profile_and_shapes_before_each_run(fake_trt, build):
+    builder.build_engines(build, "fp32", ProfileSettings(opt_batch=1, static=True), graphs=["controlnet_0"])
+    session = _session(build, "controlnet_0")
+    spec = session.spec
+    cases = seeded_cases(spec, [spec.sizes(2), spec.sizes(1), spec.sizes(2)])
+    with OrtSession(Build.open(build).graph_path("controlnet_0"), spec) as ort:
+        rows = compare_feeds(ort, session, cases, tolerance_for(Precision.FP32, spec.kind))
+    assert rows and all(r.passed and r.ref_max_abs > 0 for r in rows)
+    calls = session.context.calls
+    runs = [i for i, c in enumerate(calls) if c[0] == "execute_async_v3"]
+    assert len(runs) == 3
+    # static engine: profile 1 is batch 2, profile 0 batch 1; switched only when the batch changes
+    assert [c[1] for c in calls if c[0] == "set_optimization_profile_async"] == [1, 0, 1]
+    start = 0
+    for run in runs:  # every input shape and every tensor address is set before every run
+        window = calls[start:run]
+        assert {c[1] for c in window if c[0] == "set_input_shape"} == set(spec.input_names)
+        assert {c[1] for c in window if c[0] == "set_tensor_address"} == set(spec.input_names + spec.output_names)
+        start = run + 1
+
+
+def test_shapes_outside_the_profile_are_refused(fake_trt, build):
+    builder.build_engines(build, "fp32", ProfileSettings(static=True), graphs=["unet"])
+    session = _session(build, "unet")
+    feeds = session.spec.dummy_inputs(session.spec.sizes(3))
+    with pytest.raises(InputError, match="outside the engine's profiles"):
+        session.infer(feeds)
+
+
+def test_cuda_graphs_are_captured_once_per_shape_signature(fake_trt, build):
+    builder.build_engines(build, "fp32", graphs=["unet"])
+    record = EngineStore(Build.open(build)).record("unet", Precision.FP32)
+    spec = Build.open(build).manifest.spec("unet")
+    session = TensorRTSession(
+        EngineStore(Build.open(build)).read_plan(record),
+        spec,
+        record.key.profiles,
+        cuda_graphs=True,
+        device="cpu",
+        graph_factory=fake_tensorrt.FakeGraph,
+    )
+    a, b = spec.sizes(2), spec.sizes(1, spec.default_size[0] + spec.size_multiple)
+    cases = seeded_cases(spec, [a, a, b, a], seed=5)
+    # new inputs at the same shapes must give new outputs, not the captured ones
+    cases[1] = ("again", spec.dummy_inputs(a, seed=99))
+    expected = _ort_reference(build, "unet", cases)
+    for (_, feeds), want in zip(cases, expected, strict=True):
+        got = session.infer(feeds)["noise_pred"]
+        assert torch.allclose(got, want["noise_pred"], rtol=1e-5, atol=1e-6)
+        assert got.abs().max() > 0
+    assert session.captures == 2
+    graphs = fake_tensorrt.FakeGraph.captured
+    assert [g.replays for g in graphs] == [3, 1]
+    # replaying A after B re-bound A's buffers (the context held B's)
+    addresses = [c for c in session.context.calls if c[0] == "set_tensor_address" and c[1] == "sample"]
+    assert len(addresses) == 3 and addresses[0][2] == addresses[2][2] != addresses[1][2]
+
+
+def test_pipeline_on_engines_matches_onnxruntime(fake_trt, build, pipelines, monkeypatch):
+    monkeypatch.setattr("controlrt.runtime.trt_backend.CudaGraph", fake_tensorrt.FakeGraph)
+    builder.build_engines(build, "fp32")
+    from controlrt.runtime.pipeline import Pipeline
+
+    images = sample_control_images(2, 64, 64)
+    settings = {"controls": images, "steps": 4, "seed": 2, "control_mode": "cfg-rw"}
+    with Pipeline.load(build, backend="tensorrt", device="cpu", cuda_graphs=True) as pipe:
+        assert pipe.sessions["unet"].backend == "tensorrt"
+        got = np.asarray(pipe("a red circle", **settings))
+        assert pipe.sessions["unet"].captures == 1  # one signature: every step replays it
+    expected = np.asarray(pipelines("tiny", "onnxruntime")("a red circle", **settings))
+    assert expected.std() > 0
+    assert psnr(expected, got) >= 60
+
+
+def test_weight_stripped_plans_are_refitted_at_load(fake_trt, build):
+    builder.build_engines(build, "fp32", options=BuildOptions(weight_stripped=True), graphs=["vae_decoder"])
+    session = _session(build, "vae_decoder")
+    assert session._engine.refits == 1
+    feeds = session.spec.dummy_inputs(session.spec.sizes(1))
+    assert session.infer(feeds)["image"].abs().max() > 0
+    store = EngineStore(Build.open(build))
+    record = store.record("vae_decoder", Precision.FP32)
+    unrefitted = TensorRTSession(store.read_plan(record), session.spec, record.key.profiles, device="cpu")
+    with pytest.raises(BackendError):  # the plan alone has no weights
+        unrefitted.infer(feeds)
+
+
+def test_weight_streaming_budget(fake_trt, build):
+    builder.build_engines(build, "fp32", graphs=["unet"])
+    with pytest.raises(Exception, match="not built for weight streaming"):
+        _session(build, "unet", weight_streaming_budget=1000)
+    builder.build_engines(build, "fp32", options=BuildOptions(weight_streaming=True), graphs=["unet"])
+    assert _session(build, "unet", weight_streaming_budget=1000)._engine.weight_streaming_budget_v2 == 1000
+
+
+def test_refit_swaps_a_controlnet(fake_trt, build, tmp_path, pipelines):
+    from controlrt.engine.refit import refit_controlnet
+    from controlrt.runtime.pipeline import Pipeline
+
+    builder.build_engines(build, "fp32", options=BuildOptions(refittable=True))
+    new = write_builtin_models(tmp_path / "other", TINY, seed=8).controlnets[0]  # same architecture
+    images = sample_control_images(2, 64, 64)
+    settings = {"controls": images, "steps": 3, "seed": 1}
+    before = np.asarray(pipelines("tiny", "onnxruntime")("a house", **settings))
+
+    assert refit_controlnet(build, "controlnet_0", new) == ["controlnet_0 fp32"]
+    manifest = Build.open(build).manifest
+    assert manifest.sources["controlnets"][0]["path"] == str(new)
+    record = EngineStore(Build.open(build)).record("controlnet_0", Precision.FP32)
+    assert record.refitted_from and record.key.onnx != record.refitted_from
+    with Pipeline.load(build, backend="tensorrt", device="cpu") as pipe:
+        refitted = np.asarray(pipe("a house", **settings))
+    with Pipeline.load(build, backend="onnxruntime") as pipe:
+        expected = np.asarray(pipe("a house", **settings))
+    assert psnr(expected, refitted) >= 60  # the engine now computes the new ControlNet
+    assert psnr(before, refitted) < 40  # and no longer the old one
+
+
+def test_refit_refusals(fake_trt, build, builds):
+    from controlrt.engine.refit import refit_controlnet
+
+    with pytest.raises(BuildError, match="has no engine"):
+        refit_controlnet(build, "controlnet_0", Build.open(build).graph_path("controlnet_1"))
+    builder.build_engines(build, "fp32", graphs=["controlnet_0"])
+    with pytest.raises(BuildError, match="--refittable"):
+        refit_controlnet(build, "controlnet_0", Build.open(build).graph_path("controlnet_1"))
+    builder.build_engines(build, "fp32", options=BuildOptions(refittable=True), graphs=["controlnet_0"])
+    other_arch = Build.open(builds["other"]).graph_path("controlnet_0")
+    with pytest.raises(InputError, match="architecture"):
+        refit_controlnet(build, "controlnet_0", other_arch)
+    with pytest.raises(InputError, match="no ControlNet"):
+        refit_controlnet(build, "nope", other_arch)
+    # an fp32 ONNX of the same architecture is accepted; the torch reference then needs a folder
+    assert refit_controlnet(build, "edges", Build.open(build).graph_path("controlnet_1")) == ["controlnet_0 fp32"]
+    from controlrt.runtime.backends import open_sources
+
+    with pytest.raises(BuildError, match="refitted from"):
+        open_sources(Build.open(build).manifest)
