@@ -73,6 +73,12 @@ def parity(build: str, precision: str, steps: int, size: int) -> dict:
     }
 
 
+def _has_variant(build: str, precision: str) -> bool:
+    from controlrt.manifest import Build
+
+    return all(precision in g.variants for g in Build.open(build, verify=False).manifest.graphs.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=["alternate", "sd15", "tiny"], default="alternate")
@@ -85,7 +91,9 @@ def main() -> None:
     )
     parser.add_argument("--out", default="precision-bench")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--reuse", action="store_true", help="reuse an exported build under --out")
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse an exported build (and its fp16 graphs) under --out"
+    )
     args = parser.parse_args()
 
     root = Path(args.out) / args.arch
@@ -93,7 +101,8 @@ def main() -> None:
     existing = root / "build" / "manifest.json"
     build = str(root / "build") if args.reuse and existing.is_file() else _in_child(make_build, args.arch, str(root))
     print(f"[{time.time() - t0:6.0f}s] exported {build}", flush=True)
-    _in_child(convert, build)
+    if not (args.reuse and _has_variant(build, "fp16")):
+        _in_child(convert, build)
     results = {"fp16": _in_child(parity, build, "fp16", args.steps, args.size)}
     print(f"[{time.time() - t0:6.0f}s] fp16: {results['fp16']}", flush=True)
     refused = {}

@@ -335,45 +335,49 @@ def run_parity(
     """
     from controlrt.builtin import sample_control_images
     from controlrt.manifest import Build
+    from controlrt.runtime.backends import BackendOptions, SessionFactory
     from controlrt.runtime.pipeline import Pipeline
     from controlrt.runtime.request import GenerationRequest
 
     precision = Precision.parse(precision)
     build = Build.open(build_dir)
-    candidate = Pipeline.from_build(build, backend=backend, providers=providers, precision=precision, **backend_options)
-    reference = Pipeline.from_build(build, backend="torch")
+    options = BackendOptions(backend, tuple(providers) if providers else None, None, precision, **backend_options)
     report = ParityReport(backend, precision)
-    try:
-        held_out = None
-        if precision is not Precision.FP32:
-            from controlrt.calibration.calibrate import held_out_captures
+    held_out = None
+    if precision is not Precision.FP32:
+        from controlrt.calibration.calibrate import held_out_captures
 
-            held_out = held_out_captures(build)
-        for name, session in candidate.sessions.items():
-            tolerance = tolerance_for(precision, session.spec.kind)
-            if held_out is None:
-                report.graphs += compare_graph(reference.sessions[name], session, tolerance)
-            else:
-                cases = captured_cases(held_out[name])
-                report.graphs += compare_feeds(reference.sessions[name], session, cases, tolerance)
-        if end_to_end:
-            default_h, default_w = reference.info.default_size
-            height, width = height or default_h, width or default_w
-            request = GenerationRequest(
-                prompt="a red circle and a blue square",
-                negative_prompt="blurry",
-                controls=sample_control_images(len(reference.controlnet_specs), height, width),
-                steps=steps,
-                seed=seed,
-                height=height,
-                width=width,
-            )
+        held_out = held_out_captures(build)
+    # One graph at a time, and the reference closed before the candidate opens: full-size
+    # models do not fit in memory twice over.
+    reference_sessions = SessionFactory(build, BackendOptions("torch"))
+    candidate_sessions = SessionFactory(build, options)
+    for name, record in build.manifest.graphs.items():
+        spec = record.spec
+        cases = seeded_cases(spec) if held_out is None else captured_cases(held_out[name])
+        report.graphs += compare_in_turn(
+            lambda name=name: reference_sessions.open(name),
+            lambda name=name: candidate_sessions.open(name),
+            cases,
+            tolerance_for(precision, spec.kind),
+        )
+    if end_to_end:
+        default_h, default_w = build.manifest.info.default_size
+        height, width = height or default_h, width or default_w
+        request = GenerationRequest(
+            prompt="a red circle and a blue square",
+            negative_prompt="blurry",
+            controls=sample_control_images(len(build.manifest.controlnet_specs), height, width),
+            steps=steps,
+            seed=seed,
+            height=height,
+            width=width,
+        )
+        with Pipeline.from_build(build, backend="torch") as reference:
             expected = reference.generate(request)
+        with Pipeline.from_build(build, backend, providers, None, precision, **backend_options) as candidate:
             got = candidate.generate(request)
-            report.end_to_end = judge_images(expected, got, request.settings(), END_TO_END_PSNR_DB[precision])
-    finally:
-        reference.close()
-        candidate.close()
+        report.end_to_end = judge_images(expected, got, request.settings(), END_TO_END_PSNR_DB[precision])
     return report
 
 
