@@ -76,3 +76,22 @@ def test_torch_and_onnxruntime_agree_per_graph_at_two_shapes(builds):
             for r in rows:
                 assert r.passed, r
                 assert r.ref_max_abs > 1e-3, f"{name} {r.output} is trivially small"
+
+
+def test_io_binding_path_matches_plain_runs(tiny_build):
+    """The IOBinding path (the one GPU providers use) on the CPU: same outputs as plain runs."""
+    from controlrt.manifest import Build
+    from controlrt.runtime.ort_backend import OrtSession
+
+    build = Build.open(tiny_build)
+    for name in ("text_encoder", "controlnet_0", "unet"):
+        spec = build.manifest.spec(name)
+        feeds = spec.dummy_inputs(spec.sizes(2), seed=4)
+        with (
+            OrtSession(build.graph_path(name), spec) as plain,
+            OrtSession(build.graph_path(name), spec, io_binding=True) as bound,
+        ):
+            want, got = plain.infer(feeds), bound.infer(feeds)
+        for out in spec.output_names:
+            assert want[out].abs().max() > 0
+            assert torch.equal(want[out], got[out]), (name, out)
