@@ -241,3 +241,60 @@ def test_torch_backend_refuses_changed_sources(tiny_build, tiny_models, tmp_path
     (build / "manifest.json").write_text(json.dumps(manifest))
     result = run("generate", build, "--prompt", "x", "--steps", "1", "--backend", "torch", "--out", tmp_path / "o.png")
     assert_clean_error(result, "changed since it was exported")
+
+
+def _tensorrt_missing() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        return True
+    return False
+
+
+@pytest.mark.skipif(not _tensorrt_missing(), reason="checks the behaviour where TensorRT is not installed")
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("build", "{build}", "--precision", "fp32"),
+        ("build", "{build}", "--precision", "fp32", "--static"),
+        ("generate", "{build}", "--prompt", "x", "--backend", "tensorrt", "--out", "{out}"),
+        ("parity", "{build}", "--backend", "tensorrt"),
+        ("refit", "{build}", "--controlnet", "controlnet_0", "--from", "{build}/graphs/controlnet_1.onnx"),
+    ],
+)
+def test_tensorrt_commands_without_tensorrt(args, tiny_build, tmp_path):
+    build = shutil.copytree(tiny_build, tmp_path / "build")
+    result = run(*(a.format(build=build, out=tmp_path / "o.png") for a in args))
+    if args[0] == "refit":  # refused before TensorRT is needed: no engine to refit
+        assert_clean_error(result, "has no engine for controlnet_0")
+    else:
+        assert_clean_error(result, "TensorRT")
+        assert "pip install tensorrt" in result.output
+    assert not (tmp_path / "o.png").exists() and not (build / "engines").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--cuda-graphs",), "need --backend tensorrt"),
+        (("--backend", "torch", "--weight-streaming-budget", "1"), "need --backend tensorrt"),
+        (("--backend", "torch", "--precision", "fp16"), "fp32 reference"),
+    ],
+)
+def test_backend_option_mismatch(args, fragment, tiny_build, tmp_path):
+    result = run("generate", tiny_build, "--prompt", "x", "--out", tmp_path / "o.png", *args)
+    assert_clean_error(result, fragment)
+
+
+def test_build_bad_sizes_are_one_line(tiny_build, monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="0"))
+    monkeypatch.setattr("controlrt.engine.builder.require_cuda", lambda: None)
+    result = run("build", tiny_build, "--precision", "fp16")
+    assert_clean_error(result, "controlrt convert")
+    result = run("build", tiny_build, "--precision", "fp32", "--opt-size", "63x64")
+    assert_clean_error(result, "not a positive multiple")
+    result = run("build", tiny_build, "--max-size", "big")
+    assert_clean_error(result, "HEIGHTxWIDTH")

@@ -69,10 +69,6 @@ def build_engines(
         graphs: Only these graphs (default: all).
         force: Rebuild even engines whose key is current.
     """
-    import_tensorrt()
-    require_cuda()
-    import tensorrt as trt
-
     precision = Precision.parse(precision)
     profile = profile or ProfileSettings()
     options = options or BuildOptions()
@@ -82,24 +78,25 @@ def build_engines(
     if unknown:
         have = ", ".join(build.manifest.graphs)
         raise InputError(f"build {build.path} has no graph {', '.join(unknown)} (it has {have})")
+    # every graph's variant and profiles are checked before TensorRT, the GPU or a slow build
+    wanted = []
+    for name in names:
+        spec = build.manifest.spec(name)
+        variant = variant_for(spec.kind, precision, set(build.manifest.graphs[name].variants))
+        onnx = onnx_identity(build, name, variant)  # BuildError naming convert/calibrate if missing
+        wanted.append((name, variant, onnx, derive_profiles(spec, profile), options_for(spec, options)))
+    import_tensorrt()
+    require_cuda()
+    import tensorrt as trt
+
     version = str(trt.__version__)
     gpu = Gpu.current()
     store = EngineStore(build)
     cache = TimingCache(Path(timing_cache) if timing_cache else store.timing_cache_path(version), version)
-    plans: list[tuple[str, Precision, EngineKey]] = []
-    for name in names:  # every variant is checked before the first (slow) build starts
-        spec = build.manifest.spec(name)
-        variant = variant_for(spec.kind, precision, set(build.manifest.graphs[name].variants))
-        key = EngineKey(
-            graph=name,
-            precision=str(variant),
-            onnx=onnx_identity(build, name, variant),  # BuildError naming convert/calibrate if missing
-            profiles=derive_profiles(spec, profile),
-            options=options_for(spec, options),
-            tensorrt=version,
-            gpu=gpu,
-        )
-        plans.append((name, variant, key))
+    plans = [
+        (name, variant, EngineKey(name, str(variant), onnx, profiles, graph_options, version, gpu))
+        for name, variant, onnx, profiles, graph_options in wanted
+    ]
     results = []
     for name, variant, key in plans:
         current = None if force else store.current(key)
