@@ -108,14 +108,15 @@ def denoise(
     padded = _zero_residuals(unet, batch, latents.shape[2:], device) if cond_slice.start else {}
     extra = step_kwargs(scheduler, generator)
     cn_embeds = prompt_embeds[cond_slice]
+    # timesteps as the graphs take them, made on the device once (no host sync per step)
+    t_inputs = timesteps.to(device=device, dtype=torch.float32)
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", leave=False)):
         model_input = torch.cat([latents] * 2) if cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        t_value = float(t)
         cn_input = model_input[cond_slice]
         cn_feeds = {
             "sample": cn_input,
-            "timestep": torch.full((cn_input.shape[0],), t_value, device=device),
+            "timestep": t_inputs[i].repeat(cn_input.shape[0]),
             "encoder_hidden_states": cn_embeds,
         }
         summed = _summed_residuals(controls, i, len(timesteps), cn_feeds, names)
@@ -130,7 +131,7 @@ def denoise(
         noise = unet.infer(
             {
                 "sample": model_input,
-                "timestep": torch.full((batch,), t_value, device=device),
+                "timestep": t_inputs[i].repeat(batch),
                 "encoder_hidden_states": prompt_embeds,
                 **residuals,
             }
