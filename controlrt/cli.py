@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from controlrt import __version__
-from controlrt.errors import ControlrtError
+from controlrt.errors import ControlrtError, InputError
 
 logger = logging.getLogger("controlrt")
 
@@ -140,7 +140,6 @@ def _providers(text: str | None) -> list[str] | None:
 
 def _tensorrt_options(backend: str, cuda_graphs: bool, budget_gb: float | None) -> dict:
     """The tensorrt-only Pipeline options, refused with another backend."""
-    from controlrt.errors import InputError
 
     if backend != "tensorrt":
         if cuda_graphs or budget_gb is not None:
@@ -154,14 +153,17 @@ def _tensorrt_options(backend: str, cuda_graphs: bool, budget_gb: float | None) 
 
 @cli.command()
 @click.argument("build")
-@click.option("--prompt", required=True)
+@click.option("--prompt", default=None, help="The prompt (or --prompts FILE).")
+@click.option("--prompts", "prompts_file", default=None, metavar="FILE", help="One prompt per line; --out is a folder.")
+@click.option("--num-images", type=int, default=1, show_default=True, help="Images per prompt, seeds SEED, SEED+1, …")
+@click.option("--annotators", default=None, metavar="DIR", help="controlnet-aux weights for KIND:PHOTO controls.")
 @click.option("--negative-prompt", default=None)
 @click.option(
     "--control",
     "controls",
     multiple=True,
     metavar="IMAGE",
-    help="A control image; the k-th goes to the build's k-th ControlNet.",
+    help="A control image, or KIND:PHOTO to preprocess (canny:photo.jpg); the k-th goes to the k-th ControlNet.",
 )
 @click.option("--scale", "scales", multiple=True, type=float, help="Per control, or one for all (default 1.0).")
 @click.option("--start", "starts", multiple=True, type=float, help="Window start in [0, 1) (default 0).")
@@ -184,12 +186,15 @@ def _tensorrt_options(backend: str, cuda_graphs: bool, budget_gb: float | None) 
 )
 @_backend_options
 @_precision_option
-@click.option("--out", required=True, help="Image file to write (.png).")
+@click.option("--out", required=True, help="Image file to write (.png), or a folder for several images.")
 @click.pass_context
 def generate(
     ctx,
     build,
     prompt,
+    prompts_file,
+    num_images,
+    annotators,
     negative_prompt,
     controls,
     scales,
@@ -209,33 +214,68 @@ def generate(
     precision,
     out,
 ) -> None:
-    """Generate an image from a prompt and control images with BUILD."""
+    """Generate images from prompts and control images with BUILD.
+
+    One image goes to --out FILE; with --num-images N or --prompts FILE, --out is a folder and the
+    images are named NNNN-seedS.png. Every PNG carries its settings in a "controlrt" text chunk.
+    """
     from controlrt.runtime.images import check_image_path, save_image
     from controlrt.runtime.pipeline import Pipeline
     from controlrt.runtime.request import GenerationRequest
 
-    request = GenerationRequest(
-        prompt=prompt,
-        controls=list(controls),
-        scales=list(scales) or 1.0,
-        start=list(starts) or 0.0,
-        end=list(ends) or 1.0,
-        negative_prompt=negative_prompt,
-        control_mode=control_mode,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        height=height,
-        width=width,
-        scheduler=scheduler,
-    )
+    prompts = _prompts(prompt, prompts_file)
+    if num_images < 1:
+        raise InputError(f"--num-images {num_images} must be at least 1")
+    many = num_images > 1 or prompts_file is not None
     out_path = Path(out)
-    check_image_path(out_path)
+    if many:
+        if out_path.exists() and not out_path.is_dir():
+            raise InputError(f"--out {out_path} must be a folder when generating several images")
+    else:
+        check_image_path(out_path)
+    requests = [
+        GenerationRequest(
+            prompt=text,
+            controls=list(controls),
+            scales=list(scales) or 1.0,
+            start=list(starts) or 0.0,
+            end=list(ends) or 1.0,
+            negative_prompt=negative_prompt,
+            control_mode=control_mode,
+            steps=steps,
+            guidance=guidance,
+            seed=seed + j,
+            height=height,
+            width=width,
+            scheduler=scheduler,
+        )
+        for text in prompts
+        for j in range(num_images)
+    ]
     options = _tensorrt_options(backend, cuda_graphs, weight_streaming_budget)
     with Pipeline.load(build, backend=backend, providers=_providers(providers), precision=precision, **options) as pipe:
-        result = pipe.generate(request, progress=ctx.obj["progress"])
-    save_image(result.image, out_path, result.settings)
-    click.echo(str(out_path))
+        pipe.annotators = annotators
+        for index, request in enumerate(requests):
+            result = pipe.generate(request, progress=ctx.obj["progress"])
+            path = out_path / f"{index:04d}-seed{request.seed}.png" if many else out_path
+            save_image(result.image, path, result.settings)
+            click.echo(str(path))
+
+
+def _prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
+    if (prompt is None) == (prompts_file is None):
+        raise InputError("give --prompt TEXT or --prompts FILE (one of them)")
+    if prompt is not None:
+        return [prompt]
+    path = Path(prompts_file).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read prompts file {path}: {exc.__class__.__name__}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise InputError(f"prompts file {path} has no prompts")
+    return prompts
 
 
 @cli.command()
@@ -331,7 +371,6 @@ def calibrate(build, data_dir, samples, steps, method, calibration, height, widt
 
 def _size(text: str | None) -> tuple[int, int] | None:
     """HxW or one number for a square, in pixels."""
-    from controlrt.errors import InputError
 
     if text is None:
         return None
@@ -345,6 +384,47 @@ def _size(text: str | None) -> tuple[int, int] | None:
     if len(values) != 2:
         raise InputError(f"size {text!r} is not HEIGHTxWIDTH or one number")
     return values[0], values[1]
+
+
+@cli.command("inspect")
+@click.argument("build_dir", metavar="BUILD")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def inspect_cmd(build_dir, as_json) -> None:
+    """Show BUILD: graphs, inputs and outputs, precisions, engines (current or stale), sources."""
+    import json
+
+    from controlrt.inspect import format_inspection, inspect_build
+
+    info = inspect_build(build_dir)
+    click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+
+
+@cli.command("preprocess")
+@click.argument("kind")
+@click.argument("image")
+@click.option("--out", required=True, help="Control map to write (.png).")
+@click.option("--low", type=int, default=100, show_default=True, help="canny: lower threshold.")
+@click.option("--high", type=int, default=200, show_default=True, help="canny: upper threshold.")
+@click.option("--min-length", type=float, default=16.0, show_default=True, help="mlsd: shortest segment (px).")
+@click.option("--thickness", type=int, default=None, help="mlsd / scribble: stroke width in pixels.")
+@click.option("--annotators", default=None, metavar="DIR", help="controlnet-aux annotator weights (depth, pose …).")
+def preprocess_cmd(kind, image, out, low, high, min_length, thickness, annotators) -> None:
+    """Make a control map of KIND (canny, mlsd, scribble, or a pass-through kind) from IMAGE."""
+    from controlrt.preprocess import preprocess
+    from controlrt.runtime.images import check_image_path, save_image
+
+    out_path = Path(out)
+    check_image_path(out_path)
+    options: dict = {}
+    if kind == "canny":
+        options = {"low": low, "high": high}
+    elif kind == "mlsd":
+        options = {"min_length": min_length} | ({"thickness": thickness} if thickness else {})
+    elif kind == "scribble" and thickness:
+        options = {"thickness": thickness}
+    result = preprocess(kind, image, annotators, **options)
+    save_image(result, out_path, {"preprocessor": kind, "source": str(image), **options})
+    click.echo(str(out_path))
 
 
 @cli.command("build")

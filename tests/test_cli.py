@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -298,3 +299,65 @@ def test_build_bad_sizes_are_one_line(tiny_build, monkeypatch):
     assert_clean_error(result, "not a positive multiple")
     result = run("build", tiny_build, "--max-size", "big")
     assert_clean_error(result, "HEIGHTxWIDTH")
+
+
+def test_inspect_shows_graphs_precisions_and_engines(tiny_build):
+    result = run("inspect", tiny_build)
+    assert result.exit_code == 0, result.output
+    assert "unet (unet)" in result.output and "controlnet_1 (controlnet)" in result.output
+    assert "precisions: fp32" in result.output and "engines: none" in result.output
+    assert "down_block_res_0 float32 (batch," in result.output
+    data = json.loads(run("inspect", tiny_build, "--json").output)
+    assert set(data["graphs"]) == {"text_encoder", "controlnet_0", "controlnet_1", "unet", "vae_decoder"}
+    assert data["graphs"]["unet"]["variants"]["fp32"]["bytes"] > 0
+    assert_clean_error(run("inspect", tiny_build / "nope"), "does not exist")
+
+
+def test_preprocess_command_and_inline_controls(tiny_build, controls, tmp_path):
+    photo = controls["images"][0]
+    out = tmp_path / "edges.png"
+    result = run("preprocess", "canny", photo, "--out", out, "--low", "50", "--high", "120")
+    assert result.exit_code == 0, result.output
+    assert json.loads(Image.open(out).text["controlrt"])["preprocessor"] == "canny"
+    assert_clean_error(run("preprocess", "sobel", photo, "--out", out), "unknown preprocessor")
+    # the same map inline, then as a ready map: the same image
+    inline = tmp_path / "inline.png"
+    ready = tmp_path / "ready.png"
+    common = ["--prompt", "x", "--steps", "2", "--seed", "4"]
+    run("preprocess", "canny", photo, "--out", out)
+    assert run("generate", tiny_build, *common, "--control", f"canny:{photo}", "--out", inline).exit_code == 0
+    assert run("generate", tiny_build, *common, "--control", out, "--out", ready).exit_code == 0
+    assert np.array_equal(np.asarray(Image.open(inline)), np.asarray(Image.open(ready)))
+    settings = json.loads(Image.open(inline).text["controlrt"])
+    assert settings["controls"] == [f"canny:{photo}"] and settings["precision"] == "fp32"
+
+
+def test_batch_generation_names_and_metadata(tiny_build, controls, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\n")
+    out = tmp_path / "batch"
+    args = [
+        "--prompts",
+        prompts,
+        "--num-images",
+        "2",
+        "--steps",
+        "2",
+        "--seed",
+        "10",
+        "--control",
+        controls["images"][0],
+    ]
+    result = run("generate", tiny_build, *args, "--out", out)
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["0000-seed10.png", "0001-seed11.png", "0002-seed10.png", "0003-seed11.png"]
+    meta = [json.loads(Image.open(out / n).text["controlrt"]) for n in names]
+    assert [m["prompt"] for m in meta] == ["a red circle"] * 2 + ["a blue square"] * 2
+    assert [m["seed"] for m in meta] == [10, 11, 10, 11]
+    assert not np.array_equal(np.asarray(Image.open(out / names[0])), np.asarray(Image.open(out / names[1])))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert_clean_error(run("generate", tiny_build, "--prompts", empty, "--out", out), "no prompts")
+    assert_clean_error(run("generate", tiny_build, "--out", out / "x.png"), "--prompt TEXT or --prompts FILE")
+    assert_clean_error(run("generate", tiny_build, "--prompt", "x", "--num-images", "0", "--out", out), "at least 1")

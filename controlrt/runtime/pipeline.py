@@ -14,9 +14,10 @@ from PIL import Image
 from controlrt.errors import BuildError
 from controlrt.manifest import Build
 from controlrt.precision import Precision
+from controlrt.preprocess import load_control
 from controlrt.runtime.backends import BackendOptions, open_sessions
 from controlrt.runtime.control import block_weights, residual_divisors
-from controlrt.runtime.images import load_image, postprocess, preprocess_control
+from controlrt.runtime.images import postprocess, preprocess_control
 from controlrt.runtime.loop import ControlPlan, denoise
 from controlrt.runtime.request import GenerationRequest, ResolvedRequest, resolve
 from controlrt.runtime.schedulers import make_scheduler
@@ -53,6 +54,7 @@ class Pipeline:
         self.unet_spec = manifest.spec("unet")
         self.controlnet_specs = manifest.controlnet_specs
         self._divisors = residual_divisors(self.unet_spec)
+        self.annotators: str | Path | None = None  # controlnet-aux weights for KIND:PATH controls
 
     @classmethod
     def load(
@@ -115,7 +117,8 @@ class Pipeline:
     def generate(self, request: GenerationRequest, progress: bool = False) -> GenerationResult:
         resolved = resolve(request, len(self.controlnet_specs), self.info.size_multiple, self.info.default_size)
         device = self.sessions["unet"].device
-        images = [load_image(c) for c in resolved.controls]  # read every file before any work
+        # read (and preprocess, for KIND:PATH controls) every image before any work
+        images = [load_control(c, self.annotators) for c in resolved.controls]
         scheduler = make_scheduler(self.build.scheduler_config, request.scheduler)
         cfg = request.guidance > 1.0
         conditional_only = resolved.mode.conditional_only and cfg
@@ -146,6 +149,7 @@ class Pipeline:
         decoded = self.sessions["vae_decoder"].infer({"latent": latents})["image"]
         image = postprocess(decoded, f)
         settings = request.settings() | {"height": resolved.height, "width": resolved.width}
+        settings["controls"] = [str(c) if isinstance(c, (str, Path)) else type(c).__name__ for c in resolved.controls]
         settings["backend"] = self.options.backend
         settings["precision"] = str(self.options.precision)
         return GenerationResult(image, latents, settings)

@@ -1,0 +1,135 @@
+"""``controlrt inspect BUILD``: a build's manifest at a glance.
+
+Graphs with their inputs and outputs (symbolic shapes), the precisions each graph has with their
+size on disk, TensorRT engines and whether each may still run here, and the source models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from controlrt.manifest import Build
+from controlrt.precision import Precision
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def engine_status(build: Build, graph: str, precision: Precision) -> dict[str, Any] | None:
+    """What is known about one engine without running it; None if there is none."""
+    from controlrt.engine.cache import EngineStore, onnx_identity
+
+    store = EngineStore(build)
+    record = store.record(graph, precision)
+    plan = store.plan_path(graph, precision)
+    if record is None:
+        return None if not plan.exists() else {"status": "unusable: no readable record beside the plan"}
+    info: dict[str, Any] = {
+        "bytes": record.plan_bytes,
+        "tensorrt": record.key.tensorrt,
+        "gpu": f"{record.key.gpu.name} (compute {record.key.gpu.compute_capability})",
+        "profiles": len(record.key.profiles),
+        "options": {k: v for k, v in record.key.options.__dict__.items() if v},
+    }
+    if not plan.is_file() or plan.stat().st_size != record.plan_bytes:
+        info["status"] = "stale: the plan is missing or truncated"
+    elif str(precision) not in build.manifest.graphs[graph].variants:
+        info["status"] = f"stale: the build no longer has the {precision} graph"
+    elif onnx_identity(build, graph, precision) != record.key.onnx:
+        info["status"] = "stale: its ONNX graph changed since it was built"
+    else:
+        info["status"] = _runtime_status(record)
+    return info
+
+
+def _runtime_status(record) -> str:
+    """current / stale against this machine's TensorRT and GPU, or what could not be checked."""
+    try:
+        import tensorrt
+
+        version = str(tensorrt.__version__)
+    except Exception:
+        return "current for its ONNX; TensorRT version and GPU not checked (no TensorRT here)"
+    if version != record.key.tensorrt:
+        return f"stale: built by TensorRT {record.key.tensorrt}, this is {version}"
+    from controlrt.engine.cache import Gpu
+    from controlrt.errors import BuildError
+
+    try:
+        gpu = Gpu.current()
+    except BuildError:
+        return "current for its ONNX and TensorRT; GPU not checked (none visible)"
+    return "current" if gpu == record.key.gpu else f"stale: built for {record.key.gpu.name}, this is {gpu.name}"
+
+
+def inspect_build(build_dir: str | Path) -> dict[str, Any]:
+    build = Build.open(build_dir, verify=False)
+    m = build.manifest
+    graphs = {}
+    for name, g in m.graphs.items():
+        variants = {
+            p: {"files": [f.path for f in v.files], "bytes": sum(f.bytes for f in v.files)}
+            for p, v in g.variants.items()
+        }
+        engines = {}
+        for precision in Precision:
+            status = engine_status(build, name, precision)
+            if status is not None:
+                engines[str(precision)] = status
+        graphs[name] = {
+            "kind": str(g.spec.kind),
+            "inputs": {t.name: f"{t.dtype} {t.shape_text()}" for t in g.spec.inputs},
+            "outputs": {t.name: f"{t.dtype} {t.shape_text()}" for t in g.spec.outputs},
+            "variants": variants,
+            "engines": engines,
+        }
+    return {
+        "build": str(build.path),
+        "created": m.created,
+        "model": {
+            "native_size": list(m.info.default_size),
+            "size_multiple": m.info.size_multiple,
+            "vae_scale_factor": m.info.vae_scale_factor,
+            "latent_channels": m.info.latent_channels,
+        },
+        "graphs": graphs,
+        "sources": {
+            "base": m.sources["base"]["path"],
+            "controlnets": [s["path"] for s in m.sources["controlnets"]],
+        },
+        "tools": m.tools,
+    }
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    lines = [f"build {info['build']} (created {info['created']})"]
+    model = info["model"]
+    lines.append(
+        f"model: native {model['native_size'][0]}x{model['native_size'][1]} px, sizes in multiples of "
+        f"{model['size_multiple']}, VAE factor {model['vae_scale_factor']}, {model['latent_channels']} latent channels"
+    )
+    for name, g in info["graphs"].items():
+        lines.append(f"\n{name} ({g['kind']})")
+        for label in ("inputs", "outputs"):
+            items = g[label]
+            if len(items) > 4:  # the UNet's residual inputs: first two, last one
+                keys = list(items)
+                shown = [*keys[:4], "…", keys[-1]]
+                text = ", ".join(k if k == "…" else f"{k} {items[k]}" for k in shown)
+                text += f" ({len(keys)} in all)"
+            else:
+                text = ", ".join(f"{k} {v}" for k, v in items.items())
+            lines.append(f"  {label}: {text}")
+        variants = ", ".join(f"{p} {_mib(v['bytes'])}" for p, v in g["variants"].items())
+        lines.append(f"  precisions: {variants}")
+        for precision, e in g["engines"].items():
+            size = f" {_mib(e['bytes'])}" if "bytes" in e else ""
+            lines.append(f"  engine {precision}{size}: {e['status']}")
+        if not g["engines"]:
+            lines.append("  engines: none")
+    lines.append(f"\nsources: base {info['sources']['base']}")
+    for k, path in enumerate(info["sources"]["controlnets"]):
+        lines.append(f"         controlnet_{k} {path}")
+    return "\n".join(lines)

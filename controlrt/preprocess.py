@@ -1,0 +1,167 @@
+"""Control-map preprocessors: photos and sketches -> the maps ControlNets are trained on.
+
+Built in, with OpenCV (opencv-python-headless):
+
+- ``canny``: cv2.Canny on the grayscale image (thresholds ``low``/``high``, default 100/200 as in
+  the ControlNet examples), white edges on black, three channels.
+- ``mlsd``: straight line segments in the spirit of M-LSD, found by OpenCV's line segment detector
+  and drawn white on black; segments shorter than ``min_length`` pixels are dropped.
+- ``scribble``: a user sketch normalised to white strokes on black (a light background is
+  inverted; Otsu's threshold, then strokes dilated to ``thickness``).
+- pass-through kinds (``depth``, ``normal``, ``pose``, ``seg``, ``hed``, ``lineart``, ``map``): maps
+  that neural annotators make, accepted as images and resized like any control. With
+  controlnet-aux installed and its annotator weights in a local folder (``annotators=DIR``), the
+  kinds it has an annotator for (depth, normal, pose, hed, lineart) run it on a photo instead;
+  nothing is downloaded.
+
+A control given as ``KIND:PATH`` (``canny:photo.jpg``) is preprocessed inline; a plain path is used
+as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from controlrt.errors import InputError
+
+PASSTHROUGH = ("depth", "normal", "pose", "seg", "hed", "lineart", "map")
+# controlnet-aux annotators by kind: (class name, its from_pretrained folder under --annotators)
+ANNOTATORS = {
+    "depth": ("MidasDetector", "Annotators"),
+    "normal": ("NormalBaeDetector", "Annotators"),
+    "pose": ("OpenposeDetector", "Annotators"),
+    "hed": ("HEDdetector", "Annotators"),
+    "lineart": ("LineartDetector", "Annotators"),
+}
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise InputError("preprocessors need OpenCV: pip install opencv-python-headless") from None
+    return cv2
+
+
+def _rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
+        raise InputError(f"expected an RGB uint8 image, got an array of shape {array.shape} and type {array.dtype}")
+    return np.ascontiguousarray(array[:, :, :3])
+
+
+def _gray(image) -> np.ndarray:
+    return _cv2().cvtColor(_rgb_array(image), _cv2().COLOR_RGB2GRAY)
+
+
+def _to_image(single: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.stack([single] * 3, axis=-1))
+
+
+def canny(image, low: int = 100, high: int = 200) -> Image.Image:
+    """White Canny edges of the grayscale image on black."""
+    if not 0 <= low <= high:
+        raise InputError(f"canny thresholds must satisfy 0 <= low <= high (got {low}, {high})")
+    return _to_image(_cv2().Canny(_gray(image), low, high))
+
+
+def mlsd(image, min_length: float = 16.0, thickness: int = 2) -> Image.Image:
+    """Straight line segments (OpenCV's line segment detector), drawn white on black."""
+    cv2 = _cv2()
+    gray = _gray(image)
+    detector = cv2.createLineSegmentDetector()
+    lines = detector.detect(gray)[0]
+    canvas = np.zeros_like(gray)
+    for x1, y1, x2, y2 in [] if lines is None else lines.reshape(-1, 4):
+        if np.hypot(x2 - x1, y2 - y1) >= min_length:
+            cv2.line(canvas, (round(x1), round(y1)), (round(x2), round(y2)), 255, thickness, cv2.LINE_AA)
+    return _to_image(canvas)
+
+
+def scribble(image, thickness: int = 3) -> Image.Image:
+    """A sketch as white strokes on black, whatever its background."""
+    cv2 = _cv2()
+    gray = _gray(image)
+    if gray.mean() > 127:  # dark strokes on a light background
+        gray = 255 - gray
+    _, strokes = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    if thickness > 1:
+        strokes = cv2.dilate(strokes, np.ones((thickness, thickness), np.uint8))
+    return _to_image(strokes)
+
+
+def passthrough(image) -> Image.Image:
+    """A ready map (depth, pose, segmentation …), as an RGB image."""
+    return Image.fromarray(_rgb_array(image))
+
+
+BUILTIN: dict[str, Callable[..., Image.Image]] = {"canny": canny, "mlsd": mlsd, "scribble": scribble}
+KINDS = (*BUILTIN, *PASSTHROUGH)
+
+
+def preprocess(kind: str, image, annotators: str | Path | None = None, **options: Any) -> Image.Image:
+    """The control map of ``kind`` for ``image`` (a PIL image, an array or a path)."""
+    from controlrt.runtime.images import load_image
+
+    kind = kind.lower()
+    if kind not in KINDS:
+        raise InputError(f"unknown preprocessor {kind!r}; choose one of {', '.join(KINDS)}")
+    image = load_image(image)
+    if kind in BUILTIN:
+        try:
+            return BUILTIN[kind](image, **options)
+        except TypeError as exc:
+            raise InputError(f"{kind}: {exc}") from None
+    if annotators is not None and kind in ANNOTATORS:
+        return _annotate(kind, image, Path(annotators))
+    return passthrough(image)
+
+
+def _annotate(kind: str, image, folder: Path) -> Image.Image:
+    """Run controlnet-aux's annotator for ``kind`` with weights from ``folder`` (never downloads)."""
+    import os
+
+    try:
+        import controlnet_aux
+    except ImportError:
+        raise InputError(f"{kind} from a photo needs controlnet-aux (pip install controlnet-aux)") from None
+    if not folder.is_dir():
+        raise InputError(f"annotator folder {folder} does not exist")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    name, _ = ANNOTATORS[kind]
+    try:
+        detector = getattr(controlnet_aux, name).from_pretrained(str(folder))
+    except Exception as exc:  # missing files surface as OSError or the hub's offline errors
+        raise InputError(f"cannot load the {kind} annotator from {folder}: {str(exc).splitlines()[0]}") from None
+    return detector(Image.fromarray(_rgb_array(image))).convert("RGB")
+
+
+def split_control(text: str) -> tuple[str | None, str]:
+    """``"canny:photo.jpg"`` -> ("canny", "photo.jpg"); a plain path -> (None, path).
+
+    Only a known kind counts as a prefix, so paths that contain a colon still work.
+    """
+    kind, sep, rest = text.partition(":")
+    if sep and kind.lower() in KINDS and rest:
+        return kind.lower(), rest
+    return None, text
+
+
+def load_control(source, annotators: str | Path | None = None):
+    """A control as the pipeline uses it: ``KIND:PATH`` strings are preprocessed, the rest loaded."""
+    from controlrt.runtime.images import load_image
+
+    if isinstance(source, str):
+        kind, path = split_control(source)
+        if kind is not None:
+            return preprocess(kind, path, annotators)
+    return load_image(source)
