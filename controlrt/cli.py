@@ -87,13 +87,16 @@ main = cli
     help="Force weights into (or out of) .onnx.data files; default: by size (>1.5 GiB).",
 )
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime check of each graph.")
-def export(base_dir, controlnets, out, opset, force, external_data, no_validate) -> None:
+@click.pass_context
+def export(ctx, base_dir, controlnets, out, opset, force, external_data, no_validate) -> None:
     """Export BASE_DIR's text encoder, UNet, VAE decoder and each ControlNet to ONNX."""
     from controlrt.export.build import export_build
     from controlrt.export.onnx_export import DEFAULT_OPSET, ExportSettings
 
     settings = ExportSettings(opset=opset or DEFAULT_OPSET, external_data=external_data)
-    manifest = export_build(base_dir, controlnets, out, settings, force=force, validate=not no_validate)
+    manifest = export_build(
+        base_dir, controlnets, out, settings, force=force, validate=not no_validate, progress=ctx.obj["progress"]
+    )
     click.echo(str(Path(out).resolve()))
     logger.info("graphs: %s", ", ".join(manifest.graphs))
 
@@ -331,11 +334,12 @@ def parity(
 @cli.command()
 @click.argument("build")
 @click.option("--precision", required=True, help="fp16 (int8 graphs come from controlrt calibrate).")
-def convert(build, precision) -> None:
+@click.pass_context
+def convert(ctx, build, precision) -> None:
     """Add fp16 variants of every graph to BUILD, each checked against its fp32 graph."""
     from controlrt.export.fp16 import convert_build
 
-    manifest = convert_build(build, precision)
+    manifest = convert_build(build, precision, progress=ctx.obj["progress"])
     click.echo(" ".join(f"{n}.{precision}" for n in manifest.graphs))
 
 
@@ -360,12 +364,13 @@ def convert(build, precision) -> None:
 @click.option("--height", type=int, default=None, help="Capture size (default: native).")
 @click.option("--width", type=int, default=None, help="Capture size (default: native).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def calibrate(build, data_dir, samples, steps, method, calibration, height, width, seed) -> None:
+@click.pass_context
+def calibrate(ctx, build, data_dir, samples, steps, method, calibration, height, width, seed) -> None:
     """Capture the UNet's and ControlNets' inputs over real generations; write int8 (Q/DQ) graphs."""
     from controlrt.calibration.calibrate import CalibrationSettings, calibrate_build
 
     settings = CalibrationSettings(method, calibration, samples, steps, height, width, seed)
-    manifest = calibrate_build(build, data_dir, settings)
+    manifest = calibrate_build(build, data_dir, settings, progress=ctx.obj["progress"])
     click.echo(" ".join(f"{n}.int8" for n, g in manifest.graphs.items() if "int8" in g.variants))
 
 
@@ -445,7 +450,9 @@ def preprocess_cmd(kind, image, out, low, high, min_length, thickness, annotator
 @click.option("--workspace", type=float, default=None, metavar="GB", help="Workspace memory limit in GiB.")
 @click.option("--graph", "graphs", multiple=True, help="Only this graph (repeatable; default: all).")
 @click.option("--force", is_flag=True, help="Rebuild engines that are current.")
+@click.pass_context
 def build_cmd(
+    ctx,
     build_dir,
     precision,
     min_size,
@@ -473,7 +480,9 @@ def build_cmd(
         _size(min_size), _size(opt_size), _size(max_size), min_batch, opt_batch, max_batch, static
     )
     options = BuildOptions(refittable, weight_stripped, optimization_level, workspace, weight_streaming)
-    results = build_engines(build_dir, precision, profile, options, timing_cache, graphs or None, force)
+    results = build_engines(
+        build_dir, precision, profile, options, timing_cache, graphs or None, force, ctx.obj["progress"]
+    )
     for r in results:
         click.echo(f"{r.graph} {r.precision} {r.status} {r.plan_bytes / 2**20:.1f} MiB {r.seconds:.1f} s")
 

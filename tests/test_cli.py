@@ -199,7 +199,7 @@ def test_generate_bad_input(case, tiny_build, controls, damaged, tmp_path):
 
 
 def test_missing_required_option_is_one_line(tiny_build):
-    assert_clean_error(run("generate", tiny_build), "Missing option '--prompt'")
+    assert_clean_error(run("generate", tiny_build, "--prompt", "x"), "Missing option '--out'")
     assert_clean_error(run("nosuchcommand"), "No such command")
 
 

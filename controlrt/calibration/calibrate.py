@@ -83,7 +83,10 @@ def held_out_captures(
 
 
 def calibrate_build(
-    build_dir: str | Path, data_dir: str | Path | None = None, settings: CalibrationSettings | None = None
+    build_dir: str | Path,
+    data_dir: str | Path | None = None,
+    settings: CalibrationSettings | None = None,
+    progress: bool = False,
 ) -> Manifest:
     """Capture loop inputs, quantize the UNet and every ControlNet to int8, check, record.
 
@@ -104,7 +107,7 @@ def calibrate_build(
     else:
         data = CalibrationData.from_folder(data_dir, settings.samples, count)
     logger.info("capturing %d generations x %d steps", len(data), cap.steps)
-    calibration = capture(build, data, cap)
+    calibration = capture(build, data, cap, progress)
     held_out = held_out_captures(build, cap.steps, cap.height, cap.width)
     names = [n for n, g in build.manifest.graphs.items() if g.spec.kind in INT8_KINDS]
 
@@ -133,4 +136,4 @@ def calibrate_build(
         "capture": asdict(cap),
         "checked_against": "fp32 graph on held-out captured inputs",
     }
-    return write_variants(build, Precision.INT8, names, produce, check, recorded)
+    return write_variants(build, Precision.INT8, names, produce, check, recorded, progress)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tqdm.auto import tqdm
+
 from controlrt.engine.cache import BuildOptions, EngineKey, EngineStore, Gpu, TimingCache, onnx_identity
 from controlrt.engine.profiles import Profile, ProfileSettings, derive_profiles
 from controlrt.engine.trt import import_tensorrt, require_cuda
@@ -59,6 +61,7 @@ def build_engines(
     timing_cache: str | Path | None = None,
     graphs: Sequence[str] | None = None,
     force: bool = False,
+    progress: bool = False,
 ) -> list[EngineResult]:
     """Build (or keep, when current) the engine of every graph of a build at ``precision``.
 
@@ -98,7 +101,7 @@ def build_engines(
         for name, variant, onnx, profiles, graph_options in wanted
     ]
     results = []
-    for name, variant, key in plans:
+    for name, variant, key in tqdm(plans, disable=not progress, desc="engines", unit="graph", leave=False):
         current = None if force else store.current(key)
         if current is not None:
             logger.info("%s %s engine is current", name, variant)

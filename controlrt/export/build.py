@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from controlrt.errors import BuildError, InputError, ValidationError
 from controlrt.export.onnx_export import ExportSettings, export_onnx
 from controlrt.graphs import graph_specs, load_graph_module
@@ -53,6 +55,7 @@ def export_build(
     settings: ExportSettings | None = None,
     force: bool = False,
     validate: bool = True,
+    progress: bool = False,
 ) -> Manifest:
     """Export the text encoder, each ControlNet, the UNet and the VAE decoder to ONNX.
 
@@ -85,7 +88,8 @@ def export_build(
     try:
         (staging / "graphs").mkdir()
         records = {}
-        for spec in graph_specs(info, controlnets):
+        specs = graph_specs(info, controlnets)
+        for spec in tqdm(specs, disable=not progress, desc="export", unit="graph", leave=False):
             logger.info("exporting %s", spec.name)
             module = load_graph_module(spec, base, controlnets)
             files = export_onnx(module, spec, staging / "graphs" / f"{spec.name}.onnx", settings)

@@ -87,7 +87,9 @@ def _drop_repeated_casts(model) -> None:
         model.graph.node.extend(keep)
 
 
-def convert_build(build_dir: str | Path, precision: str | Precision = Precision.FP16) -> Manifest:
+def convert_build(
+    build_dir: str | Path, precision: str | Precision = Precision.FP16, progress: bool = False
+) -> Manifest:
     """Add fp16 variants of every graph to a build, each checked against its fp32 graph."""
     from controlrt.runtime.ort_backend import OrtSession
 
@@ -115,4 +117,4 @@ def convert_build(build_dir: str | Path, precision: str | Precision = Precision.
         "node_patterns": list(FP16_NODE_PATTERNS),
         "checked_against": "fp32 graph",
     }
-    return write_variants(build, precision, list(build.manifest.graphs), produce, check, settings)
+    return write_variants(build, precision, list(build.manifest.graphs), produce, check, settings, progress)

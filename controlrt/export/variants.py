@@ -15,6 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from controlrt.errors import ValidationError
 from controlrt.manifest import Build, FileRecord, Manifest, Variant
 from controlrt.parity import Comparison
@@ -38,6 +40,7 @@ def write_variants(
     produce: Produce,
     check: Check,
     settings: dict[str, Any],
+    progress: bool = False,
 ) -> Manifest:
     """Make, check and record the ``precision`` variant of each graph in ``names``.
 
@@ -50,7 +53,7 @@ def write_variants(
     staging = Path(tempfile.mkdtemp(prefix=f".{precision}-partial-", dir=build.path))
     try:
         made: dict[str, tuple[list[Path], list[Comparison]]] = {}
-        for name in names:
+        for name in tqdm(names, disable=not progress, desc=str(precision), unit="graph", leave=False):
             spec = build.manifest.spec(name)
             logger.info("making the %s %s graph", precision, name)
             files = produce(spec, staging / variant_file_name(name, precision))
