@@ -391,6 +391,26 @@ def _size(text: str | None) -> tuple[int, int] | None:
     return values[0], values[1]
 
 
+@cli.command("convert-checkpoint")
+@click.argument("kind", type=click.Choice(["sd", "controlnet"]))
+@click.argument("checkpoint")
+@click.option("--out", required=True, help="diffusers folder to write.")
+@click.option("--config", default=None, metavar="DIR", help="diffusers configs of the model (default: SD1.5's).")
+@click.option("--tokenizer", default=None, metavar="DIR", help="sd: a CLIP tokenizer folder (not in checkpoints).")
+@click.option("--force", is_flag=True, help="Replace a folder this command wrote before.")
+def convert_checkpoint(kind, checkpoint, out, config, tokenizer, force) -> None:
+    """Convert an original-format SD 1.x or ControlNet 1.x single-file CHECKPOINT to a diffusers folder."""
+    from controlrt.checkpoints import convert_controlnet_checkpoint, convert_sd_checkpoint
+
+    if kind == "sd":
+        path = convert_sd_checkpoint(checkpoint, out, config, tokenizer, force)
+    else:
+        if tokenizer is not None:
+            raise InputError("--tokenizer applies to sd checkpoints only")
+        path = convert_controlnet_checkpoint(checkpoint, out, config, force)
+    click.echo(str(path))
+
+
 @cli.command("inspect")
 @click.argument("build_dir", metavar="BUILD")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
