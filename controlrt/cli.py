@@ -391,6 +391,62 @@ def _size(text: str | None) -> tuple[int, int] | None:
     return values[0], values[1]
 
 
+@cli.command()
+@click.argument("build")
+@_backend_options
+@_precision_option
+@click.option("--steps", type=int, default=4, show_default=True)
+@click.option("--height", type=int, default=None, help="Default: the model's native size.")
+@click.option("--width", type=int, default=None, help="Default: the model's native size.")
+@click.option("--controls", type=int, default=None, help="How many ControlNets get a control (default: all).")
+@click.option("--control-mode", default="uniform", show_default=True)
+@click.option("--guidance", type=float, default=7.5, show_default=True)
+@click.option("--runs", type=int, default=3, show_default=True, help="Timed generations (after --warmup).")
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--json", "json_path", default=None, metavar="FILE", help="Also write the numbers as JSON.")
+def bench(
+    build,
+    backend,
+    providers,
+    cuda_graphs,
+    weight_streaming_budget,
+    precision,
+    steps,
+    height,
+    width,
+    controls,
+    control_mode,
+    guidance,
+    runs,
+    warmup,
+    json_path,
+) -> None:
+    """Time warm generations with BUILD: per graph, per step, end to end, loop overhead, GFLOP/s."""
+    import json
+
+    from controlrt.bench import run_bench
+    from controlrt.io import atomic_write_text
+
+    report = run_bench(
+        build,
+        backend,
+        _providers(providers),
+        precision,
+        steps,
+        height,
+        width,
+        controls,
+        control_mode,
+        guidance,
+        runs,
+        warmup,
+        **_tensorrt_options(backend, cuda_graphs, weight_streaming_budget),
+    )
+    click.echo(report.table())
+    if json_path:
+        atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2))
+
+
 @cli.command("convert-checkpoint")
 @click.argument("kind", type=click.Choice(["sd", "controlnet"]))
 @click.argument("checkpoint")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,10 @@ class Pipeline:
         """Generate one image; keyword arguments are those of :class:`GenerationRequest`."""
         return self.generate(GenerationRequest(prompt, tuple(controls), **settings)).image
 
-    def generate(self, request: GenerationRequest, progress: bool = False) -> GenerationResult:
+    def generate(
+        self, request: GenerationRequest, progress: bool = False, timings: dict[str, float] | None = None
+    ) -> GenerationResult:
+        """Generate one image; ``timings``, if given, receives the denoise loop's seconds."""
         resolved = resolve(request, len(self.controlnet_specs), self.info.size_multiple, self.info.default_size)
         device = self.sessions["unet"].device
         # read (and preprocess, for KIND:PATH controls) every image before any work
@@ -133,6 +137,7 @@ class Pipeline:
         shape = (1, self.info.latent_channels, resolved.height // f, resolved.width // f)
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         # 4. denoise
+        start = time.perf_counter()
         latents = denoise(
             self.sessions["unet"],
             controls,
@@ -145,6 +150,10 @@ class Pipeline:
             generator=generator,
             progress=progress,
         )
+        if timings is not None:
+            if latents.device.type == "cuda":
+                torch.cuda.synchronize(latents.device)
+            timings["denoise"] = time.perf_counter() - start
         # 5. decode
         decoded = self.sessions["vae_decoder"].infer({"latent": latents})["image"]
         image = postprocess(decoded, f)

@@ -1,0 +1,32 @@
+"""controlrt bench: counts and shares that must hold whatever the machine's speed."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from controlrt.bench import run_bench
+from controlrt.cli import cli
+
+
+def test_bench_counts_calls_and_flops(tiny_build):
+    uniform = run_bench(tiny_build, steps=3, runs=2, warmup=0)
+    assert uniform.graphs_ms["unet"]["calls"] == 3 and uniform.graphs_ms["controlnet_1"]["calls"] == 3
+    assert uniform.graphs_ms["text_encoder"]["calls"] == 1 and uniform.graphs_ms["vae_decoder"]["calls"] == 1
+    assert len(uniform.step_s) == 2 and all(0.0 <= s < 1.0 for s in uniform.loop_overhead)
+    one = run_bench(tiny_build, steps=3, runs=1, warmup=0, controls=1, control_mode="cfg-rw")
+    assert "controlnet_1" not in one.graphs_ms  # a ControlNet without a control is not run
+    # FLOPs: the UNet at batch 2 plus each ControlNet at batch 2 (uniform) or 1 (conditional only)
+    assert uniform.step_gflop > one.step_gflop > 0
+
+
+def test_bench_command_writes_json(tiny_build, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli, ["bench", str(tiny_build), "--runs", "1", "--steps", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "per step:" in result.output and "GFLOP/s" in result.output
+    data = json.loads(out.read_text())
+    assert data["step"]["median"] > 0 and data["gflops_per_s"] > 0
+    bad = CliRunner().invoke(cli, ["bench", str(tiny_build), "--controls", "5"])
+    assert bad.exit_code == 2 and bad.output.startswith("error: ")
