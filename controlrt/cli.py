@@ -447,6 +447,36 @@ def bench(
         atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2))
 
 
+@cli.command()
+@click.argument("build")
+@click.option(
+    "--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True
+)
+@click.option("--providers", default=None, metavar="LIST", help="onnxruntime providers: cpu, cuda, tensorrt.")
+@_precision_option
+@click.option("--replicas", type=int, default=1, show_default=True, help="Pipeline replicas (one GPU each on GPU).")
+@click.option("--max-batch", type=int, default=1, show_default=True, help="Group up to N queued requests.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+def serve(build, backend, providers, precision, replicas, max_batch, host, port) -> None:
+    """Serve BUILD over HTTP with Ray Serve: POST /generate (JSON -> PNG), GET /health."""
+    from controlrt.serving.app import ServeSettings, start
+
+    provider_list = _providers(providers)
+    settings = ServeSettings(
+        str(Path(build).resolve()),
+        backend,
+        precision,
+        tuple(provider_list) if provider_list else None,
+        replicas,
+        max_batch,
+        host,
+        port,
+    )
+    click.echo(f"serving {build} on http://{host}:{port} (Ctrl-C stops)", err=True)
+    start(settings, blocking=True)
+
+
 @cli.command("convert-checkpoint")
 @click.argument("kind", type=click.Choice(["sd", "controlnet"]))
 @click.argument("checkpoint")

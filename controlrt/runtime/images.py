@@ -70,24 +70,32 @@ def check_image_path(path: Path) -> str:
     return fmt
 
 
-def save_image(image: Image.Image, path: str | Path, settings: dict[str, Any] | None = None) -> None:
-    """Write ``image`` atomically; PNGs carry ``settings`` as JSON in a "controlrt" text chunk."""
+def encode_png(image: Image.Image, settings: dict[str, Any] | None = None) -> bytes:
+    """PNG bytes of ``image`` with ``settings`` as JSON in a "controlrt" text chunk."""
+    return _encode(image, "PNG", settings)
+
+
+def _encode(image: Image.Image, fmt: str, settings: dict[str, Any] | None) -> bytes:
+    import io
     import json
 
     from PIL.PngImagePlugin import PngInfo
 
-    from controlrt.io import atomic_write_bytes
-
-    path = Path(path)
-    fmt = check_image_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {}
     if fmt == "PNG" and settings is not None:
         info = PngInfo()
         info.add_text("controlrt", json.dumps(settings, default=str))
         kwargs["pnginfo"] = info
-    import io
-
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_image(image: Image.Image, path: str | Path, settings: dict[str, Any] | None = None) -> None:
+    """Write ``image`` atomically; PNGs carry ``settings`` as JSON in a "controlrt" text chunk."""
+    from controlrt.io import atomic_write_bytes
+
+    path = Path(path)
+    fmt = check_image_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, _encode(image, fmt, settings))

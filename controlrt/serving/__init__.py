@@ -1,0 +1,1 @@
+"""Serving: a Ray Serve application and a Triton Inference Server model repository."""

@@ -1,0 +1,86 @@
+"""The HTTP API's request format, shared by the Ray Serve app, the Triton model and the client.
+
+``POST /generate`` takes JSON::
+
+    {"prompt": "...", "negative_prompt": "...", "controls": ["<base64 PNG>", ...],
+     "scales": [1.0, ...], "start": [0.0, ...], "end": [1.0, ...], "control_mode": "uniform",
+     "steps": 20, "guidance": 7.5, "seed": 0, "height": 512, "width": 512}
+
+and answers ``image/png`` with the settings in the PNG's "controlrt" text chunk. Only ``prompt`` is
+required. Validation is the CLI's: an InputError here is the client's fault (HTTP 400).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from controlrt.errors import InputError
+from controlrt.runtime.request import GenerationRequest
+
+FIELDS = {
+    "prompt",
+    "negative_prompt",
+    "controls",
+    "scales",
+    "start",
+    "end",
+    "control_mode",
+    "steps",
+    "guidance",
+    "seed",
+    "height",
+    "width",
+    "scheduler",
+}
+
+
+def decode_control(text: Any, index: int) -> Image.Image:
+    if not isinstance(text, str):
+        raise InputError(f"controls[{index}] must be a base64 PNG string")
+    try:
+        data = base64.b64decode(text, validate=True)
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.copy()
+    except (binascii.Error, ValueError):
+        raise InputError(f"controls[{index}] is not valid base64") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise InputError(f"controls[{index}] is not a readable image") from None
+
+
+def encode_control(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def parse_request(body: Any) -> GenerationRequest:
+    """A GenerationRequest from the decoded JSON body; InputError naming the first problem."""
+    if not isinstance(body, dict):
+        raise InputError("the request body must be a JSON object")
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise InputError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
+    if not isinstance(body.get("prompt"), str):
+        raise InputError("'prompt' (a string) is required")
+    controls = body.get("controls", [])
+    if not isinstance(controls, list):
+        raise InputError("'controls' must be a list of base64 PNG strings")
+    settings = {k: v for k, v in body.items() if k not in ("prompt", "controls")}
+    for key in ("steps", "seed", "height", "width"):
+        if (
+            key in settings
+            and settings[key] is not None
+            and (isinstance(settings[key], bool) or not isinstance(settings[key], int))
+        ):
+            raise InputError(f"'{key}' must be a whole number")
+    for key in ("guidance",):
+        if key in settings and (isinstance(settings[key], bool) or not isinstance(settings[key], (int, float))):
+            raise InputError(f"'{key}' must be a number")
+    images = tuple(decode_control(c, i) for i, c in enumerate(controls))
+    return GenerationRequest(body["prompt"], images, **settings)

@@ -1,0 +1,92 @@
+"""The Ray Serve application, in-process on loopback with the tiny model (CPU only).
+
+Bounded: one local Ray instance, 8 requests from 4 client threads, a few bad requests, then a
+clean shutdown.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from controlrt.builtin import sample_control_images
+
+pytest.importorskip("ray.serve", reason='needs Ray Serve: pip install "controlrt[serve]"')
+pytestmark = pytest.mark.serve
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_build):
+    import ray
+
+    from controlrt.serving.app import ServeSettings, start, stop
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start(ServeSettings(str(tiny_build), replicas=2, max_batch=2, port=port), blocking=False)
+    yield f"http://127.0.0.1:{port}"
+    stop()
+
+
+def _post(url: str, body) -> tuple[int, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url + "/generate", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_concurrent_requests_match_direct_calls(server, pipelines):
+    from controlrt.serving.client import generate
+
+    controls = sample_control_images(2, 64, 64)
+    jobs = [{"prompt": f"shape {k % 3}", "seed": k, "steps": 3, "scales": [1.0, 0.5]} for k in range(8)]
+    with ThreadPoolExecutor(max_workers=4) as clients:
+        images = list(clients.map(lambda job: generate(server, controls=controls, **job), jobs))
+    direct = pipelines("tiny", "onnxruntime")
+    for job, image in zip(jobs, images, strict=True):
+        expected = np.asarray(direct(job["prompt"], controls=controls, seed=job["seed"], steps=3, scales=[1.0, 0.5]))
+        assert np.array_equal(np.asarray(image.convert("RGB")), expected)
+        assert json.loads(image.info["controlrt"])["seed"] == job["seed"]
+    with urllib.request.urlopen(server + "/health", timeout=30) as answer:
+        assert json.loads(answer.read())["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"{not json", "not valid JSON"),
+        ({"steps": 3}, "'prompt'"),
+        ({"prompt": "x", "steps": 0}, "steps"),
+        ({"prompt": "x", "controls": ["%%%"]}, "base64"),
+        ({"prompt": "x", "colour": "red"}, "unknown field"),
+        ({"prompt": "x", "height": 30}, "multiple of"),
+    ],
+)
+def test_bad_requests_get_400_with_a_message(server, body, fragment):
+    status, data = _post(server, body)
+    assert status == 400
+    assert fragment in json.loads(data)["error"]
+
+
+def test_client_raises_input_error_on_4xx(server):
+    from controlrt.errors import InputError
+    from controlrt.serving.client import generate
+
+    with pytest.raises(InputError, match="400"):
+        generate(server, "x", controls=[Image.new("RGB", (64, 64))] * 3)  # more controls than ControlNets
