@@ -477,6 +477,19 @@ def serve(build, backend, providers, precision, replicas, max_batch, host, port)
     start(settings, blocking=True)
 
 
+@cli.command("triton-repo")
+@click.argument("build_dir", metavar="BUILD")
+@click.option("--out", required=True, help="Model repository folder to write.")
+@click.option("--precision", default="fp16", show_default=True, help="Which engines (controlrt build) to serve.")
+@click.option("--instances", type=int, default=1, show_default=True, help="Instances per model.")
+@click.option("--force", is_flag=True, help="Replace a repository this command wrote before.")
+def triton_repo(build_dir, out, precision, instances, force) -> None:
+    """Write a Triton Inference Server model repository for BUILD's TensorRT engines."""
+    from controlrt.serving.triton import write_triton_repo
+
+    click.echo(str(write_triton_repo(build_dir, out, precision, instances, force)))
+
+
 @cli.command("convert-checkpoint")
 @click.argument("kind", type=click.Choice(["sd", "controlnet"]))
 @click.argument("checkpoint")

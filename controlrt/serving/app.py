@@ -11,7 +11,6 @@ Bad requests get a JSON ``{"error": ...}`` with status 400 (the CLI's validation
 failures.
 """
 
-
 # No "from __future__ import annotations" here: FastAPI reads the handlers' annotations at
 # definition time, and Request is imported lazily inside build_app.
 import asyncio
