@@ -67,7 +67,7 @@ def main() -> None:
             generate(url, "warm", controls=controls, steps=2)
             start = time.perf_counter()
             with ThreadPoolExecutor(max_workers=args.clients) as pool:
-                images = list(pool.map(lambda j: generate(url, controls=controls, **j), jobs))
+                images = list(pool.map(lambda j, url=url: generate(url, controls=controls, **j), jobs))
             seconds = time.perf_counter() - start
             correct = sum(
                 np.array_equal(np.asarray(i.convert("RGB")), e) for i, e in zip(images, expected, strict=True)
