@@ -85,7 +85,8 @@ class BenchReport:
         s = self.settings
         lines = [
             f"{self.backend} {self.precision}, {s['height']}x{s['width']}, {s['controls']} control(s), "
-            f"mode {s['control_mode']}, guidance {s['guidance']}, {s['steps']} steps, {s['runs']} runs (warm)",
+            f"mode {s['control_mode']}, guidance {s['guidance']}, {s['steps']} steps ({s['scheduler']} scheduler), "
+            f"{s['runs']} runs (warm)",
             f"{'graph':<16} {'calls/image':>11} {'median ms/call':>15}",
         ]
         for name, g in self.graphs_ms.items():
@@ -146,6 +147,7 @@ def run_bench(
     guidance: float = 7.5,
     runs: int = 3,
     warmup: int = 1,
+    scheduler: str | None = None,
     **backend_options: Any,
 ) -> BenchReport:
     from controlrt.builtin import sample_control_images
@@ -172,6 +174,7 @@ def run_bench(
             height=h,
             width=w,
             negative_prompt="",
+            scheduler=scheduler,
         )
         settings = {
             "steps": steps,
@@ -182,6 +185,7 @@ def run_bench(
             "guidance": guidance,
             "runs": runs,
             "warmup": warmup,
+            "scheduler": scheduler or "the model's own",
         }
         report = BenchReport(pipe.options.backend, str(pipe.options.precision), settings)
         for _ in range(warmup):
@@ -193,7 +197,8 @@ def run_bench(
             start = time.perf_counter()
             pipe.generate(request, timings=timings)
             report.image_s.append(time.perf_counter() - start)
-            report.step_s.append(timings["denoise"] / steps)
+            iterations = len(log["unet"]) or steps  # some schedulers (PNDM) run one more than asked
+            report.step_s.append(timings["denoise"] / iterations)
             in_graphs = sum(sum(v) for n, v in log.items() if n == "unet" or n.startswith("controlnet"))
             report.loop_overhead.append(max(0.0, timings["denoise"] - in_graphs) / timings["denoise"])
             per_run.append({n: list(v) for n, v in log.items()})

@@ -403,6 +403,7 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--guidance", type=float, default=7.5, show_default=True)
 @click.option("--runs", type=int, default=3, show_default=True, help="Timed generations (after --warmup).")
 @click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--scheduler", default=None, help="ddim, euler, … (default: the model's own).")
 @click.option("--json", "json_path", default=None, metavar="FILE", help="Also write the numbers as JSON.")
 def bench(
     build,
@@ -419,6 +420,7 @@ def bench(
     guidance,
     runs,
     warmup,
+    scheduler,
     json_path,
 ) -> None:
     """Time warm generations with BUILD: per graph, per step, end to end, loop overhead, GFLOP/s."""
@@ -440,6 +442,7 @@ def bench(
         guidance,
         runs,
         warmup,
+        scheduler,
         **_tensorrt_options(backend, cuda_graphs, weight_streaming_budget),
     )
     click.echo(report.table())

@@ -28,6 +28,8 @@ class BackendOptions:
         cuda_graphs: tensorrt: capture and replay CUDA graphs per input-shape signature.
         weight_streaming_budget: tensorrt: bytes of weights per engine kept on the GPU (engines
             built with --weight-streaming); None keeps them all.
+        threads: onnxruntime: intra-op threads per session (default: one per physical core); set it
+            when several pipelines share a machine's cores.
     """
 
     backend: str = "onnxruntime"
@@ -36,6 +38,7 @@ class BackendOptions:
     precision: Precision = Precision.FP32
     cuda_graphs: bool = False
     weight_streaming_budget: int | None = None
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -108,7 +111,9 @@ class SessionFactory:
             )
         from controlrt.runtime.ort_backend import OrtSession
 
-        return OrtSession(self.build.graph_path(name, precision), spec, self.options.providers)
+        return OrtSession(
+            self.build.graph_path(name, precision), spec, self.options.providers, threads=self.options.threads
+        )
 
 
 def open_sessions(build: Build, options: BackendOptions, names: Sequence[str] | None = None) -> dict[str, Session]:

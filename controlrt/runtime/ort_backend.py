@@ -70,6 +70,7 @@ class OrtSession(Session):
         providers: Sequence[str] | None = None,
         io_binding: bool | None = None,
         device_id: int = 0,
+        threads: int | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -77,6 +78,8 @@ class OrtSession(Session):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        if threads is not None:  # default: one per physical core
+            options.intra_op_num_threads = threads
         try:
             self._session = ort.InferenceSession(str(path), options, providers=resolve_providers(providers))
         except BackendError:

@@ -15,6 +15,7 @@ failures.
 # definition time, and Request is imported lazily inside build_app.
 import asyncio
 import logging
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -76,7 +77,13 @@ def build_app(settings: ServeSettings):
 
             self.settings = ServeSettings(**config)
             s = self.settings
-            self.pipe = Pipeline.load(s.build, backend=s.backend, providers=s.providers, precision=s.precision)
+            options = {}
+            if s.backend == "onnxruntime" and not s.gpus_per_replica:
+                # replicas share the machine's cores: one pool of threads per replica, not one each
+                options["threads"] = max(1, (os.cpu_count() or 1) // s.replicas)
+            self.pipe = Pipeline.load(
+                s.build, backend=s.backend, providers=s.providers, precision=s.precision, **options
+            )
             self.lock = asyncio.Lock()
             self.served = 0
 
