@@ -19,13 +19,12 @@ import json
 import logging
 import pickle
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from controlrt.errors import InputError, ModelError
-from controlrt.io import replace_dir
+from controlrt.io import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +133,7 @@ def convert_sd_checkpoint(
     _load_strict(text_encoder, convert_ldm_clip_checkpoint(state), "text encoder", ignore=("position_ids",))
     del state
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         unet.save_pretrained(staging / "unet")
         vae.save_pretrained(staging / "vae")
         text_encoder.save_pretrained(staging / "text_encoder")
@@ -143,10 +141,6 @@ def convert_sd_checkpoint(
         shutil.copytree(config_dir / "scheduler", staging / "scheduler")
         shutil.copy2(config_dir / "model_index.json", staging / "model_index.json")
         _write_source(staging, checkpoint, config_dir)
-        replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
@@ -171,14 +165,9 @@ def convert_controlnet_checkpoint(
     cn_config = ControlNetModel.load_config(config_dir)
     controlnet = ControlNetModel.from_config(cn_config)
     _load_strict(controlnet, convert(state, cn_config), "ControlNet")
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         controlnet.save_pretrained(staging)
         _write_source(staging, checkpoint, config_dir)
-        replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

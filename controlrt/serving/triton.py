@@ -14,11 +14,10 @@ Plans are copied from ``controlrt build``'s engines, which must be current for t
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 from controlrt.errors import BuildError, InputError
-from controlrt.io import replace_dir
+from controlrt.io import staged_folder
 from controlrt.manifest import Build
 from controlrt.precision import Precision, variant_for
 from controlrt.specs import Axis, GraphSpec, TensorSpec
@@ -89,9 +88,7 @@ def write_triton_repo(
         if engine.key.options.weight_stripped:
             raise BuildError(f"the {name} engine is weight-stripped; Triton loads plans as they are: {command}")
         plans[name] = store.plan_path(name, variant)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         for name, plan in plans.items():
             (staging / name / "1").mkdir(parents=True)
             shutil.copyfile(plan, staging / name / "1" / "model.plan")
@@ -99,8 +96,4 @@ def write_triton_repo(
         (staging / PIPELINE_MODEL / "1").mkdir(parents=True)
         shutil.copyfile(Path(__file__).with_name("triton_model.py"), staging / PIPELINE_MODEL / "1" / "model.py")
         (staging / PIPELINE_MODEL / "config.pbtxt").write_text(pipeline_config(build.path, precision, instances))
-        replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
