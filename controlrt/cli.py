@@ -405,46 +405,15 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--scheduler", default=None, help="ddim, euler, … (default: the model's own).")
 @click.option("--json", "json_path", default=None, metavar="FILE", help="Also write the numbers as JSON.")
-def bench(
-    build,
-    backend,
-    providers,
-    cuda_graphs,
-    weight_streaming_budget,
-    precision,
-    steps,
-    height,
-    width,
-    controls,
-    control_mode,
-    guidance,
-    runs,
-    warmup,
-    scheduler,
-    json_path,
-) -> None:
+def bench(build, backend, providers, cuda_graphs, weight_streaming_budget, json_path, **settings) -> None:
     """Time warm generations with BUILD: per graph, per step, end to end, loop overhead, GFLOP/s."""
     import json
 
     from controlrt.bench import run_bench
     from controlrt.io import atomic_write_text
 
-    report = run_bench(
-        build,
-        backend,
-        _providers(providers),
-        precision,
-        steps,
-        height,
-        width,
-        controls,
-        control_mode,
-        guidance,
-        runs,
-        warmup,
-        scheduler,
-        **_tensorrt_options(backend, cuda_graphs, weight_streaming_budget),
-    )
+    options = _tensorrt_options(backend, cuda_graphs, weight_streaming_budget)
+    report = run_bench(build, backend, _providers(providers), **settings, **options)
     click.echo(report.table())
     if json_path:
         atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2))

@@ -136,7 +136,7 @@ def build_plan(onnx_path: Path, profiles: list[Profile], options: BuildOptions, 
     pools = None
     if options.workspace_gb is not None:
         pools = {trt.MemoryPoolType.WORKSPACE: int(options.workspace_gb * (1 << 30))}
-    existing = cache.load() is not None
+    existing = cache.usable()
     config = CreateConfig(
         profiles=polygraphy_profiles,
         load_timing_cache=str(cache.path) if existing else None,

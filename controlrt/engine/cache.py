@@ -272,9 +272,10 @@ class TimingCache:
         self.version = tensorrt_version
         self._sidecar = self.path.with_name(self.path.name + ".json")
 
-    def load(self) -> bytes | None:
+    def usable(self) -> bool:
+        """Whether the cache file exists and was written by this TensorRT version."""
         if not self.path.is_file():
-            return None
+            return False
         try:
             written_by = json.loads(self._sidecar.read_text()).get("tensorrt")
         except (OSError, ValueError):
@@ -286,8 +287,11 @@ class TimingCache:
                 written_by or "an unknown version",
                 self.version,
             )
-            return None
-        return self.path.read_bytes()
+            return False
+        return True
+
+    def load(self) -> bytes | None:
+        return self.path.read_bytes() if self.usable() else None
 
     def mark_written(self) -> None:
         """Record that this version wrote the cache file (TensorRT writes the file itself)."""

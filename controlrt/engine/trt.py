@@ -30,10 +30,6 @@ def require_cuda() -> None:
         raise BackendError(f"no CUDA GPU is visible to torch (torch {torch.__version__}). {INSTALL_HINT}")
 
 
-def tensorrt_version() -> str:
-    return str(import_tensorrt().__version__)
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
