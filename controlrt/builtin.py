@@ -52,6 +52,7 @@ class Architecture:
     bpe_merges: int = 200
     scheduler: str = "DDIMScheduler"
     controlnets: tuple[str, ...] = ("edges", "depth")
+    corpus: str = _CORPUS  # the words the generated tokenizer learns its merges from
 
 
 TINY = Architecture()
@@ -153,10 +154,10 @@ def train_bpe(words: list[str], num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def write_tokenizer(folder: Path, num_merges: int, max_length: int) -> int:
+def write_tokenizer(folder: Path, num_merges: int, max_length: int, corpus: str = _CORPUS) -> int:
     """Write vocab.json, merges.txt and tokenizer_config.json for a CLIPTokenizer; return the vocab size."""
     table = bytes_to_unicode()
-    merges = train_bpe(_CORPUS.split(), num_merges)
+    merges = train_bpe(corpus.split(), num_merges)
     tokens = list(table.values()) + [c + "</w>" for c in table.values()]
     tokens += [a + b for a, b in merges if a + b not in tokens]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
@@ -197,7 +198,7 @@ def build_modules(arch: Architecture, tokenizer_dir: Path, seed: int):
     from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    vocab_size = write_tokenizer(tokenizer_dir, arch.bpe_merges, arch.sequence_length)
+    vocab_size = write_tokenizer(tokenizer_dir, arch.bpe_merges, arch.sequence_length, arch.corpus)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     n = len(arch.unet_channels)
     torch.manual_seed(seed)
@@ -259,13 +260,17 @@ def build_modules(arch: Architecture, tokenizer_dir: Path, seed: int):
         requires_safety_checker=False,
     )
     controlnets = []
-    embed = tuple(16 * 2**i for i in range(m))  # downsamples control images by the VAE factor
     for k, _ in enumerate(arch.controlnets):
         torch.manual_seed(seed + 10 + k)
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embed)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=controlnet_embedding(arch))
         _give_zero_convs_weights(controlnet, seed + 20 + k)
         controlnets.append(controlnet)
     return pipe, controlnets
+
+
+def controlnet_embedding(arch: Architecture) -> tuple[int, ...]:
+    """Channels of the condition encoder, which downsamples control images by the VAE factor."""
+    return tuple(16 * 2**i for i in range(len(arch.vae_channels)))
 
 
 def write_builtin_models(out_dir: str | Path, arch: Architecture = TINY, seed: int = 0) -> BuiltinModels:
