@@ -1,8 +1,14 @@
-"""The built-in small model set: seeded random weights written as ordinary diffusers folders.
+"""The built-in small model sets, written as ordinary diffusers folders.
+
+- The trained model (``write_trained_models``): a small SD-shaped model and two ControlNets
+  (canny, seg) trained here on synthetic shapes by ``controlrt train`` (controlrt/training); its
+  weights ship in the package (controlrt/trained, fp16 safetensors). The demo uses it.
+- Seeded random weights (``write_builtin_models``) at any :class:`Architecture`, for tests and for
+  measurements at full Stable Diffusion 1.5 shapes.
 
 The demo and the tests load these folders through the same code as real models. Nothing is
 downloaded: the CLIP tokenizer's byte-level BPE vocabulary is generated here from a small word
-list, and every module is built from its constructor with a fixed seed.
+list, and every random module is built from its constructor with a fixed seed.
 """
 
 from __future__ import annotations
@@ -16,7 +22,12 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
+from controlrt.errors import ModelError
 from controlrt.io import replace_dir
+
+# The trained built-in model shipped with the package: base/, canny/, seg/ (diffusers folders).
+TRAINED_DIR = Path(__file__).resolve().parent / "trained"
+TRAINED_CONTROLNETS = ("canny", "seg")
 
 # Words the generated tokenizer learns merges from: the vocabulary of simple scene prompts.
 _CORPUS = """
@@ -292,6 +303,28 @@ def write_builtin_models(out_dir: str | Path, arch: Architecture = TINY, seed: i
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return BuiltinModels(out_dir / "base", [out_dir / name for name in arch.controlnets])
+
+
+def write_trained_models(out_dir: str | Path) -> BuiltinModels:
+    """Copy the shipped trained model set to ``out_dir`` (base/, canny/, seg/), atomically."""
+    folders = [TRAINED_DIR / "base", *(TRAINED_DIR / name for name in TRAINED_CONTROLNETS)]
+    missing = [str(f) for f in folders if not any(f.glob("**/*.safetensors"))]
+    if missing:
+        raise ModelError(
+            f"the trained built-in model is missing from this installation ({', '.join(missing)}); "
+            "reinstall controlrt, or train it: controlrt train --out DIR --ship"
+        )
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for folder in folders:
+            shutil.copytree(folder, staging / folder.name)
+        replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BuiltinModels(out_dir / "base", [out_dir / name for name in TRAINED_CONTROLNETS])
 
 
 def sample_control_images(count: int, height: int, width: int) -> list:

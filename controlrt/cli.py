@@ -596,24 +596,98 @@ def refit(build_dir, controlnet, source) -> None:
 @click.option("--out", default="controlrt-demo", show_default=True, help="Folder for models, build and outputs.")
 @click.option("--steps", type=int, default=20, show_default=True)
 def demo(out, steps) -> None:
-    """Build the built-in small model, export it, generate with two controls, run parity."""
+    """Export the built-in trained model, generate with two controls (and without), run parity."""
     from controlrt.demo import run_demo
 
     result = run_demo(out, steps=steps)
     click.echo(result.parity_table)
-    click.echo(f"image: {result.image}")
+    click.echo(f"prompt: {result.prompt}")
+    click.echo(f"image: {result.image} (edge F1 against the control scene {result.f1:.3f})")
+    click.echo(f"without the controls: {result.image_off} (edge F1 {result.f1_off:.3f})")
     click.echo(f"parity report: {result.parity_json}")
     click.echo(f"build: {result.build}")
+
+
+@cli.command()
+@click.option("--out", required=True, help="Folder for models/, history.json and fidelity.svg.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--device", default="cpu", show_default=True, help="torch device to train on.")
+@click.option("--smoke", is_flag=True, help="A few steps of every stage: checks the code path, learns nothing.")
+@click.option("--ship", is_flag=True, help="Then install the result as the package's built-in model (fp16).")
+@click.pass_context
+def train(ctx, out, seed, threads, device, smoke, ship) -> None:
+    """Train the built-in model on synthetic shapes: VAE, base (UNet + text encoder), ControlNets.
+
+    Deterministic for a fixed seed and thread count; about an hour on 2 CPU cores.
+    """
+    from tqdm.auto import tqdm
+
+    from controlrt.training.train import TrainConfig
+    from controlrt.training.train import ship as ship_run
+    from controlrt.training.train import train as run
+
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be at least 1 (got {threads})")
+    config = (
+        TrainConfig.smoke(seed=seed, threads=threads, device=device)
+        if smoke
+        else TrainConfig(seed=seed, threads=threads, device=device)
+    )
+    bars: dict = {}
+
+    def progress(stage: str, step: int, total: int, loss: float) -> None:
+        if not ctx.obj["progress"]:
+            return
+        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage, unit="step", leave=False))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if step == total:
+            bar.close()
+
+    history = run(out, config, progress)
+    for kind, curve in history.fidelity.items():
+        click.echo(f"{kind}: edge F1 {curve[0]['f1']:.3f} -> {curve[-1]['f1']:.3f} over {curve[-1]['step']} steps")
+    click.echo(f"stages (s): {', '.join(f'{k} {v:.0f}' for k, v in history.seconds.items())}")
+    click.echo(f"models: {Path(out) / 'models'}")
+    if ship:
+        click.echo(f"shipped: {ship_run(out)}")
+
+
+@cli.command()
+@click.argument("build_dir", metavar="BUILD")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="onnxruntime")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--scenes", type=int, default=16, show_default=True, help="Held-out shapes scenes.")
+@click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--guidance", type=float, default=4.0, show_default=True)
+@click.option("--json", "json_path", default=None, help="Also write the figures as JSON.")
+def fidelity(build_dir, backend, precision, scenes, steps, guidance, json_path) -> None:
+    """Control fidelity of a build of the shapes model: edge F1 with each control, all, and off."""
+    import json
+    from dataclasses import asdict
+
+    from controlrt.runtime.pipeline import Pipeline
+    from controlrt.training.fidelity import measure
+
+    if scenes < 1 or steps < 1:
+        raise InputError("--scenes and --steps must be at least 1")
+    with Pipeline.load(build_dir, backend=backend, precision=precision) as pipe:
+        report = measure(pipe, scenes=scenes, steps=steps, guidance=guidance)
+    click.echo(report.table())
+    if json_path:
+        Path(json_path).write_text(json.dumps({"backend": backend, "precision": precision, **asdict(report)}, indent=2))
 
 
 @cli.command("builtin")
 @click.argument("out")
 @click.option("--seed", type=int, default=0, show_default=True)
-def builtin_cmd(out, seed) -> None:
-    """Write the built-in small random-weight model set (diffusers folders) to OUT."""
-    from controlrt.builtin import write_builtin_models
+@click.option("--random", "random_weights", is_flag=True, help="Seeded random weights instead of the trained model.")
+def builtin_cmd(out, seed, random_weights) -> None:
+    """Write the built-in model set (diffusers folders) to OUT: the trained shapes model by default."""
+    from controlrt.builtin import write_builtin_models, write_trained_models
 
-    models = write_builtin_models(out, seed=seed)
+    models = write_builtin_models(out, seed=seed) if random_weights else write_trained_models(out)
     click.echo(str(models.base))
     for path in models.controlnets:
         click.echo(str(path))

@@ -130,9 +130,17 @@ def test_parity_fails_on_a_wrong_graph(tiny_build, tmp_path):
 def test_demo(tmp_path):
     result = run("demo", "--out", tmp_path / "demo", "--steps", 2)
     assert result.exit_code == 0, result.output
-    for name in ("demo.png", "parity.json", "control_0.png", "control_1.png", "build/manifest.json"):
+    for name in (
+        "demo.png",
+        "demo-off.png",
+        "parity.json",
+        "control_canny.png",
+        "control_seg.png",
+        "build/manifest.json",
+    ):
         assert (tmp_path / "demo" / name).is_file(), name
     assert json.loads((tmp_path / "demo" / "parity.json").read_text())["passed"] is True
+    assert "edge F1" in result.output and "without the controls" in result.output
 
 
 @pytest.fixture(scope="module")

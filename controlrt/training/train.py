@@ -31,6 +31,7 @@ import numpy as np
 from controlrt.builtin import Architecture, build_modules, controlnet_embedding
 from controlrt.training import shapes
 from controlrt.training.fidelity import edge_f1
+from controlrt.training.plot import fidelity_svg
 
 logger = logging.getLogger(__name__)
 
@@ -388,4 +389,49 @@ def train(out_dir: str | Path, config: TrainConfig = TrainConfig(), progress: Ca
         controlnet.save_pretrained(staging / kind, safe_serialization=True)
     replace_dir(staging, out / "models")
     history.write(out / "history.json")
+    (out / "fidelity.svg").write_text(fidelity_svg(history.fidelity, _plot_title(history.config)))
     return history
+
+
+def _plot_title(config: dict) -> str:
+    return f"ControlNet training on shapes: edge F1 on {config['eval_scenes']} held-out scenes (seed {config['seed']})"
+
+
+def ship(out_dir: str | Path, dest: Path | None = None, docs: Path | None = None) -> Path:
+    """Install a training run's models as the package's built-in model, in fp16 safetensors.
+
+    ``out_dir`` is what :func:`train` wrote. The models go to ``dest`` (controlrt/trained) with
+    history.json; the fidelity plot to ``docs`` (the checkout's docs/ folder, when there is one).
+    """
+    import shutil
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    from controlrt.builtin import TRAINED_DIR
+    from controlrt.errors import InputError
+    from controlrt.io import replace_dir
+
+    out = Path(out_dir)
+    models = out / "models"
+    if not (models / "base" / "model_index.json").is_file() or not (out / "history.json").is_file():
+        raise InputError(f"{out} holds no finished training run (models/ and history.json): run controlrt train first")
+    dest = dest or TRAINED_DIR
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".trained.", dir=dest.parent))
+    try:
+        for folder in sorted(p for p in models.iterdir() if p.is_dir()):
+            shutil.copytree(folder, staging / folder.name)
+        for path in staging.glob("**/*.safetensors"):
+            tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}
+            save_file(tensors, path, metadata={"format": "pt"})
+        shutil.copy2(out / "history.json", staging / "history.json")
+        replace_dir(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    history = json.loads((out / "history.json").read_text())
+    docs = docs if docs is not None else dest.parent.parent / "docs"
+    if docs.is_dir():
+        (docs / "control-fidelity.svg").write_text(fidelity_svg(history["fidelity"], _plot_title(history["config"])))
+    return dest
