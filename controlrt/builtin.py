@@ -23,7 +23,7 @@ from itertools import pairwise
 from pathlib import Path
 
 from controlrt.errors import ModelError
-from controlrt.io import replace_dir
+from controlrt.io import replace_dir, staged_folder
 
 # The trained built-in model shipped with the package: base/, canny/, seg/ (diffusers folders).
 TRAINED_DIR = Path(__file__).resolve().parent / "trained"
@@ -315,15 +315,9 @@ def write_trained_models(out_dir: str | Path) -> BuiltinModels:
             "reinstall controlrt, or train it: controlrt train --out DIR --ship"
         )
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         for folder in folders:
             shutil.copytree(folder, staging / folder.name)
-        replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return BuiltinModels(out_dir / "base", [out_dir / name for name in TRAINED_CONTROLNETS])
 
 

@@ -110,19 +110,3 @@ def sample(seed: int, size: int = 64) -> Sample:
     style = "striped " if striped else ""
     caption = " and ".join(phrases) + f" on {_article(style or background)} {style}{background} background"
     return Sample(image, caption, {"canny": canny(image), "seg": seg})
-
-
-def batch(seeds, size: int = 64, condition: str | None = None):
-    """Images in [-1, 1], captions and (optionally) one condition in [0, 1], as torch tensors."""
-    import torch
-
-    samples = [sample(int(s), size) for s in seeds]
-    images = np.stack([np.asarray(s.image, dtype=np.float32) for s in samples]) / 127.5 - 1.0
-    out = {
-        "images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-        "captions": [s.caption for s in samples],
-    }
-    if condition is not None:
-        maps = np.stack([np.asarray(s.conditions[condition], dtype=np.float32) for s in samples]) / 255.0
-        out["conditions"] = torch.from_numpy(maps).permute(0, 3, 1, 2).contiguous()
-    return out

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from controlrt.builtin import Architecture, build_modules, controlnet_embedding
+from controlrt.io import staged_folder
 from controlrt.training import shapes
 from controlrt.training.fidelity import edge_f1
 from controlrt.training.plot import fidelity_svg
@@ -355,8 +356,7 @@ def train(out_dir: str | Path, config: TrainConfig = TrainConfig(), progress: Ca
 
     import torch
 
-    from controlrt.io import replace_dir
-
+    _check_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True, warn_only=config.device != "cpu")
@@ -383,14 +383,26 @@ def train(out_dir: str | Path, config: TrainConfig = TrainConfig(), progress: Ca
         history.seconds[kind] = time.perf_counter() - start
 
     pipe.to("cpu")
-    staging = Path(tempfile.mkdtemp(prefix=".models.", dir=out))
-    pipe.save_pretrained(staging / "base", safe_serialization=True)
-    for kind, controlnet in controlnets.items():
-        controlnet.save_pretrained(staging / kind, safe_serialization=True)
-    replace_dir(staging, out / "models")
+    with staged_folder(out / "models") as staging:
+        pipe.save_pretrained(staging / "base", safe_serialization=True)
+        for kind, controlnet in controlnets.items():
+            controlnet.save_pretrained(staging / kind, safe_serialization=True)
     history.write(out / "history.json")
     (out / "fidelity.svg").write_text(fidelity_svg(history.fidelity, _plot_title(history.config)))
     return history
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    from controlrt.errors import InputError
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise InputError(f"unknown torch device {device!r} (cpu, cuda, cuda:N, …)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"cannot train on {device!r}: torch sees no CUDA device here")
 
 
 def _plot_title(config: dict) -> str:
@@ -404,32 +416,24 @@ def ship(out_dir: str | Path, dest: Path | None = None, docs: Path | None = None
     history.json; the fidelity plot to ``docs`` (the checkout's docs/ folder, when there is one).
     """
     import shutil
-    import tempfile
 
     from safetensors.torch import load_file, save_file
 
     from controlrt.builtin import TRAINED_DIR
     from controlrt.errors import InputError
-    from controlrt.io import replace_dir
 
     out = Path(out_dir)
     models = out / "models"
     if not (models / "base" / "model_index.json").is_file() or not (out / "history.json").is_file():
         raise InputError(f"{out} holds no finished training run (models/ and history.json): run controlrt train first")
     dest = dest or TRAINED_DIR
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".trained.", dir=dest.parent))
-    try:
+    with staged_folder(dest) as staging:
         for folder in sorted(p for p in models.iterdir() if p.is_dir()):
             shutil.copytree(folder, staging / folder.name)
         for path in staging.glob("**/*.safetensors"):
             tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}
             save_file(tensors, path, metadata={"format": "pt"})
         shutil.copy2(out / "history.json", staging / "history.json")
-        replace_dir(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     history = json.loads((out / "history.json").read_text())
     docs = docs if docs is not None else dest.parent.parent / "docs"
     if docs.is_dir():

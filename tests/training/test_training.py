@@ -112,3 +112,21 @@ def test_missing_trained_model_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="controlrt train"):
         builtin.write_trained_models(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_train_command_smoke_and_bad_device(tmp_path):
+    import torch
+    from click.testing import CliRunner
+
+    from controlrt.cli import cli
+
+    result = CliRunner().invoke(cli, ["train", "--out", str(tmp_path / "run"), "--smoke", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "canny: edge F1" in result.output and (tmp_path / "run/models/seg/config.json").is_file()
+    devices = ["nonsense"] + ([] if torch.cuda.is_available() else ["cuda:0"])
+    for k, device in enumerate(devices):
+        out = tmp_path / f"bad{k}"
+        bad = CliRunner().invoke(cli, ["train", "--out", str(out), "--smoke", "--device", device])
+        assert bad.exit_code != 0 and bad.output.startswith("error: "), bad.output
+        assert len(bad.output.strip().splitlines()) == 1
+        assert not out.exists()
