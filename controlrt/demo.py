@@ -46,11 +46,9 @@ def run_demo(out_dir: str | Path, steps: int = 20, seed: int = 0) -> DemoResult:
 
     Raises ParityError if parity fails (the report is written first).
     """
-    import numpy as np
-
     from controlrt.errors import ParityError
     from controlrt.training import shapes
-    from controlrt.training.fidelity import edge_f1
+    from controlrt.training.fidelity import edge_f1, image_edges, scene_edges
 
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -60,7 +58,7 @@ def run_demo(out_dir: str | Path, steps: int = 20, seed: int = 0) -> DemoResult:
     export_build(models.base, models.controlnets, out / "build", force=True)
 
     scene = shapes.sample(shapes.HELD_OUT + DEMO_SCENE)
-    target = np.asarray(scene.conditions["canny"])[:, :, 0] > 0
+    target = scene_edges(scene)
     with Pipeline.load(out / "build", backend="onnxruntime") as pipe:
         controls = [scene.conditions[name] for name in pipe.controlnet_names]
         for name, image in zip(pipe.controlnet_names, controls, strict=True):
@@ -72,7 +70,7 @@ def run_demo(out_dir: str | Path, steps: int = 20, seed: int = 0) -> DemoResult:
             )
             result = pipe.generate(request)
             save_image(result.image, out / f"{label}.png", result.settings)
-            results[label] = edge_f1(np.asarray(shapes.canny(result.image))[:, :, 0] > 0, target)
+            results[label] = edge_f1(image_edges(result.image), target)
 
     report = run_parity(out / "build", backend="onnxruntime", steps=4, seed=seed)
     report.write_json(out / "parity.json")

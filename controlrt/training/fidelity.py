@@ -7,6 +7,18 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def image_edges(image) -> np.ndarray:
+    """The canny edges (100/200) of a generated image, as a boolean map."""
+    from controlrt.preprocess import canny
+
+    return np.asarray(canny(image))[:, :, 0] > 0
+
+
+def scene_edges(scene) -> np.ndarray:
+    """A shapes scene's canny condition, as a boolean map: what a generated image is compared with."""
+    return np.asarray(scene.conditions["canny"])[:, :, 0] > 0
+
+
 def _near(mask: np.ndarray, tolerance: int) -> np.ndarray:
     """Pixels within ``tolerance`` pixels (Euclidean) of a true pixel of ``mask``."""
     import cv2
@@ -79,13 +91,12 @@ def measure(pipe, scenes: int = 16, steps: int = 20, guidance: float = 4.0, seed
     totals = dict.fromkeys(settings, 0.0)
     for k in range(scenes):
         scene = shapes.sample(shapes.HELD_OUT + 1000 + k)
-        target = np.asarray(scene.conditions["canny"])[:, :, 0] > 0
+        target = scene_edges(scene)
         controls = [scene.conditions[name] for name in names]
         for label, scales in settings.items():
             request = GenerationRequest(
                 prompt=scene.caption, controls=controls, scales=scales, steps=steps, guidance=guidance, seed=seed + k
             )
             image = pipe.generate(request).image
-            edges = np.asarray(shapes.canny(image))[:, :, 0] > 0
-            totals[label] += edge_f1(edges, target) / scenes
+            totals[label] += edge_f1(image_edges(image), target) / scenes
     return FidelityReport(scenes, steps, guidance, totals)

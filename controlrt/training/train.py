@@ -31,7 +31,7 @@ import numpy as np
 from controlrt.builtin import Architecture, build_modules, controlnet_embedding
 from controlrt.io import staged_folder
 from controlrt.training import shapes
-from controlrt.training.fidelity import edge_f1
+from controlrt.training.fidelity import edge_f1, image_edges, scene_edges
 from controlrt.training.plot import fidelity_svg
 
 logger = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ class _Evaluation:
 
         seeds = [shapes.HELD_OUT + k for k in range(config.eval_scenes)]
         scenes = [shapes.sample(seed) for seed in seeds]
-        self.targets = [np.asarray(s.conditions["canny"])[:, :, 0] > 0 for s in scenes]
+        self.targets = [scene_edges(s) for s in scenes]
         self.conditions = torch.stack(
             [torch.from_numpy(np.array(s.conditions[kind])).permute(2, 0, 1).float() / 255.0 for s in scenes]
         ).to(config.device)
@@ -314,13 +314,12 @@ class _Evaluation:
             self.empty = text_encoder(data.empty[None].expand(len(scenes), -1).to(config.device))[0]
         self.config, self.vae, self.unet, self.scheduler = config, vae, unet, scheduler
 
-    def __call__(self, controlnet, scale: float = 1.0) -> float:
+    def __call__(self, controlnet) -> float:
         images = sample_images(
-            self.vae, self.unet, self.scheduler, self.text, self.empty, controlnet, self.conditions, scale,
+            self.vae, self.unet, self.scheduler, self.text, self.empty, controlnet, self.conditions, 1.0,
             self.config.eval_steps, self.config.guidance, seed=self.config.seed,
         )  # fmt: skip
-        edges = [np.asarray(shapes.canny(image))[:, :, 0] > 0 for image in images]
-        return float(np.mean([edge_f1(e, t) for e, t in zip(edges, self.targets, strict=True)]))
+        return float(np.mean([edge_f1(image_edges(i), t) for i, t in zip(images, self.targets, strict=True)]))
 
 
 def sample_images(vae, unet, scheduler, text, empty, controlnet, conditions, scale, steps, guidance, seed):
