@@ -57,7 +57,7 @@ def main() -> None:
     import torch
 
     from controlrt.builtin import sample_control_images
-    from controlrt.parity import psnr
+    from controlrt.compare import psnr
     from controlrt.runtime.pipeline import Pipeline
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

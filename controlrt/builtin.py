@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
 from controlrt.errors import ModelError
-from controlrt.io import replace_dir, staged_folder
+from controlrt.io import output_folder, staged_folder
 
 # The trained built-in model shipped with the package: base/, canny/, seg/ (diffusers folders).
 TRAINED_DIR = Path(__file__).resolve().parent / "trained"
@@ -284,29 +283,30 @@ def controlnet_embedding(arch: Architecture) -> tuple[int, ...]:
     return tuple(16 * 2**i for i in range(len(arch.vae_channels)))
 
 
-def write_builtin_models(out_dir: str | Path, arch: Architecture = TINY, seed: int = 0) -> BuiltinModels:
+def write_builtin_models(
+    out_dir: str | Path, arch: Architecture = TINY, seed: int = 0, force: bool = False
+) -> BuiltinModels:
     """Write the model set under ``out_dir`` (base/ and one folder per ControlNet), atomically.
 
-    The same ``arch`` and ``seed`` always give the same weights.
+    The same ``arch`` and ``seed`` always give the same weights. ``out_dir`` must be new or empty,
+    or (with ``force``) a folder controlrt wrote holding nothing else; InputError otherwise.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir, "builtin --random", force) as staging:
         pipe, controlnets = build_modules(arch, staging / "_tokenizer", seed)
         pipe.save_pretrained(staging / "base", safe_serialization=True)
         for name, controlnet in zip(arch.controlnets, controlnets, strict=True):
             controlnet.save_pretrained(staging / name, safe_serialization=True)
         shutil.rmtree(staging / "_tokenizer")
-        replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return BuiltinModels(out_dir / "base", [out_dir / name for name in arch.controlnets])
+    out = output_folder(out_dir)
+    return BuiltinModels(out / "base", [out / name for name in arch.controlnets])
 
 
-def write_trained_models(out_dir: str | Path) -> BuiltinModels:
-    """Copy the shipped trained model set to ``out_dir`` (base/, canny/, seg/), atomically."""
+def write_trained_models(out_dir: str | Path, force: bool = False) -> BuiltinModels:
+    """Copy the shipped trained model set to ``out_dir`` (base/, canny/, seg/), atomically.
+
+    ``out_dir`` must be new or empty, or (with ``force``) a folder controlrt wrote holding nothing
+    else; InputError otherwise.
+    """
     folders = [TRAINED_DIR / "base", *(TRAINED_DIR / name for name in TRAINED_CONTROLNETS)]
     missing = [str(f) for f in folders if not any(f.glob("**/*.safetensors"))]
     if missing:
@@ -314,11 +314,11 @@ def write_trained_models(out_dir: str | Path) -> BuiltinModels:
             f"the trained built-in model is missing from this installation ({', '.join(missing)}); "
             "reinstall controlrt, or train it: controlrt train --out DIR --ship"
         )
-    out_dir = Path(out_dir)
-    with staged_folder(out_dir) as staging:
+    with staged_folder(out_dir, "builtin", force) as staging:
         for folder in folders:
             shutil.copytree(folder, staging / folder.name)
-    return BuiltinModels(out_dir / "base", [out_dir / name for name in TRAINED_CONTROLNETS])
+    out = output_folder(out_dir)
+    return BuiltinModels(out / "base", [out / name for name in TRAINED_CONTROLNETS])
 
 
 def sample_control_images(count: int, height: int, width: int) -> list:

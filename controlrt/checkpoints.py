@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from controlrt.errors import InputError, ModelError
-from controlrt.io import staged_folder
+from controlrt.io import check_replaceable, output_folder, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def convert_sd_checkpoint(
     _load_strict(text_encoder, convert_ldm_clip_checkpoint(state), "text encoder", ignore=("position_ids",))
     del state
 
-    with staged_folder(out) as staging:
+    with staged_folder(out, "convert-checkpoint sd", force) as staging:
         unet.save_pretrained(staging / "unet")
         vae.save_pretrained(staging / "vae")
         text_encoder.save_pretrained(staging / "text_encoder")
@@ -165,20 +165,16 @@ def convert_controlnet_checkpoint(
     cn_config = ControlNetModel.load_config(config_dir)
     controlnet = ControlNetModel.from_config(cn_config)
     _load_strict(controlnet, convert(state, cn_config), "ControlNet")
-    with staged_folder(out) as staging:
+    with staged_folder(out, "convert-checkpoint controlnet", force) as staging:
         controlnet.save_pretrained(staging)
         _write_source(staging, checkpoint, config_dir)
     return out
 
 
 def _check_out(out_dir: str | Path, force: bool) -> Path:
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise InputError(f"output {out} already exists; pass --force to replace it")
-        if not (out / "controlrt_source.json").is_file():
-            raise InputError(f"output {out} was not written by controlrt; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """The output folder, checked before any work (and again by staged_folder before the rename)."""
+    out = output_folder(out_dir)
+    check_replaceable(out, force)
     return out
 
 

@@ -15,6 +15,7 @@ import click
 
 from controlrt import __version__
 from controlrt.errors import ControlrtError, InputError
+from controlrt.runtime.limits import DEFAULT_MAX_IMAGES
 
 logger = logging.getLogger("controlrt")
 
@@ -34,12 +35,17 @@ class _CleanGroup(click.Group):
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code)
-        except click.exceptions.Abort:
+        except click.exceptions.Abort as exc:  # click turns Ctrl-C into Abort
+            if isinstance(exc.__cause__, KeyboardInterrupt):
+                _fail("interrupted", 130)
             _fail("aborted", 1)
         except ControlrtError as exc:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except OSError as exc:  # the file system refused something no check foresaw
+            where = f": {exc.filename}" if exc.filename else ""
+            _fail(f"{exc.strerror or exc}{where}", 1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -62,7 +68,7 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logger.setLevel(level)
-    ctx.obj = {"progress": not quiet and sys.stderr.isatty()}
+    ctx.obj = {"progress": not quiet}  # a bar on a terminal, plain lines elsewhere
 
 
 main = cli
@@ -93,7 +99,7 @@ def export(ctx, base_dir, controlnets, out, opset, force, external_data, no_vali
     from controlrt.export.build import export_build
     from controlrt.export.onnx_export import DEFAULT_OPSET, ExportSettings
 
-    settings = ExportSettings(opset=opset or DEFAULT_OPSET, external_data=external_data)
+    settings = ExportSettings(opset=DEFAULT_OPSET if opset is None else opset, external_data=external_data)
     manifest = export_build(
         base_dir, controlnets, out, settings, force=force, validate=not no_validate, progress=ctx.obj["progress"]
     )
@@ -126,6 +132,21 @@ def _backend_options(f):
         help="Where the graphs run.",
     )(f)
     return f
+
+
+def _limit_options(f):
+    f = click.option(
+        "--max-images",
+        type=int,
+        default=None,
+        help=f"Most images one command may make (default {DEFAULT_MAX_IMAGES}).",
+    )(f)
+    return click.option(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="Largest height x width (default: 4x the native area, less if the memory is smaller).",
+    )(f)
 
 
 def _precision_option(f):
@@ -180,8 +201,10 @@ def _tensorrt_options(backend: str, cuda_graphs: bool, budget_gb: float | None) 
 @click.option("--steps", type=int, default=50, show_default=True)
 @click.option("--guidance", type=float, default=7.5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--height", type=int, default=None, help="Default: the model's native size.")
-@click.option("--width", type=int, default=None, help="Default: the model's native size.")
+@click.option(
+    "--height", type=int, default=None, help="Default: the first control image's (as diffusers), else native."
+)
+@click.option("--width", type=int, default=None, help="Default: the first control image's (as diffusers), else native.")
 @click.option(
     "--scheduler",
     default=None,
@@ -189,7 +212,8 @@ def _tensorrt_options(backend: str, cuda_graphs: bool, budget_gb: float | None) 
 )
 @_backend_options
 @_precision_option
-@click.option("--out", required=True, help="Image file to write (.png), or a folder for several images.")
+@_limit_options
+@click.option("--out", required=True, help="Image file to write (.png or .jpg), or a folder for several images.")
 @click.pass_context
 def generate(
     ctx,
@@ -215,27 +239,34 @@ def generate(
     cuda_graphs,
     weight_streaming_budget,
     precision,
+    max_pixels,
+    max_images,
     out,
 ) -> None:
     """Generate images from prompts and control images with BUILD.
 
     One image goes to --out FILE; with --num-images N or --prompts FILE, --out is a folder and the
-    images are named NNNN-seedS.png. Every PNG carries its settings in a "controlrt" text chunk.
+    images are named NNNN-seedS.png. Every image carries its settings: PNGs in a "controlrt" text
+    chunk, JPEGs in a comment. Every request is checked before anything runs.
     """
+    from controlrt.io import check_writable
+    from controlrt.manifest import Build
     from controlrt.runtime.images import check_image_path, save_image
+    from controlrt.runtime.limits import Limits
     from controlrt.runtime.pipeline import Pipeline
     from controlrt.runtime.request import GenerationRequest
 
-    prompts = _prompts(prompt, prompts_file)
+    build_folder = Build.open(build, verify=False)
+    limits = Limits.for_model(build_folder.manifest.info, max_pixels, max_images=max_images)
     if num_images < 1:
         raise InputError(f"--num-images {num_images} must be at least 1")
+    limits.check_images(num_images)
+    prompts = _prompts(prompt, prompts_file, limits.max_images)
+    limits.check_images(len(prompts) * num_images)
     many = num_images > 1 or prompts_file is not None
-    out_path = Path(out)
-    if many:
-        if out_path.exists() and not out_path.is_dir():
-            raise InputError(f"--out {out_path} must be a folder when generating several images")
-    else:
-        check_image_path(out_path)
+    if not many:
+        check_image_path(Path(out))
+    out_path = check_writable(out, folder=many)
     requests = [
         GenerationRequest(
             prompt=text,
@@ -256,8 +287,12 @@ def generate(
         for j in range(num_images)
     ]
     options = _tensorrt_options(backend, cuda_graphs, weight_streaming_budget)
-    with Pipeline.load(build, backend=backend, providers=_providers(providers), precision=precision, **options) as pipe:
+    with Pipeline.load(
+        build, backend=backend, providers=_providers(providers), precision=precision, limits=limits, **options
+    ) as pipe:
         pipe.annotators = annotators
+        for request in requests:
+            pipe.check(request)
         for index, request in enumerate(requests):
             result = pipe.generate(request, progress=ctx.obj["progress"])
             path = out_path / f"{index:04d}-seed{request.seed}.png" if many else out_path
@@ -265,16 +300,23 @@ def generate(
             click.echo(str(path))
 
 
-def _prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
+MAX_PROMPTS_FILE_BYTES = 1 << 20
+
+
+def _prompts(prompt: str | None, prompts_file: str | None, max_prompts: int) -> list[str]:
     if (prompt is None) == (prompts_file is None):
         raise InputError("give --prompt TEXT or --prompts FILE (one of them)")
     if prompt is not None:
         return [prompt]
     path = Path(prompts_file).expanduser()
     try:
+        if path.stat().st_size > MAX_PROMPTS_FILE_BYTES:
+            raise InputError(f"prompts file {path} is over {MAX_PROMPTS_FILE_BYTES >> 20} MiB")
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read prompts file {path}: {exc.__class__.__name__}") from None
+    if sum(1 for line in lines if line.strip()) > max_prompts:
+        raise InputError(f"prompts file {path} has more than {max_prompts} prompts (--max-images)")
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise InputError(f"prompts file {path} has no prompts")
@@ -310,8 +352,11 @@ def parity(
     fp32 graphs are compared on seeded inputs at two shapes; fp16 and int8 graphs on held-out
     inputs captured from the reference denoise loop.
     """
+    from controlrt.io import check_writable
     from controlrt.parity import ParityError, run_parity
 
+    if json_path:
+        check_writable(json_path)
     report = run_parity(
         build,
         backend,
@@ -410,8 +455,10 @@ def bench(build, backend, providers, cuda_graphs, weight_streaming_budget, json_
     import json
 
     from controlrt.bench import run_bench
-    from controlrt.io import atomic_write_text
+    from controlrt.io import atomic_write_text, check_writable
 
+    if json_path:
+        check_writable(json_path)
     options = _tensorrt_options(backend, cuda_graphs, weight_streaming_budget)
     report = run_bench(build, backend, _providers(providers), **settings, **options)
     click.echo(report.table())
@@ -430,7 +477,13 @@ def bench(build, backend, providers, cuda_graphs, weight_streaming_budget, json_
 @click.option("--max-batch", type=int, default=1, show_default=True, help="Group up to N queued requests.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
-def serve(build, backend, providers, precision, replicas, max_batch, host, port) -> None:
+@click.option(
+    "--max-pixels",
+    type=int,
+    default=None,
+    help="Largest height x width a request may ask for (default: 4x the native area, less if memory is smaller).",
+)
+def serve(build, backend, providers, precision, replicas, max_batch, host, port, max_pixels) -> None:
     """Serve BUILD over HTTP with Ray Serve: POST /generate (JSON -> PNG), GET /health."""
     from controlrt.serving.app import ServeSettings, start
 
@@ -444,9 +497,13 @@ def serve(build, backend, providers, precision, replicas, max_batch, host, port)
         max_batch,
         host,
         port,
+        max_pixels,
     )
-    click.echo(f"serving {build} on http://{host}:{port} (Ctrl-C stops)", err=True)
-    start(settings, blocking=True)
+
+    def announce(url: str) -> None:
+        click.echo(f"serving {build} on {url} (Ctrl-C stops)", err=True)
+
+    start(settings, blocking=True, announce=announce)
 
 
 @cli.command("triton-repo")
@@ -506,11 +563,13 @@ def inspect_cmd(build_dir, as_json) -> None:
 @click.option("--annotators", default=None, metavar="DIR", help="controlnet-aux annotator weights (depth, pose …).")
 def preprocess_cmd(kind, image, out, low, high, min_length, thickness, annotators) -> None:
     """Make a control map of KIND (canny, mlsd, scribble, or a pass-through kind) from IMAGE."""
+    from controlrt.io import check_writable
     from controlrt.preprocess import preprocess
     from controlrt.runtime.images import check_image_path, save_image
 
     out_path = Path(out)
     check_image_path(out_path)
+    check_writable(out_path)
     options: dict = {}
     if kind == "canny":
         options = {"low": low, "high": high}
@@ -595,11 +654,12 @@ def refit(build_dir, controlnet, source) -> None:
 @cli.command()
 @click.option("--out", default="controlrt-demo", show_default=True, help="Folder for models, build and outputs.")
 @click.option("--steps", type=int, default=20, show_default=True)
-def demo(out, steps) -> None:
+@click.option("--force", is_flag=True, help="Replace an earlier demo's folder.")
+def demo(out, steps, force) -> None:
     """Export the built-in trained model, generate with two controls (and without), run parity."""
     from controlrt.demo import run_demo
 
-    result = run_demo(out, steps=steps)
+    result = run_demo(out, steps=steps, force=force)
     click.echo(result.parity_table)
     click.echo(f"prompt: {result.prompt}")
     click.echo(f"image: {result.image} (edge F1 against the control scene {result.f1:.3f})")
@@ -615,8 +675,9 @@ def demo(out, steps) -> None:
 @click.option("--device", default="cpu", show_default=True, help="torch device to train on.")
 @click.option("--smoke", is_flag=True, help="A few steps of every stage: checks the code path, learns nothing.")
 @click.option("--ship", is_flag=True, help="Then install the result as the package's built-in model (fp16).")
+@click.option("--force", is_flag=True, help="Replace an earlier run's folder.")
 @click.pass_context
-def train(ctx, out, seed, threads, device, smoke, ship) -> None:
+def train(ctx, out, seed, threads, device, smoke, ship, force) -> None:
     """Train the built-in model on synthetic shapes: VAE, base (UNet + text encoder), ControlNets.
 
     Deterministic for a fixed seed and thread count; about an hour on 2 CPU cores.
@@ -645,13 +706,16 @@ def train(ctx, out, seed, threads, device, smoke, ship) -> None:
         if step == total:
             bar.close()
 
-    history = run(out, config, progress)
+    history = run(out, config, progress, force)
     for kind, curve in history.fidelity.items():
         click.echo(f"{kind}: edge F1 {curve[0]['f1']:.3f} -> {curve[-1]['f1']:.3f} over {curve[-1]['step']} steps")
     click.echo(f"stages (s): {', '.join(f'{k} {v:.0f}' for k, v in history.seconds.items())}")
     click.echo(f"models: {Path(out) / 'models'}")
     if ship:
         click.echo(f"shipped: {ship_run(out)}")
+
+
+MAX_SCENES = 1000
 
 
 @cli.command()
@@ -667,27 +731,36 @@ def fidelity(build_dir, backend, precision, scenes, steps, guidance, json_path) 
     import json
     from dataclasses import asdict
 
+    from controlrt.io import atomic_write_text, check_writable
     from controlrt.runtime.pipeline import Pipeline
     from controlrt.training.fidelity import measure
 
-    if scenes < 1 or steps < 1:
-        raise InputError("--scenes and --steps must be at least 1")
+    if not 1 <= scenes <= MAX_SCENES or not 1 <= steps <= 1000:
+        raise InputError(f"--scenes must be from 1 to {MAX_SCENES} and --steps from 1 to 1000")
+    if json_path:
+        check_writable(json_path)
     with Pipeline.load(build_dir, backend=backend, precision=precision) as pipe:
         report = measure(pipe, scenes=scenes, steps=steps, guidance=guidance)
     click.echo(report.table())
     if json_path:
-        Path(json_path).write_text(json.dumps({"backend": backend, "precision": precision, **asdict(report)}, indent=2))
+        atomic_write_text(
+            json_path, json.dumps({"backend": backend, "precision": precision, **asdict(report)}, indent=2)
+        )
 
 
 @cli.command("builtin")
 @click.argument("out")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--random", "random_weights", is_flag=True, help="Seeded random weights instead of the trained model.")
-def builtin_cmd(out, seed, random_weights) -> None:
-    """Write the built-in model set (diffusers folders) to OUT: the trained shapes model by default."""
-    from controlrt.builtin import write_builtin_models, write_trained_models
+@click.option("--force", is_flag=True, help="Replace a model set controlrt wrote there before.")
+def builtin_cmd(out, seed, random_weights, force) -> None:
+    """Write the built-in model set (diffusers folders) to OUT: the trained shapes model by default.
 
-    models = write_builtin_models(out, seed=seed) if random_weights else write_trained_models(out)
+    OUT must be new or empty; --force replaces a folder controlrt wrote, never one it did not.
+    """
+    from controlrt.builtin import TINY, write_builtin_models, write_trained_models
+
+    models = write_builtin_models(out, TINY, seed, force) if random_weights else write_trained_models(out, force)
     click.echo(str(models.base))
     for path in models.controlnets:
         click.echo(str(path))

@@ -7,7 +7,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controlrt.builtin import write_trained_models
+from controlrt.errors import InputError
 from controlrt.export.build import export_build
+from controlrt.io import (
+    OWNER_FILE,
+    check_replaceable,
+    explain_owned,
+    file_lock,
+    files_under,
+    output_folder,
+    owner_record,
+    write_owner_record,
+)
+from controlrt.manifest import explain_build
 from controlrt.parity import run_parity
 from controlrt.runtime.images import save_image
 from controlrt.runtime.pipeline import Pipeline
@@ -18,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 # The held-out shapes scene the demo draws (never seen in training).
 DEMO_SCENE = 3
+MAX_DEMO_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -33,7 +46,34 @@ class DemoResult:
     passed: bool
 
 
-def run_demo(out_dir: str | Path, steps: int = 20, seed: int = 0) -> DemoResult:
+DEMO_OUTPUTS = ("control_*.png", "demo.png", "demo-off.png", "parity.json")
+
+
+def explain_demo(folder: Path) -> set[str] | None:
+    """What a demo folder (one with the demo's owner record) holds that controlrt wrote: the demo's
+    outputs, its models/ folder, its build/ (with what later commands such as convert or build
+    added to it), and the temporary files of an interrupted run."""
+    from fnmatch import fnmatchcase
+
+    if owner_record(folder) is None:
+        return None
+    models = explain_owned(folder / "models") or set()
+    build = explain_build(folder / "build") or set()
+    known = set()
+    for f in files_under(folder):
+        top, _, rest = f.partition("/")
+        if (
+            f == OWNER_FILE
+            or top.startswith(".")
+            or (not rest and any(fnmatchcase(f, p) for p in DEMO_OUTPUTS))
+            or (top == "models" and rest in models)
+            or (top == "build" and rest in build)
+        ):
+            known.add(f)
+    return known
+
+
+def run_demo(out_dir: str | Path, steps: int = 20, seed: int = 0, force: bool = False) -> DemoResult:
     """Write the trained built-in models, export them, generate with two controls, run parity.
 
     The controls are the canny edges and the segmentation map of a held-out shapes scene, the
@@ -43,17 +83,35 @@ def run_demo(out_dir: str | Path, steps: int = 20, seed: int = 0) -> DemoResult:
 
     Layout under ``out_dir``: models/ (diffusers folders), build/ (ONNX graphs + manifest),
     control_canny.png, control_seg.png, demo.png and demo-off.png (onnxruntime), parity.json.
+    ``out_dir`` must be new or empty, or (with ``force``) an earlier demo's folder holding nothing
+    but what controlrt wrote. Two demos into one folder run one after the other.
 
     Raises ParityError if parity fails (the report is written first).
     """
     from controlrt.errors import ParityError
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_DEMO_STEPS:
+        raise InputError(f"--steps {steps!r} must be a whole number from 1 to {MAX_DEMO_STEPS}")
+    out = output_folder(out_dir)
+    with file_lock(out):
+        check_replaceable(out, force, explain_demo)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_owner_record(out, "demo")  # first: an interrupted demo's folder is still the demo's
+        except OSError as exc:
+            raise InputError(f"cannot write {out}: {exc.strerror}") from None
+        result = _run(out, steps, seed)
+    if not result.passed:
+        raise ParityError(f"demo parity failed; see {result.parity_json}")
+    return result
+
+
+def _run(out: Path, steps: int, seed: int) -> DemoResult:
     from controlrt.training import shapes
     from controlrt.training.fidelity import edge_f1, image_edges, scene_edges
 
-    out = Path(out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     logger.info("writing the built-in models to %s", out / "models")
-    models = write_trained_models(out / "models")
+    models = write_trained_models(out / "models", force=True)  # the demo's own, checked above
     logger.info("exporting to %s", out / "build")
     export_build(models.base, models.controlnets, out / "build", force=True)
 
@@ -74,8 +132,6 @@ def run_demo(out_dir: str | Path, steps: int = 20, seed: int = 0) -> DemoResult:
 
     report = run_parity(out / "build", backend="onnxruntime", steps=4, seed=seed)
     report.write_json(out / "parity.json")
-    if not report.passed:
-        raise ParityError(f"demo parity failed: {', '.join(report.failures)}; see {out / 'parity.json'}")
     return DemoResult(
         out / "build",
         out / "demo.png",

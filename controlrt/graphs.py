@@ -22,14 +22,15 @@ from controlrt.specs import (
 
 
 class TextEncoderGraph(nn.Module):
-    """input_ids [B, S] int64 -> last_hidden_state [B, S, D], as diffusers' encode_prompt uses it."""
+    """input_ids [B, S] int64 (and, where the config asks for it, attention_mask [B, S] int64) ->
+    last_hidden_state [B, S, D], as diffusers' encode_prompt uses it."""
 
     def __init__(self, text_encoder: nn.Module) -> None:
         super().__init__()
         self.text_encoder = text_encoder
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids, return_dict=False)[0]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.text_encoder(input_ids, attention_mask=attention_mask, return_dict=False)[0]
 
 
 class ControlNetGraph(nn.Module):

@@ -18,14 +18,20 @@ def _mib(n: int) -> str:
 
 
 def engine_status(build: Build, graph: str, precision: Precision) -> dict[str, Any] | None:
-    """What is known about one engine without running it; None if there is none."""
-    from controlrt.engine.cache import EngineStore, onnx_identity
+    """What is known about one engine without running it; None if there is none.
+
+    Judged by the engines' one staleness check (EngineStore.problems), against this machine's
+    TensorRT and GPU where they are present; plans are checked by size, not hashed.
+    """
+    from controlrt.engine.cache import EngineStore
 
     store = EngineStore(build)
-    record = store.record(graph, precision)
-    plan = store.plan_path(graph, precision)
+    if not store.record_path(graph, precision).exists() and not store.plan_path(graph, precision).exists():
+        return None
+    tensorrt_version, gpu, unchecked = _this_machine()
+    record, reasons = store.problems(graph, precision, tensorrt_version, gpu, verify=False)
     if record is None:
-        return None if not plan.exists() else {"status": "unusable: no readable record beside the plan"}
+        return {"status": f"unusable: {reasons[0]}"}
     info: dict[str, Any] = {
         "bytes": record.plan_bytes,
         "tensorrt": record.key.tensorrt,
@@ -33,35 +39,28 @@ def engine_status(build: Build, graph: str, precision: Precision) -> dict[str, A
         "profiles": len(record.key.profiles),
         "options": {k: v for k, v in record.key.options.__dict__.items() if v},
     }
-    if not plan.is_file() or plan.stat().st_size != record.plan_bytes:
-        info["status"] = "stale: the plan is missing or truncated"
-    elif str(precision) not in build.manifest.graphs[graph].variants:
-        info["status"] = f"stale: the build no longer has the {precision} graph"
-    elif onnx_identity(build, graph, precision) != record.key.onnx:
-        info["status"] = "stale: its ONNX graph changed since it was built"
+    if reasons:
+        info["status"] = "stale: " + "; ".join(reasons)
     else:
-        info["status"] = _runtime_status(record)
+        info["status"] = "current" + (f" ({unchecked} not checked)" if unchecked else "")
     return info
 
 
-def _runtime_status(record) -> str:
-    """current / stale against this machine's TensorRT and GPU, or what could not be checked."""
+def _this_machine():
+    """(TensorRT version or None, GPU or None, what could not be checked, in words)."""
     try:
         import tensorrt
 
-        version = str(tensorrt.__version__)
+        version: str | None = str(tensorrt.__version__)
     except Exception:
-        return "current for its ONNX; TensorRT version and GPU not checked (no TensorRT here)"
-    if version != record.key.tensorrt:
-        return f"stale: built by TensorRT {record.key.tensorrt}, this is {version}"
+        return None, None, "TensorRT version and GPU: no TensorRT here"
     from controlrt.engine.cache import Gpu
     from controlrt.errors import BuildError
 
     try:
-        gpu = Gpu.current()
+        return version, Gpu.current(), ""
     except BuildError:
-        return "current for its ONNX and TensorRT; GPU not checked (none visible)"
-    return "current" if gpu == record.key.gpu else f"stale: built for {record.key.gpu.name}, this is {gpu.name}"
+        return version, None, "GPU: none visible"
 
 
 def inspect_build(build_dir: str | Path) -> dict[str, Any]:

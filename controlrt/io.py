@@ -1,21 +1,39 @@
-"""Atomic file and folder writes, and file hashing.
+"""Atomic file and folder writes, locks, folder ownership, and file hashing.
 
 Artifacts are written under a temporary name in the same folder and renamed into place, so a
 process that dies half way leaves a temporary name behind, never a half-written artifact under
 the name a later command trusts.
+
+Folders controlrt writes whole (model sets, converted checkpoints, Triton repositories, the demo)
+carry an owner record, ``.controlrt-owner.json``, listing every file written. Such a folder is
+replaced only when asked to (``force``) and only while it holds nothing but those files: a folder
+controlrt did not write, or one a user has added files to, is never replaced. Commands that write
+the same target take an exclusive lock on it first (a lock file beside it, ``.NAME.lock``) and
+check the target again under the lock before the final rename.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from controlrt.errors import InputError
+
+logger = logging.getLogger(__name__)
+
 _CHUNK = 1 << 20
+OWNER_FILE = ".controlrt-owner.json"
+OWNER_FORMAT = "controlrt-owner"
 
 
 def sha256_file(path: str | Path) -> str:
@@ -24,6 +42,50 @@ def sha256_file(path: str | Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("CONTROLRT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "controlrt"
+    )
+    return Path(root)
+
+
+def sha256_cached(path: str | Path) -> str:
+    """sha256 of a (large, rarely changing) file, cached by path, size, mtime and inode.
+
+    The cache is ``$CONTROLRT_CACHE_DIR/sha256.json`` (default ``~/.cache/controlrt``); a file whose
+    size, modification time or inode changed is hashed again. Without a writable cache the hash
+    is computed every time.
+    """
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    cache_file = _cache_dir() / "sha256.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(str(path))
+    if isinstance(entry, list) and len(entry) == 2 and entry[0] == key:
+        return str(entry[1])
+    digest = sha256_file(path)
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(cache_file):
+            try:
+                cache = json.loads(cache_file.read_text())
+                if not isinstance(cache, dict):
+                    cache = {}
+            except (OSError, ValueError):
+                cache = {}
+            cache[str(path)] = [key, digest]
+            atomic_write_text(cache_file, json.dumps(cache))
+    except (OSError, InputError) as exc:
+        logger.debug("not caching the hash of %s: %s", path, exc)
+    return digest
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -45,10 +107,176 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# --- locks ---------------------------------------------------------------------------------------
+
+
+class _HeldLock:
+    def __init__(self) -> None:
+        self.guard = threading.RLock()  # threads of this process
+        self.fd: int | None = None  # the flock, held once per process
+        self.depth = 0
+
+
+_LOCKS: dict[str, _HeldLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def lock_path(target: str | Path) -> Path:
+    """The lock file of ``target``: ``.NAME.lock`` beside it."""
+    target = Path(target).expanduser().resolve()
+    return target.parent / f".{target.name}.lock"
+
+
+@contextmanager
+def file_lock(target: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``target`` (a file or folder, existing or not).
+
+    The lock is an ``flock`` on ``.NAME.lock`` beside the target, so it outlives a replacement of
+    the target itself. It waits for another process's lock, saying whose; it is re-entrant within
+    a process. The holder removes the lock file as it releases it; a process that was waiting on
+    the removed file notices and locks the new one, so no two processes ever hold the lock.
+
+    Raises:
+        InputError: The lock file cannot be created (the folder is missing or read-only).
+    """
+    path = lock_path(target)
+    with _LOCKS_GUARD:
+        held = _LOCKS.setdefault(str(path), _HeldLock())
+    with held.guard:
+        if held.depth == 0:
+            held.fd = _acquire(path, Path(target))
+        held.depth += 1
+        try:
+            yield
+        finally:
+            held.depth -= 1
+            if held.depth == 0 and held.fd is not None:
+                _release(path, held.fd)
+                held.fd = None
+
+
+def _acquire(path: Path, target: Path) -> int:
+    """flock ``path``, created if need be; retried if the file was removed while waiting for it."""
+    waited = False
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise InputError(f"cannot lock {target}: cannot create {path} ({exc.strerror})") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if not waited:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                    logger.warning("waiting for %s: another controlrt command (pid %s) is writing it", target, holder)
+                    waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(fd).st_ino:  # the holder removed it as it finished: lock the new one
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+def _release(path: Path, fd: int) -> None:
+    """Remove the lock file while still holding it (waiters see it gone and retry), then unlock."""
+    with suppress(OSError):
+        os.unlink(path)
+    os.close(fd)
+
+
+# --- folder ownership ----------------------------------------------------------------------------
+
+# Given a folder, the relative paths of the files controlrt wrote there, or None if it is not one
+# of controlrt's folders.
+Explain = Callable[[Path], "set[str] | None"]
+
+
+def files_under(folder: Path) -> list[str]:
+    """Every file and link below ``folder`` (relative, sorted); empty folders are not listed."""
+    out = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        base = Path(root)
+        # a link to a folder is listed, never followed
+        out += [str((base / name).relative_to(folder)) for name in dirs if (base / name).is_symlink()]
+        out += [str((base / name).relative_to(folder)) for name in files]
+    return sorted(out)
+
+
+def owner_record(folder: Path) -> dict | None:
+    """The owner record of a folder controlrt wrote whole, or None."""
+    try:
+        data = json.loads((folder / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != OWNER_FORMAT or not isinstance(data.get("files"), list):
+        return None
+    return data
+
+
+def explain_owned(folder: Path) -> set[str] | None:
+    """The files an owner record lists (and the record itself), or None without a record."""
+    record = owner_record(folder)
+    return None if record is None else {*map(str, record["files"]), OWNER_FILE}
+
+
+def write_owner_record(folder: Path, kind: str) -> None:
+    """List every file now in ``folder`` as written by controlrt (``kind``: which command)."""
+    files = [f for f in files_under(folder) if f != OWNER_FILE]
+    text = json.dumps({"format": OWNER_FORMAT, "written_by": f"controlrt {kind}", "files": files}, indent=1)
+    atomic_write_text(folder / OWNER_FILE, text)
+
+
+def check_replaceable(target: Path, force: bool, explain: Explain = explain_owned, during: str = "") -> None:
+    """InputError unless ``target`` may be written: it is missing or empty, or (with ``force``)
+    it is a folder controlrt wrote that holds nothing else.
+
+    Args:
+        explain: Which files of the folder controlrt wrote (None: not controlrt's folder).
+        during: Set when checking again just before replacing: the error then says the folder
+            appeared or changed while the command ran.
+    """
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise InputError(f"output {target} exists and is not a folder")
+    if not any(target.iterdir()):
+        return
+    changed = f" ({during})" if during else ""
+    known = explain(target)
+    if known is None:
+        raise InputError(
+            f"output folder {target} exists and was not written by controlrt{changed}; refusing to replace "
+            "it, even with --force: choose another folder"
+        )
+    foreign = [f for f in files_under(target) if f not in known]
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise InputError(
+            f"output folder {target} holds files controlrt did not write ({foreign[0]}{more}){changed}; "
+            "refusing to replace it, even with --force"
+        )
+    if not force:
+        raise InputError(f"output folder {target} already exists{changed}; pass --force to replace it")
+
+
 def replace_dir(staging: Path, target: Path) -> None:
     """Move the finished folder ``staging`` to ``target``, replacing any folder there.
 
     The old folder is first renamed aside, so ``target`` never holds a mix of old and new files.
+    Callers check that the old folder may be replaced (check_replaceable) under the target's lock.
     """
     os.chmod(staging, 0o755)  # mkdtemp makes it private
     old = None
@@ -60,15 +288,78 @@ def replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def output_folder(path: str | Path) -> Path:
+    """An output folder path made absolute; InputError for one that can never be a folder."""
+    target = Path(path).expanduser()
+    resolved = target.resolve()
+    if resolved.parent == resolved or not resolved.name or resolved == Path.cwd() or target.name in ("", ".", ".."):
+        raise InputError(f"output {path} must name a folder to create, not {resolved}")
+    parent = resolved.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise InputError(f"output {path}: {existing} is a file, not a folder")
+    return resolved
+
+
+def check_writable(path: str | Path, folder: bool = False) -> Path:
+    """InputError unless a file (or, with ``folder``, files inside a folder) can be written at
+    ``path``: its folder is created if missing and a probe file is made and removed there. Run
+    before long work, so that it does not end in an error about the output."""
+    path = output_folder(path)
+    where = path if folder else path.parent
+    if folder and path.exists() and not path.is_dir():
+        raise InputError(f"output {path} exists and is not a folder")
+    if not folder and path.is_dir():
+        raise InputError(f"output {path} is a folder")
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".controlrt-probe-", dir=where):
+            pass
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
 @contextmanager
-def staged_folder(target: Path) -> Iterator[Path]:
-    """A temporary folder beside ``target`` to fill; on success it replaces ``target``, on any
-    failure it is removed, so ``target`` is never half-written."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+def staged_folder(
+    target: str | Path, kind: str, force: bool = False, explain: Explain = explain_owned, owner: bool = True
+) -> Iterator[Path]:
+    """A temporary folder beside ``target`` to fill; on success it replaces ``target``.
+
+    ``target`` is checked first (check_replaceable) and again under its lock just before the
+    rename, so two commands writing one target never silently replace each other's work. On any
+    failure the temporary folder is removed and ``target`` is untouched.
+
+    Args:
+        kind: The command writing it, for the owner record.
+        force: Replace a folder controlrt wrote (holding nothing else).
+        explain: How to tell what controlrt wrote in an existing target (default: its owner record).
+        owner: Write an owner record listing the files (builds have their manifest instead).
+    """
+    target = output_folder(target)
+    check_replaceable(target, force, explain)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    except OSError as exc:
+        raise InputError(f"cannot write {target}: {exc.strerror}") from None
     try:
         yield staging
-        replace_dir(staging, target)
+        if owner:
+            write_owner_record(staging, kind)
+        with file_lock(target):
+            check_replaceable(target, force, explain, during="written by another command meanwhile")
+            replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def remove_files(root: Path, paths: list[str]) -> None:
+    """Delete files a manifest no longer lists (after the manifest that drops them is written)."""
+    for rel in paths:
+        path = root / rel
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("could not remove %s, which the build no longer uses: %s", path, exc.strerror)

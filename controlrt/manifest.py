@@ -53,8 +53,18 @@ class FileRecord:
     def of(cls, root: Path, path: Path) -> FileRecord:
         return cls(str(path.relative_to(root)), sha256_file(path), path.stat().st_size)
 
+    def resolve(self, root: Path) -> Path:
+        """The file's path; BuildError unless it lies inside the build folder."""
+        relative = Path(self.path)
+        path = (root / relative).resolve()
+        if relative.is_absolute() or ".." in relative.parts or not path.is_relative_to(root.resolve()):
+            raise BuildError(
+                f"build {root}: the manifest names {self.path!r}, outside the build; re-run controlrt export"
+            )
+        return path
+
     def check(self, root: Path, verify_hash: bool = True) -> None:
-        path = root / self.path
+        path = self.resolve(root)
         if not path.is_file():
             raise BuildError(f"build {root}: {self.path} is missing; re-run controlrt export")
         if path.stat().st_size != self.bytes:
@@ -139,12 +149,24 @@ class Manifest:
         return sorted(specs, key=lambda s: int(s.attributes["controlnet_index"]))
 
     def with_variants(self, precision: str, variants: dict[str, Variant]) -> Manifest:
-        """A copy with ``variants`` (graph name -> Variant) recorded under ``precision``."""
+        """A copy with ``variants`` (graph name -> Variant) recorded under ``precision``.
+
+        The export's tool versions stay as they were; each variant records its own.
+        """
         graphs = {
             name: GraphRecord(g.spec, {**g.variants, **({precision: variants[name]} if name in variants else {})})
             for name, g in self.graphs.items()
         }
-        return replace(self, graphs=graphs, tools=tool_versions())
+        return replace(self, graphs=graphs)
+
+    @property
+    def files(self) -> set[str]:
+        """Every file the manifest lists (graphs of every precision, assets), relative to the build."""
+        out = {f.path for f in self.assets}
+        for graph in self.graphs.values():
+            for variant in graph.variants.values():
+                out.update(f.path for f in variant.files)
+        return out
 
     def to_json(self) -> str:
         return json.dumps(
@@ -189,6 +211,53 @@ class Manifest:
 
     def write(self, root: Path) -> None:
         atomic_write_text(root / MANIFEST_NAME, self.to_json())
+
+
+# Files controlrt writes in a build besides those its manifest lists: engines with their records and
+# timing caches, calibration captures, and the temporary names of commands that were interrupted.
+_BUILD_PATTERNS = (
+    "graphs/*.onnx",
+    "graphs/*.onnx.data",
+    "graphs/.*",
+    "engines/*.plan",
+    "engines/*.json",
+    "engines/*.cache",
+    "engines/*.cache.json",
+    "engines/.*",
+    "calibration/captures-*/*.npz",
+    "calibration/.*",
+    ".*",
+)
+
+
+def _matches(path: str, pattern: str) -> bool:
+    """fnmatch, part by part, so that ``*`` never crosses a ``/``."""
+    from fnmatch import fnmatchcase
+
+    parts, wanted = Path(path).parts, Path(pattern).parts
+    return len(parts) == len(wanted) and all(fnmatchcase(a, b) for a, b in zip(parts, wanted, strict=True))
+
+
+def explain_build(folder: Path) -> set[str] | None:
+    """The files of a build folder that controlrt wrote, or None if ``folder`` is not a build.
+
+    Those the manifest lists, the manifest, and what controlrt's commands write beside them
+    (_BUILD_PATTERNS); anything under a hidden folder is an interrupted command's temporary files.
+    """
+    from controlrt.io import files_under
+
+    try:
+        manifest = Manifest.from_json((folder / MANIFEST_NAME).read_text(), folder)
+    except (OSError, UnicodeDecodeError, BuildError):
+        return None
+    listed = {*manifest.files, MANIFEST_NAME}
+    return {
+        f
+        for f in files_under(folder)
+        if f in listed
+        or any(_matches(f, p) for p in _BUILD_PATTERNS)
+        or any(part.startswith(".") for part in Path(f).parts[:-1])
+    }
 
 
 @dataclass(frozen=True)
@@ -237,7 +306,13 @@ class Build:
         return record.variants[precision]
 
     def graph_path(self, name: str, precision: str = "fp32") -> Path:
-        return self.path / self.variant(name, precision).onnx_file
+        return self.variant(name, precision).files[0].resolve(self.path)
+
+    @property
+    def int8_quantizer(self) -> str | None:
+        """The quantizer that made the build's int8 graphs (None without int8 graphs)."""
+        unet = self.manifest.graphs["unet"].variants.get("int8")
+        return None if unet is None else unet.settings.get("quantizer")
 
     @property
     def tokenizer_dir(self) -> Path:

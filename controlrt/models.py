@@ -56,6 +56,7 @@ class ModelInfo:
     image_channels: int
     num_train_timesteps: int
     residuals: tuple[Residual, ...]
+    text_attention_mask: bool = False  # the text encoder config's use_attention_mask (diffusers passes the mask)
 
     @property
     def size_multiple(self) -> int:
@@ -118,10 +119,39 @@ def _config_hash(config_path: Path) -> str:
     return hashlib.sha256(config_path.read_bytes()).hexdigest()
 
 
-def _weight_files(folder: Path) -> dict[str, int]:
-    return {
-        p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
-    }
+def _weight_paths(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.iterdir()) if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
+
+
+def _weight_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Each weight file's size and sha256 (cached by size and mtime: see controlrt.io.sha256_cached)."""
+    from controlrt.io import sha256_cached
+
+    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_cached(p)} for p in _weight_paths(folder)}
+
+
+def source_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What changed in a source folder since its record was made, in words (empty: unchanged).
+
+    Weights are compared by sha256, so a fine-tune of the same architecture is a change; records
+    of older builds that hold only sizes are compared by size.
+    """
+    reasons = []
+    for component, digest in current["config_sha256"].items():
+        if recorded.get("config_sha256", {}).get(component) != digest:
+            reasons.append(f"{component} config")
+    recorded_weights = recorded.get("weights", {})
+    for component, files in current["weights"].items():
+        before = recorded_weights.get(component, {})
+        if set(before) != set(files):
+            reasons.append(f"{component} weight files")
+            continue
+        for name, now in files.items():
+            then = before[name]
+            same = then == now["bytes"] if isinstance(then, int) else then.get("sha256") == now["sha256"]
+            if not same:
+                reasons.append(f"{component}/{name}")
+    return reasons
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -215,10 +245,11 @@ class BaseModel:
             image_channels=vae["out_channels"],
             num_train_timesteps=int(self.configs["scheduler"].get("num_train_timesteps", 1000)),
             residuals=residual_layout(unet, "base model unet"),
+            text_attention_mask=bool(text.get("use_attention_mask", False)),
         )
 
     def source_record(self) -> dict[str, Any]:
-        """Paths, config hashes and weight file sizes, for the manifest's staleness checks."""
+        """Paths, config hashes and weight files' sizes and sha256, for the manifest's staleness checks."""
         return {
             "path": str(self.path),
             "config_sha256": {c: _config_hash(self.path / c / name) for c, name in BASE_COMPONENTS.items()},
@@ -273,7 +304,7 @@ class ControlNetModelFolder:
                 f"{path} is not a ControlNet folder (config.json describes a "
                 f"{config.get('_class_name')}, expected ControlNetModel)"
             )
-        if not _weight_files(path):
+        if not _weight_paths(path):
             raise ModelError(f"ControlNet {path} has no weights (*.safetensors or *.bin)")
         return cls(path, config)
 

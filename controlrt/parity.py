@@ -1,237 +1,37 @@
-"""Parity: every graph and the whole loop on a backend, against the PyTorch reference.
+"""``controlrt parity``: every graph and the whole loop on a backend, against the PyTorch reference.
 
-Tolerances live here, in one place. A comparison passes when the relative L2 error and the
-largest absolute error (relative to the reference's largest magnitude) are within its
-tolerance, and fails outright when the reference is all zeros (a vacuous comparison).
+The comparisons, their metrics and the gates they are judged by live in controlrt.compare; the
+held-out inputs of fp16 and int8 checks come from controlrt.calibration. This module puts them
+together for one build, backend and precision.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from controlrt.compare import (
+    Comparison,
+    Gate,
+    captured_cases,
+    compare_in_turn,
+    gate,
+    parity_sizes,
+    psnr,
+    seeded_cases,
+    ssim,
+    tensor_metrics,
+)
 from controlrt.errors import ParityError
 from controlrt.precision import Precision
-from controlrt.runtime.session import Session
-from controlrt.specs import GraphKind, GraphSpec
 
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Largest accepted relative L2 error and largest |error| / max |reference|."""
-
-    rel_l2: float
-    max_rel: float
-
-
-_FP32 = Tolerance(rel_l2=1e-4, max_rel=1e-3)
-_FP16 = Tolerance(rel_l2=2e-2, max_rel=5e-2)
-# Per graph output against the fp32 torch module (fp16/int8: on held-out captured loop inputs).
-# In an int8 pipeline the text encoder and VAE decoder run fp16, and are held to fp16's bounds.
-TOLERANCES: dict[Precision, dict[GraphKind, Tolerance]] = {
-    Precision.FP32: dict.fromkeys(GraphKind, _FP32),
-    Precision.FP16: dict.fromkeys(GraphKind, _FP16),
-    Precision.INT8: {
-        GraphKind.TEXT_ENCODER: _FP16,
-        GraphKind.CONTROLNET: Tolerance(rel_l2=0.25, max_rel=0.5),
-        GraphKind.UNET: Tolerance(rel_l2=0.25, max_rel=0.5),
-        GraphKind.VAE_DECODER: _FP16,
-    },
-}
-# Final 8-bit image against the fp32 torch reference at the same seed and settings (PSNR, dB).
-END_TO_END_PSNR_DB: dict[Precision, float] = {
-    Precision.FP32: 40.0,
-    Precision.FP16: 35.0,
-    Precision.INT8: 20.0,
-}
-
-
-def tolerance_for(precision: Precision | str, kind: GraphKind) -> Tolerance:
-    return TOLERANCES[Precision.parse(precision)][kind]
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """One output of one graph at one shape."""
-
-    graph: str
-    shape: str
-    output: str
-    max_abs: float
-    rel_l2: float
-    cosine: float
-    ref_max_abs: float
-    passed: bool
-    note: str = ""
-
-
-__all__ = [
-    "TOLERANCES",
-    "Comparison",
-    "ParityError",
-    "ParityReport",
-    "Tolerance",
-    "compare_graph",
-    "compare_in_turn",
-    "run_parity",
-]
-
-
-def tensor_metrics(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
-    ref = reference.detach().double().cpu().flatten()
-    out = candidate.detach().double().cpu().flatten()
-    diff = out - ref
-    ref_norm = float(ref.norm())
-    out_norm = float(out.norm())
-    return {
-        "max_abs": float(diff.abs().max()) if diff.numel() else 0.0,
-        "rel_l2": float(diff.norm()) / ref_norm if ref_norm else math.inf,
-        "cosine": float(ref @ out) / (ref_norm * out_norm) if ref_norm and out_norm else 0.0,
-        "ref_max_abs": float(ref.abs().max()) if ref.numel() else 0.0,
-    }
-
-
-def judge(graph: str, shape: str, output: str, reference, candidate, tolerance: Tolerance) -> Comparison:
-    if tuple(reference.shape) != tuple(candidate.shape):
-        return Comparison(
-            graph,
-            shape,
-            output,
-            math.inf,
-            math.inf,
-            0.0,
-            0.0,
-            False,
-            f"shape {tuple(candidate.shape)} != reference {tuple(reference.shape)}",
-        )
-    m = tensor_metrics(reference, candidate)
-    note = ""
-    if m["ref_max_abs"] == 0.0:
-        passed, note = False, "reference is all zeros: the comparison proves nothing"
-    elif not all(math.isfinite(v) for v in m.values()):
-        passed, note = False, "non-finite values"
-    else:
-        passed = m["rel_l2"] <= tolerance.rel_l2 and m["max_abs"] <= tolerance.max_rel * m["ref_max_abs"]
-    return Comparison(graph, shape, output, passed=passed, note=note, **m)
-
-
-def parity_sizes(spec: GraphSpec) -> list[dict[str, int]]:
-    """Two shapes per graph: batch 1 at the native size; batch 2, non-square, another size."""
-    m = spec.size_multiple
-    height, width = spec.default_size
-    other_h = max(m, (height * 3 // 4) // m * m)
-    other_w = max(m, (width * 5 // 4 + m - 1) // m * m)
-    if (other_h, other_w) == (height, width):
-        other_w += m
-    return [spec.sizes(1, height, width), spec.sizes(2, other_h, other_w)]
-
-
-def _shape_label(sizes: Mapping[str, int]) -> str:
-    return f"{sizes['batch']}x{sizes['height']}x{sizes['width']}"
-
-
-def compare_graph(
-    reference: Session,
-    candidate: Session,
-    tolerance: Tolerance | None = None,
-    sizes: Sequence[Mapping[str, int]] | None = None,
-    seed: int = 1234,
-) -> list[Comparison]:
-    """Run both sessions on the same seeded inputs at each size and compare every output."""
-    spec = reference.spec
-    tolerance = tolerance or tolerance_for(Precision.FP32, spec.kind)
-    return compare_feeds(reference, candidate, seeded_cases(spec, sizes, seed), tolerance)
-
-
-def compare_feeds(
-    reference: Session,
-    candidate: Session,
-    cases: Sequence[tuple[str, Mapping[str, Any]]],
-    tolerance: Tolerance,
-) -> list[Comparison]:
-    """Compare every output of both sessions on each (label, feeds) case."""
-    spec = reference.spec
-    rows = []
-    for label, feeds in cases:
-        feeds = {k: torch.as_tensor(v) for k, v in feeds.items()}
-        expected = reference.infer(feeds)
-        got = candidate.infer(feeds)
-        for name in spec.output_names:
-            rows.append(judge(spec.name, label, name, expected[name], got[name], tolerance))
-    return rows
-
-
-def compare_in_turn(
-    open_reference: Callable[[], Session],
-    open_candidate: Callable[[], Session],
-    cases: Sequence[tuple[str, Mapping[str, Any]]],
-    tolerance: Tolerance,
-) -> list[Comparison]:
-    """Like compare_feeds, but never holds both sessions at once.
-
-    The reference runs every case and is closed before the candidate opens: two sessions of a
-    full-size UNet at 512 px need more memory than many machines have.
-    """
-    cases = [(label, {k: torch.as_tensor(v) for k, v in feeds.items()}) for label, feeds in cases]
-    with open_reference() as reference:
-        spec = reference.spec
-        expected = [reference.infer(feeds) for _, feeds in cases]
-    rows = []
-    with open_candidate() as candidate:
-        for (label, feeds), want in zip(cases, expected, strict=True):
-            got = candidate.infer(feeds)
-            for name in spec.output_names:
-                rows.append(judge(spec.name, label, name, want[name], got[name], tolerance))
-            del got
-    return rows
-
-
-def seeded_cases(spec: GraphSpec, sizes: Sequence[Mapping[str, int]] | None = None, seed: int = 1234):
-    """(label, feeds) at each size (default: parity_sizes), the inputs compare_graph uses."""
-    return [(_shape_label(s), spec.dummy_inputs(s, seed=seed + n)) for n, s in enumerate(sizes or parity_sizes(spec))]
-
-
-def captured_cases(records: Sequence[Mapping[str, Any]], limit: int = 4) -> list[tuple[str, Mapping[str, Any]]]:
-    """Up to ``limit`` captured feeds spread over the records, labelled by their index."""
-    if not records:
-        return []
-    step = max(1, len(records) // limit)
-    return [(f"held-out#{i}", records[i]) for i in range(0, len(records), step)][:limit]
-
-
-def psnr(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images (inf when identical)."""
-    mse = float(np.mean((reference.astype(np.float64) - candidate.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
-def ssim(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Mean SSIM of two uint8 HxWxC images (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5,
-    per channel, valid region), in [-1, 1]; 1 when identical."""
-    a = torch.from_numpy(np.asarray(reference, dtype=np.float64)).permute(2, 0, 1)[:, None]
-    b = torch.from_numpy(np.asarray(candidate, dtype=np.float64)).permute(2, 0, 1)[:, None]
-    size = min(11, a.shape[-1], a.shape[-2])
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * 1.5**2))
-    window = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
-
-    def blur(t):
-        return torch.nn.functional.conv2d(t, window)
-
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(index.mean())
+__all__ = ["EndToEnd", "ParityError", "ParityReport", "run_parity"]
 
 
 @dataclass(frozen=True)
@@ -251,8 +51,13 @@ class EndToEnd:
 class ParityReport:
     backend: str
     precision: Precision = Precision.FP32
+    quantizer: str | None = None
     graphs: list[Comparison] = field(default_factory=list)
     end_to_end: EndToEnd | None = None
+
+    @property
+    def gate(self) -> Gate:
+        return gate(self.precision, self.quantizer)
 
     @property
     def passed(self) -> bool:
@@ -269,9 +74,10 @@ class ParityReport:
         return {
             "backend": self.backend,
             "precision": str(self.precision),
+            "quantizer": self.quantizer,
             "passed": self.passed,
-            "tolerances": {k.value: asdict(v) for k, v in TOLERANCES[self.precision].items()},
-            "end_to_end_threshold_db": END_TO_END_PSNR_DB[self.precision],
+            "tolerances": {k.value: asdict(v) for k, v in self.gate.tolerances.items()},
+            "end_to_end_threshold_db": self.gate.psnr_db,
             "graphs": [asdict(c) for c in self.graphs],
             "end_to_end": asdict(self.end_to_end) if self.end_to_end else None,
         }
@@ -283,7 +89,8 @@ class ParityReport:
 
     def table(self) -> str:
         head = f"{'graph':<14} {'shape':<12} {'output':<18} {'max_abs':>9} {'rel_l2':>9} {'cosine':>10}  result"
-        lines = [f"parity: {self.backend} {self.precision} vs torch fp32", head, "-" * len(head)]
+        variant = f"{self.precision}" + (f" ({self.quantizer})" if self.quantizer else "")
+        lines = [f"parity: {self.backend} {variant} vs torch fp32", head, "-" * len(head)]
         for c in self.graphs:
             mark = "ok" if c.passed else "FAIL" + (f" ({c.note})" if c.note else "")
             lines.append(
@@ -322,6 +129,7 @@ def run_parity(
     precision: str | Precision = Precision.FP32,
     height: int | None = None,
     width: int | None = None,
+    device: str | None = None,
     **backend_options: Any,
 ) -> ParityReport:
     """Compare every graph of a build on ``backend`` in ``precision`` with torch fp32, then a
@@ -330,8 +138,11 @@ def run_parity(
     fp32 graphs are compared on seeded inputs at two shapes; fp16 and int8 graphs on held-out
     inputs captured from the reference denoise loop (never the calibration samples). The
     end-to-end run uses the built-in sample controls (one per ControlNet), uniform mode, CFG and
-    a negative prompt, at the model's native size unless ``height``/``width`` are given.
-    ``backend_options`` go to BackendOptions (cuda_graphs, weight_streaming_budget).
+    a negative prompt, at the model's native size unless ``height``/``width`` are given. Shapes
+    the backend under test does not accept (a TensorRT engine's profiles) are not asked of it:
+    the graphs are compared at the parity shapes it accepts, else at its own profiles' shapes,
+    and the generation runs at a size every engine accepts. ``device`` and ``backend_options``
+    go to BackendOptions (cuda_graphs, weight_streaming_budget).
     """
     from controlrt.builtin import sample_control_images
     from controlrt.manifest import Build
@@ -341,44 +152,62 @@ def run_parity(
 
     precision = Precision.parse(precision)
     build = Build.open(build_dir)
-    options = BackendOptions(backend, tuple(providers) if providers else None, None, precision, **backend_options)
-    report = ParityReport(backend, precision)
-    held_out = None
-    if precision is not Precision.FP32:
-        from controlrt.calibration.calibrate import held_out_captures
-
-        held_out = held_out_captures(build)
+    options = BackendOptions(backend, tuple(providers) if providers else None, device, precision, **backend_options)
+    report = ParityReport(backend, precision, build.int8_quantizer if precision is Precision.INT8 else None)
     # One graph at a time, and the reference closed before the candidate opens: full-size
     # models do not fit in memory twice over.
     reference_sessions = SessionFactory(build, BackendOptions("torch"))
     candidate_sessions = SessionFactory(build, options)
+    size = _generation_size(build, candidate_sessions, height, width)
+    held_out = None
+    if precision is not Precision.FP32:
+        from controlrt.calibration.calibrate import held_out_captures
+
+        held_out = held_out_captures(build, height=size[0], width=size[1])
     for name, record in build.manifest.graphs.items():
         spec = record.spec
-        cases = seeded_cases(spec) if held_out is None else captured_cases(held_out[name])
+        if held_out is None:
+            cases = seeded_cases(spec, candidate_sessions.accepted_sizes(name, parity_sizes(spec)))
+        else:
+            cases = captured_cases(held_out[name])
         report.graphs += compare_in_turn(
             lambda name=name: reference_sessions.open(name),
             lambda name=name: candidate_sessions.open(name),
             cases,
-            tolerance_for(precision, spec.kind),
+            report.gate.tolerances[spec.kind],
         )
     if end_to_end:
-        default_h, default_w = build.manifest.info.default_size
-        height, width = height or default_h, width or default_w
         request = GenerationRequest(
             prompt="a red circle and a blue square",
             negative_prompt="blurry",
-            controls=sample_control_images(len(build.manifest.controlnet_specs), height, width),
+            controls=sample_control_images(len(build.manifest.controlnet_specs), *size),
             steps=steps,
             seed=seed,
-            height=height,
-            width=width,
+            height=size[0],
+            width=size[1],
         )
         with Pipeline.from_build(build, backend="torch") as reference:
             expected = reference.generate(request)
-        with Pipeline.from_build(build, backend, providers, None, precision, **backend_options) as candidate:
+        with Pipeline.from_build(build, backend, providers, device, precision, **backend_options) as candidate:
             got = candidate.generate(request)
-        report.end_to_end = judge_images(expected, got, request.settings(), END_TO_END_PSNR_DB[precision])
+        report.end_to_end = judge_images(expected, got, request.settings(), report.gate.psnr_db)
     return report
+
+
+def _generation_size(build, sessions, height: int | None, width: int | None) -> tuple[int, int]:
+    """The requested size (default native), or else the first size every graph's session accepts."""
+    native = build.manifest.info.default_size
+    wanted = (height or native[0], width or native[1])
+    names = list(build.manifest.graphs)
+    unet = build.manifest.spec("unet")
+    candidates = [unet.sizes(1, *wanted)]
+    if height is None and width is None:
+        candidates += sessions.own_sizes("unet")  # an engine's profile sizes
+    for sizes in candidates:
+        size = (sizes["height"], sizes["width"])
+        if all(sessions.admits(n, build.manifest.spec(n).sizes(1, *size)) for n in names):
+            return size
+    return wanted  # nothing fits: the run itself says which engine refuses it, and how to rebuild
 
 
 def judge_images(expected, got, settings: dict[str, Any], threshold_db: float) -> EndToEnd:

@@ -11,7 +11,7 @@ factor 8, ``height/16`` the latent height after one UNet downsampler. Three symb
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,23 @@ if TYPE_CHECKING:
     from controlrt.models import ModelInfo
 
 SYMBOLS = ("batch", "height", "width")
+MID_BLOCK_RESIDUAL = "mid_block_res"
+DOWN_BLOCK_RESIDUAL = "down_block_res_"
+
+
+def is_residual(name: str) -> bool:
+    """Whether a tensor name is a control residual (a ControlNet output, a UNet input)."""
+    return name == MID_BLOCK_RESIDUAL or name.startswith(DOWN_BLOCK_RESIDUAL)
+
+
+def check_image_size(height: Any, width: Any, multiple: int, what: str = "") -> None:
+    """InputError unless height and width are positive whole multiples of ``multiple`` pixels."""
+    for label, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
+            raise InputError(
+                f"{what}{label} {value!r} must be a positive multiple of {multiple} for this model "
+                "(the VAE factor times the UNet's downsampling)"
+            )
 
 
 @dataclass(frozen=True)
@@ -118,6 +135,11 @@ class GraphSpec:
     attributes: Mapping[str, Any] = field(default_factory=dict)
 
     @property
+    def residual_inputs(self) -> tuple[TensorSpec, ...]:
+        """The control residuals among the inputs (a UNet's), in UNet order."""
+        return tuple(t for t in self.inputs if is_residual(t.name))
+
+    @property
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
 
@@ -143,12 +165,7 @@ class GraphSpec:
         """Symbol sizes for a batch and an image size (default: the native size)."""
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
-        for label, value in (("height", height), ("width", width)):
-            if value <= 0 or value % self.size_multiple:
-                raise InputError(
-                    f"{label} {value} is not a positive multiple of {self.size_multiple} "
-                    f"(the VAE factor times the UNet's downsampling)"
-                )
+        check_image_size(height, width, self.size_multiple)
         if batch < 1:
             raise InputError(f"batch {batch} must be at least 1")
         return {"batch": batch, "height": height, "width": width}
@@ -195,13 +212,17 @@ class GraphSpec:
             if extra:
                 parts.append(f"unexpected {', '.join(extra)}")
             raise InputError(f"{self.name}: {'; '.join(parts)} (inputs: {self.input_names})")
-        sizes: dict[str, int] = {}
         for t in self.inputs:
-            value = feeds[t.name]
-            dtype = str(value.dtype).removeprefix("torch.")
+            dtype = str(feeds[t.name].dtype).removeprefix("torch.")
             if dtype != t.dtype:
                 raise InputError(f"{self.name}: input {t.name!r} has dtype {dtype}, expected {t.dtype}")
-            shape = tuple(value.shape)
+        return self.sizes_from_shapes({name: tuple(feeds[name].shape) for name in self.input_names})
+
+    def sizes_from_shapes(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+        """The symbol sizes that input shapes imply; InputError naming the first misshapen input."""
+        sizes: dict[str, int] = {}
+        for t in self.inputs:
+            shape = tuple(shapes[t.name])
             if len(shape) != len(t.shape):
                 raise InputError(f"{self.name}: input {t.name!r} has shape {shape}, expected {t.shape_text()}")
             for size, dim in zip(shape, t.shape, strict=True):
@@ -262,7 +283,7 @@ def residual_specs(info: ModelInfo) -> tuple[TensorSpec, ...]:
     """
     specs = []
     for i, res in enumerate(info.residuals):
-        name = "mid_block_res" if i == len(info.residuals) - 1 else f"down_block_res_{i}"
+        name = MID_BLOCK_RESIDUAL if i == len(info.residuals) - 1 else f"{DOWN_BLOCK_RESIDUAL}{i}"
         divisor = info.vae_scale_factor * 2**res.level
         specs.append(TensorSpec(name, "float32", (BATCH, res.channels, *_image_axes(divisor))))
     return tuple(specs)
@@ -294,12 +315,17 @@ def _spec(info: ModelInfo, name: str, kind: GraphKind, inputs, outputs, **attrib
 
 
 def text_encoder_spec(info: ModelInfo) -> GraphSpec:
-    """input_ids int64 [batch, seq] -> last_hidden_state float32 [batch, seq, dim]."""
+    """input_ids int64 [batch, seq] (and attention_mask int64 [batch, seq] of 0/1, for text encoders
+    whose config sets use_attention_mask, as diffusers passes it) -> last_hidden_state float32
+    [batch, seq, dim]."""
+    inputs = [TensorSpec("input_ids", "int64", (BATCH, info.sequence_length), (0, info.vocab_size))]
+    if info.text_attention_mask:
+        inputs.append(TensorSpec("attention_mask", "int64", (BATCH, info.sequence_length), (1, 2)))
     return _spec(
         info,
         "text_encoder",
         GraphKind.TEXT_ENCODER,
-        [TensorSpec("input_ids", "int64", (BATCH, info.sequence_length), (0, info.vocab_size))],
+        inputs,
         [
             TensorSpec(
                 "last_hidden_state",

@@ -6,6 +6,7 @@ Everything is built in temporary folders once per test session.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# weight hashes are cached per test session, not in the user's ~/.cache
+os.environ.setdefault("CONTROLRT_CACHE_DIR", tempfile.mkdtemp(prefix="controlrt-cache-"))
 
 from controlrt.builtin import ALTERNATE, TINY, BuiltinModels, write_builtin_models
 

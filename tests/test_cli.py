@@ -76,7 +76,7 @@ def test_generate_writes_png_with_settings(tiny_build, controls, tmp_path):
 def test_generate_on_torch_matches_onnxruntime(tiny_build, controls, tmp_path):
     import numpy as np
 
-    from controlrt.parity import psnr
+    from controlrt.compare import psnr
 
     images = {}
     for backend in ("torch", "onnxruntime"):
@@ -170,7 +170,11 @@ BAD_GENERATE = {
     "too many controls": (["--control", "{c0}"] * 3, "3 control images given but the build has 2", {}),
     "height": (["--height", "63"], "height 63 must be a positive multiple of 4", {}),
     "width": (["--width", "0"], "width 0 must be a positive multiple of 4", {}),
-    "steps": (["--steps", "0"], "steps must be a whole number of at least 1", {}),
+    "steps": (["--steps", "0"], "steps must be a whole number from 1 to 1000", {}),
+    "huge steps": (["--steps", "5000"], "steps must be a whole number from 1 to 1000", {}),
+    "huge size": (["--height", "100000", "--width", "100000"], "pixels; at most 16384 are allowed", {}),
+    "max pixels": (["--max-pixels", "0"], "max pixels 0 must be a whole number of at least 1", {}),
+    "num images": (["--num-images", "1000", "--out", "{root}/many"], "1000 images asked for; at most 64", {}),
     "nan scale": (["--control", "{c0}", "--scale", "nan"], "scale nan is not finite", {}),
     "inf scale": (["--control", "{c0}", "--scale", "inf"], "scale inf is not finite", {}),
     "scale count": (
@@ -181,7 +185,10 @@ BAD_GENERATE = {
     "window": (["--control", "{c0}", "--start", "0.8", "--end", "0.2"], "start 0.8 and end 0.2", {}),
     "mode": (["--control-mode", "loud"], "unknown control mode 'loud'", {}),
     "scheduler": (["--scheduler", "nope"], "unknown scheduler 'nope'", {}),
-    "out extension": (["--out", "{root}/x.unknownext"], "unknown image extension", {}),
+    "out extension": (["--out", "{root}/x.unknownext"], "not an image format that keeps the generation settings", {}),
+    "out gif": (["--out", "{root}/x.gif"], "use .png (or .jpg)", {}),
+    "out under a file": (["--out", "{not_image}/x.png"], "is a file, not a folder", {}),
+    "out in proc": (["--out", "/proc/x.png"], "cannot write /proc/x.png", {}),
     "not a number": (["--scale", "abc"], "'abc' is not a valid float", {}),
     "negative guidance": (["--guidance", "-1"], "guidance -1.0 must be finite and non-negative", {}),
     "backend": (["--backend", "tpu"], "'tpu' is not one of", {}),
@@ -304,7 +311,7 @@ def test_build_bad_sizes_are_one_line(tiny_build, monkeypatch):
     result = run("build", tiny_build, "--precision", "fp16")
     assert_clean_error(result, "controlrt convert")
     result = run("build", tiny_build, "--precision", "fp32", "--opt-size", "63x64")
-    assert_clean_error(result, "not a positive multiple")
+    assert_clean_error(result, "must be a positive multiple")
     result = run("build", tiny_build, "--max-size", "big")
     assert_clean_error(result, "HEIGHTxWIDTH")
 

@@ -11,6 +11,7 @@ from controlrt.calibration.data import CalibrationData
 from controlrt.calibration.quantize import make_quantizer
 from controlrt.errors import InputError
 from controlrt.export.variants import write_variants
+from controlrt.logs import stdout_to_log
 from controlrt.manifest import Build, Manifest
 from controlrt.precision import INT8_KINDS, Precision
 from controlrt.specs import GraphSpec
@@ -90,10 +91,10 @@ def calibrate_build(
 ) -> Manifest:
     """Capture loop inputs, quantize the UNet and every ControlNet to int8, check, record.
 
-    Each int8 graph is checked against the fp32 graph on held-out captured inputs with the int8
-    tolerances of controlrt.parity before it is recorded.
+    Each int8 graph is checked against the fp32 graph on held-out captured inputs with the
+    quantizer's int8 tolerances (controlrt.compare) before it is recorded.
     """
-    from controlrt.parity import captured_cases, compare_in_turn, tolerance_for
+    from controlrt.compare import captured_cases, compare_in_turn, tolerance_for
     from controlrt.runtime.ort_backend import OrtSession
 
     settings = settings or CalibrationSettings()
@@ -118,14 +119,15 @@ def calibrate_build(
         return lambda: load_graph_module(spec, *open_sources(build.manifest))
 
     def produce(spec: GraphSpec, target: Path) -> list[Path]:
-        return quantizer.quantize(spec, build.graph_path(spec.name), calibration[spec.name], target, module(spec))
+        with stdout_to_log(logger, logging.INFO):  # ModelOpt prints its progress
+            return quantizer.quantize(spec, build.graph_path(spec.name), calibration[spec.name], target, module(spec))
 
     def check(spec: GraphSpec, path: Path):
         return compare_in_turn(
             lambda: OrtSession(build.graph_path(spec.name), spec),
             lambda: OrtSession(path, spec),
             captured_cases(held_out[spec.name]),
-            tolerance_for(Precision.INT8, spec.kind),
+            tolerance_for(Precision.INT8, spec.kind, quantizer.name),
         )
 
     recorded = {

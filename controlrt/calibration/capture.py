@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from controlrt.calibration.data import CalibrationData
+from controlrt.io import file_lock
 from controlrt.manifest import Build
+from controlrt.progress import progress_bar
 from controlrt.runtime.session import Session
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ def capture(
     records: dict[str, list[Feeds]] = {n: [] for n in names}
     with Pipeline.from_build(build, backend="torch") as pipe:
         pipe.sessions = {n: RecordingSession(s, records[n]) for n, s in pipe.sessions.items()}
-        for i, sample in enumerate(tqdm(data.samples, disable=not progress, desc="capture", leave=False)):
+        samples = progress_bar(data.samples, progress, "calibrate: capture", "generation")
+        for i, sample in enumerate(samples):
             request = GenerationRequest(
                 sample.prompt,
                 sample.controls,
@@ -111,8 +113,12 @@ def capture(
         for name, feeds in records.items():
             stacked = {k: np.stack([f[k] for f in feeds]) for k in feeds[0]} if feeds else {}
             np.savez(staging / f"{name}.npz", **stacked)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(staging, folder)
+        with file_lock(build.path):
+            if all((folder / f"{n}.npz").is_file() for n in names):  # another run wrote the same captures
+                shutil.rmtree(staging)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)  # an incomplete set of ours
+                os.replace(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -1,4 +1,4 @@
-"""``controlrt build``: one strongly typed TensorRT engine per graph, through polygraphy.
+"""``controlrt build``: one strongly typed TensorRT engine per graph.
 
 Precision lives in the ONNX file (TensorRT 11 removed the builder's FP16/INT8 flags and implicit
 int8 calibration): fp16 engines are built from the fp16 graphs of ``controlrt convert``, int8 from
@@ -19,14 +19,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tqdm.auto import tqdm
-
 from controlrt.engine.cache import BuildOptions, EngineKey, EngineStore, Gpu, TimingCache, onnx_identity
 from controlrt.engine.profiles import Profile, ProfileSettings, derive_profiles
 from controlrt.engine.trt import import_tensorrt, require_cuda
 from controlrt.errors import BuildError, InputError
 from controlrt.manifest import Build
 from controlrt.precision import Precision, variant_for
+from controlrt.progress import progress_bar
 from controlrt.specs import GraphKind, GraphSpec
 
 if TYPE_CHECKING:
@@ -95,13 +94,17 @@ def build_engines(
     version = str(trt.__version__)
     gpu = Gpu.current()
     store = EngineStore(build)
-    cache = TimingCache(Path(timing_cache) if timing_cache else store.timing_cache_path(version), version)
+    if timing_cache is None:
+        cache = TimingCache(store.timing_cache_path(version), version, owned=True)
+    else:
+        cache = TimingCache(Path(timing_cache).expanduser(), version)
+    cache.check()  # a user's file controlrt did not write is refused before any build
     plans = [
         (name, variant, EngineKey(name, str(variant), onnx, profiles, graph_options, version, gpu))
         for name, variant, onnx, profiles, graph_options in wanted
     ]
     results = []
-    for name, variant, key in tqdm(plans, disable=not progress, desc="engines", unit="graph", leave=False):
+    for name, variant, key in progress_bar(plans, progress, "build: engines", "graph"):
         current = None if force else store.current(key)
         if current is not None:
             logger.info("%s %s engine is current", name, variant)
@@ -110,59 +113,71 @@ def build_engines(
         logger.info("building the %s %s engine", variant, name)
         start = time.perf_counter()
         plan = build_plan(build.graph_path(name, variant), key.profiles, key.options, cache)
-        record = store.write(key, plan)
+        record = store.write_current(key, plan)
         results.append(EngineResult(name, str(variant), "built", time.perf_counter() - start, record.plan_bytes))
     return results
 
 
-def build_plan(onnx_path: Path, profiles: list[Profile], options: BuildOptions, cache: TimingCache) -> bytes:
-    """Parse ``onnx_path`` strongly typed and build a serialized engine with polygraphy."""
-    import_tensorrt()
-    import tensorrt as trt
-    from polygraphy.backend.trt import (
-        CreateConfig,
-        EngineBytesFromNetwork,
-        NetworkFromOnnxPath,
-        PostprocessConfig,
-    )
-    from polygraphy.backend.trt import Profile as PolygraphyProfile
+class BuilderConfig:
+    """The builder configuration of one engine (a polygraphy-style loader: settings in __init__,
+    work in __call__ on a builder and network).
 
-    polygraphy_profiles = []
-    for shapes in profiles:
-        p = PolygraphyProfile()
-        for name, r in shapes.items():
-            p.add(name, min=r.min, opt=r.opt, max=r.max)
-        polygraphy_profiles.append(p)
-    pools = None
-    if options.workspace_gb is not None:
-        pools = {trt.MemoryPoolType.WORKSPACE: int(options.workspace_gb * (1 << 30))}
-    existing = cache.usable()
-    config = CreateConfig(
-        profiles=polygraphy_profiles,
-        load_timing_cache=str(cache.path) if existing else None,
-        refittable=options.refittable,
-        strip_plan=options.weight_stripped,
-        builder_optimization_level=options.optimization_level,
-        memory_pool_limits=pools,
-        weight_streaming=options.weight_streaming or None,
-    )
-    if options.weight_stripped and not options.refittable:
-        config = PostprocessConfig(config, func=_refit_identical)
-    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
-    if not existing:
-        cache.path.unlink(missing_ok=True)  # another version's cache: start afresh
-    try:
-        plan = EngineBytesFromNetwork(network, config, save_timing_cache=str(cache.path))()
-    except Exception as exc:  # polygraphy reports parser and builder failures as its own exception
-        raise BuildError(f"TensorRT could not build {onnx_path.name}: {str(exc).strip().splitlines()[-1]}") from None
+    Strongly typed networks take their precision from the ONNX file, so no precision flag is set;
+    TF32 is cleared so fp32 engines compute in fp32. Refittable engines get REFIT; weight-stripped
+    plans STRIP_PLAN, with REFIT_IDENTICAL unless they are refittable anyway; weight streaming its
+    flag. One optimization profile per entry of ``profiles``, in order. The timing cache starts
+    from ``timing_cache`` (serialized) or empty.
+    """
+
+    def __init__(self, profiles: list[Profile], options: BuildOptions, timing_cache: bytes | None = None) -> None:
+        self.profiles = profiles
+        self.options = options
+        self.timing_cache = timing_cache
+
+    def __call__(self, builder: trt.Builder, network: trt.INetworkDefinition) -> trt.IBuilderConfig:
+        import tensorrt as trt
+
+        options = self.options
+        config = builder.create_builder_config()
+        for shapes in self.profiles:
+            profile = builder.create_optimization_profile()
+            for name, r in shapes.items():
+                profile.set_shape(name, r.min, r.opt, r.max)
+            config.add_optimization_profile(profile)
+        config.clear_flag(trt.BuilderFlag.TF32)
+        if options.refittable:
+            config.set_flag(trt.BuilderFlag.REFIT)
+        if options.weight_stripped:
+            config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+            if not options.refittable:
+                config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)  # refitted with its own weights at load
+        if options.weight_streaming:
+            config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+        config.builder_optimization_level = options.optimization_level
+        if options.workspace_gb is not None:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
+        cache = config.create_timing_cache(self.timing_cache or b"")
+        config.set_timing_cache(cache, False)
+        return config
+
+
+def build_plan(onnx_path: Path, profiles: list[Profile], options: BuildOptions, cache: TimingCache) -> bytes:
+    """Parse ``onnx_path`` as a strongly typed network and build a serialized engine.
+
+    The timing cache is read from ``cache`` if it is valid for this TensorRT and saved back after
+    the build (atomically, see TimingCache.save).
+    """
+    trt = import_tensorrt()
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise BuildError(f"TensorRT cannot parse {onnx_path.name}: {'; '.join(errors[:3]) or 'unknown parser error'}")
+    config = BuilderConfig(profiles, options, cache.load())(builder, network)
+    plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise BuildError(f"TensorRT could not build {onnx_path.name} (see the TensorRT log above)")
-    cache.mark_written()
+    cache.save(bytes(config.get_timing_cache().serialize()))
     return bytes(plan)
-
-
-def _refit_identical(builder: trt.Builder, network: trt.INetworkDefinition, config: trt.IBuilderConfig) -> None:
-    """Weight-stripped plans are refitted with the weights they were built from."""
-    import tensorrt as trt
-
-    config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)

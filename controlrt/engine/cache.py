@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from controlrt.engine.profiles import Profile, profiles_from_json, profiles_to_json
-from controlrt.errors import BuildError
-from controlrt.io import atomic_write_bytes, atomic_write_text, sha256_file
+from controlrt.errors import BuildError, InputError
+from controlrt.io import atomic_write_bytes, atomic_write_text, file_lock, sha256_file
 from controlrt.manifest import Build
 from controlrt.precision import Precision
 
@@ -70,8 +70,6 @@ class BuildOptions:
     weight_streaming: bool = False
 
     def __post_init__(self) -> None:
-        from controlrt.errors import InputError
-
         if not 0 <= self.optimization_level <= 5:
             raise InputError(f"builder optimization level {self.optimization_level} is not in 0..5")
         if self.workspace_gb is not None and self.workspace_gb <= 0:
@@ -210,32 +208,54 @@ class EngineStore:
             return None
         return record if self._plan_intact(record, verify) else None
 
+    def problems(
+        self,
+        graph: str,
+        precision: Precision,
+        tensorrt_version: str | None = None,
+        gpu: Gpu | None = None,
+        verify: bool = True,
+    ) -> tuple[EngineRecord | None, list[str]]:
+        """The engine's record and why it may not run, in words (empty: it may).
+
+        The one staleness check, used to load engines, to fill a Triton repository and by
+        ``inspect``: the record must exist, name the build's current ONNX graph of that precision,
+        and describe the plan beside it (its size, and with ``verify`` its sha256); with
+        ``tensorrt_version`` and ``gpu`` given, it must also have been built by that TensorRT for
+        that GPU. The profiles and build options are the builder's choice, taken from the record.
+        """
+        record = self.record(graph, precision)
+        if record is None:
+            plan = self.plan_path(graph, precision)
+            return None, ["there is no readable record beside its plan" if plan.exists() else "there is none"]
+        reasons = []
+        if str(precision) not in self.build.manifest.graphs[graph].variants:
+            reasons.append(f"the build no longer has the {precision} {graph} graph")
+        else:
+            wanted = replace(
+                record.key,
+                onnx=onnx_identity(self.build, graph, precision),
+                tensorrt=tensorrt_version or record.key.tensorrt,
+                gpu=gpu or record.key.gpu,
+            )
+            reasons += wanted.differences(record.key)
+        plan = self.plan_path(graph, precision)
+        if not plan.is_file() or plan.stat().st_size != record.plan_bytes:
+            reasons.append(f"its plan {plan.name} is missing or truncated")
+        elif verify and sha256_file(plan) != record.plan_sha256:
+            reasons.append(f"its plan {plan.name} is corrupted (its sha256 differs from the record)")
+        return record, reasons
+
     def check_runnable(
         self, graph: str, precision: Precision, tensorrt_version: str, gpu: Gpu, verify: bool = True
     ) -> EngineRecord:
-        """The record of an engine that may run here; BuildError with the reason otherwise.
-
-        Unlike :meth:`current`, the profiles and build options are taken from the record (they
-        were the builder's choice); the ONNX, TensorRT version and GPU must match.
-        """
+        """The record of an engine that may run here; BuildError with the reasons otherwise."""
         build_cmd = f"controlrt build {self.build.path} --precision {precision}"
-        record = self.record(graph, precision)
+        record, reasons = self.problems(graph, precision, tensorrt_version, gpu, verify)
         if record is None:
             raise BuildError(f"build {self.build.path} has no {precision} TensorRT engine for {graph}; run {build_cmd}")
-        wanted = replace(
-            record.key,
-            onnx=onnx_identity(self.build, graph, precision),
-            tensorrt=tensorrt_version,
-            gpu=gpu,
-        )
-        reasons = wanted.differences(record.key)
         if reasons:
             raise BuildError(f"the {precision} engine for {graph} is stale: {'; '.join(reasons)}; run {build_cmd}")
-        if not self._plan_intact(record, verify):
-            raise BuildError(
-                f"the {precision} engine for {graph} is truncated or corrupted "
-                f"({self.plan_path(graph, precision).name} differs from its record); run {build_cmd}"
-            )
         return record
 
     def _plan_intact(self, record: EngineRecord, verify: bool) -> bool:
@@ -256,6 +276,23 @@ class EngineStore:
         atomic_write_text(self.record_path(key.graph, precision), record.to_json())
         return record
 
+    def write_current(self, key: EngineKey, plan: bytes) -> EngineRecord:
+        """``write``, under the build's lock, if the key's ONNX is still the build's graph.
+
+        BuildError if the graph changed while the engine was built (a convert or refit ran).
+        """
+        with file_lock(self.build.path):
+            now = Build.open(self.build.path, verify=False)
+            precision = Precision(key.precision)
+            if (
+                str(precision) not in now.manifest.graphs[key.graph].variants
+                or onnx_identity(now, key.graph, precision) != key.onnx
+            ):
+                raise BuildError(
+                    f"the {precision} {key.graph} graph changed while its engine was built; run controlrt build again"
+                )
+            return self.write(key, plan)
+
     def read_plan(self, record: EngineRecord) -> bytes:
         return self.plan_path(record.key.graph, Precision(record.key.precision)).read_bytes()
 
@@ -263,37 +300,75 @@ class EngineStore:
 class TimingCache:
     """A TensorRT timing cache file for one TensorRT version.
 
-    The cache sits at ``path``; a sidecar ``path.json`` names the version that wrote it. A cache of
-    another version is not loaded (TensorRT would reject or misuse it) and is replaced on save.
+    The cache sits at ``path``; a sidecar ``path.json`` names the TensorRT version that wrote it
+    and the cache's sha256. A cache of another version, or one whose bytes no longer match its
+    sidecar, is not loaded. Saving writes a temporary file and renames it over the cache (having
+    first removed a sidecar that would vouch for other bytes), then writes the sidecar, under a
+    lock beside the cache: the sidecar never describes a file it was not written for.
+
+    A path the user gave (``owned=False``) that holds a file with no sidecar was not written by
+    controlrt: it is neither read nor replaced, and :meth:`check` refuses it. The build's own
+    cache (``owned=True``) is replaced whatever it holds.
     """
 
-    def __init__(self, path: Path, tensorrt_version: str) -> None:
+    def __init__(self, path: Path, tensorrt_version: str, owned: bool = False) -> None:
         self.path = Path(path)
         self.version = tensorrt_version
+        self.owned = owned
         self._sidecar = self.path.with_name(self.path.name + ".json")
 
+    def _record(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self._sidecar.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def check(self) -> None:
+        """InputError if the cache path is a user's file controlrt may not replace."""
+        if self.owned:
+            return
+        if self.path.exists() and not self.path.is_file():
+            raise InputError(f"--timing-cache {self.path} is not a file")
+        if self.path.exists() and self._record() is None:
+            raise InputError(
+                f"--timing-cache {self.path} exists but controlrt did not write it (no {self._sidecar.name} "
+                "beside it); controlrt neither reads nor replaces it: give a new path"
+            )
+        if not self.path.parent.is_dir():
+            raise InputError(f"--timing-cache {self.path}: folder {self.path.parent} does not exist")
+
     def usable(self) -> bool:
-        """Whether the cache file exists and was written by this TensorRT version."""
+        """Whether the cache file exists, was written by this TensorRT version and is intact."""
         if not self.path.is_file():
             return False
-        try:
-            written_by = json.loads(self._sidecar.read_text()).get("tensorrt")
-        except (OSError, ValueError):
-            written_by = None
-        if written_by != self.version:
+        record = self._record() or {}
+        if record.get("tensorrt") != self.version:
             logger.warning(
                 "timing cache %s was written by TensorRT %s, this is %s: starting a new one",
                 self.path,
-                written_by or "an unknown version",
+                record.get("tensorrt") or "an unknown version",
                 self.version,
             )
+            return False
+        if record.get("sha256") != sha256_file(self.path):
+            logger.warning("timing cache %s does not match its record: starting a new one", self.path)
             return False
         return True
 
     def load(self) -> bytes | None:
         return self.path.read_bytes() if self.usable() else None
 
-    def mark_written(self) -> None:
-        """Record that this version wrote the cache file (TensorRT writes the file itself)."""
+    def save(self, data: bytes) -> None:
+        """Replace the cache with ``data``, written by this TensorRT version."""
+        import hashlib
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self._sidecar, json.dumps({"tensorrt": self.version}))
+        with file_lock(self.path):
+            self.check()
+            record = self._record()
+            if record is not None and (record.get("tensorrt") != self.version or record.get("sha256") is None):
+                self._sidecar.unlink()  # it would vouch for bytes of another version meanwhile
+            atomic_write_bytes(self.path, data)
+            sidecar = {"tensorrt": self.version, "sha256": hashlib.sha256(data).hexdigest()}
+            atomic_write_text(self._sidecar, json.dumps(sidecar))

@@ -18,17 +18,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from controlrt.errors import InputError
-from controlrt.specs import GraphKind, GraphSpec
+from controlrt.runtime.control import Branches
+from controlrt.specs import GraphSpec, check_image_size
 
 Shape = tuple[int, ...]
-
-# Branches (graph batch per image) a graph may run with: 1 without CFG or conditional-only, 2 with CFG.
-BRANCHES: dict[GraphKind, tuple[int, ...]] = {
-    GraphKind.TEXT_ENCODER: (1, 2),
-    GraphKind.CONTROLNET: (1, 2),
-    GraphKind.UNET: (1, 2),
-    GraphKind.VAE_DECODER: (1,),
-}
 
 
 @dataclass(frozen=True)
@@ -82,8 +75,7 @@ class ProfileSettings:
             low = self.min_size or (max(m, native[0] // 2 // m * m), max(m, native[1] // 2 // m * m))
             high = self.max_size or (native[0] * 2, native[1] * 2)
         for label, (h, w) in (("min", low), ("opt", opt), ("max", high)):
-            if h <= 0 or w <= 0 or h % m or w % m:
-                raise InputError(f"{label} size {h}x{w} is not a positive multiple of {m} for this model")
+            check_image_size(h, w, m, f"{label} size: ")
         if not (low[0] <= opt[0] <= high[0] and low[1] <= opt[1] <= high[1]):
             raise InputError(
                 f"sizes must satisfy min <= opt <= max per side: {low[0]}x{low[1]}, "
@@ -114,7 +106,7 @@ def derive_profiles(spec: GraphSpec, settings: ProfileSettings) -> list[Profile]
     """
     low, opt, high = settings.sizes(spec)
     b_min, b_opt, b_max = settings.batches()
-    branches = BRANCHES[spec.kind]
+    branches = Branches.possible(spec.kind)
     if settings.static:
         return [_fixed(spec, b_opt * n, opt) for n in branches]
     lo = spec.sizes(b_min * min(branches), *low)
@@ -128,11 +120,37 @@ def _fixed(spec: GraphSpec, batch: int, size: tuple[int, int]) -> Profile:
     return {t.name: ShapeRange(*(t.concrete_shape(sizes),) * 3) for t in spec.inputs}
 
 
-def select_profile(profiles: list[Profile], shapes: Mapping[str, Shape]) -> int:
-    """Index of the first profile that admits every input shape; InputError naming the ranges if none."""
+def profile_index(profiles: list[Profile], shapes: Mapping[str, Shape]) -> int | None:
+    """Index of the first profile that admits every input shape, or None."""
     for index, profile in enumerate(profiles):
         if all(profile[name].contains(tuple(shape)) for name, shape in shapes.items() if name in profile):
             return index
+    return None
+
+
+def admits(profiles: list[Profile], spec: GraphSpec, sizes: Mapping[str, int]) -> bool:
+    """Whether some profile admits the spec's inputs at ``sizes`` (batch, height, width)."""
+    return profile_index(profiles, spec.input_shapes(sizes)) is not None
+
+
+def profile_sizes(profiles: list[Profile], spec: GraphSpec) -> list[dict[str, int]]:
+    """The sizes of each profile's opt shapes (then its min and max, where they differ), once each."""
+    out: list[dict[str, int]] = []
+    for which in ("opt", "min", "max"):
+        for profile in profiles:
+            shapes = {name: getattr(r, which) for name, r in profile.items()}
+            sizes = spec.sizes_from_shapes(shapes)
+            full = {"batch": 1, "height": spec.default_size[0], "width": spec.default_size[1], **sizes}
+            if full not in out:
+                out.append(full)
+    return out
+
+
+def select_profile(profiles: list[Profile], shapes: Mapping[str, Shape]) -> int:
+    """Index of the first profile that admits every input shape; InputError naming the ranges if none."""
+    index = profile_index(profiles, shapes)
+    if index is not None:
+        return index
     first = profiles[0]
     name, shape = next(
         ((n, s) for n, s in shapes.items() if n in first and not first[n].contains(tuple(s))),

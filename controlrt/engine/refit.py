@@ -14,15 +14,15 @@ refitted engine's record names the new graph, all written with the manifest last
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from controlrt.engine.cache import EngineRecord, EngineStore, Gpu
-from controlrt.errors import BuildError, InputError, ValidationError
-from controlrt.manifest import Build, FileRecord, GraphRecord, Variant
+from controlrt.errors import BuildError, InputError
+from controlrt.export.variants import new_graph_name
+from controlrt.manifest import Build, GraphRecord, Manifest, Variant
 from controlrt.precision import Precision
 from controlrt.specs import GraphSpec
 
@@ -110,8 +110,7 @@ def plan_refit(build: Build, controlnet: str, source: str | Path, staging: Path)
     source = Path(source).expanduser()
     if source.is_file() and source.suffix == ".onnx":
         check_same_architecture(build.graph_path(spec.name), source)  # an fp32 graph of this architecture
-        data = source.with_name(source.name + ".data")
-        fp32_files = [source, *([data] if data.is_file() else [])]
+        fp32_files = _copy_onnx(source, staging / new_graph_name(spec.name, Precision.FP32))
         source_record = {"path": str(source.resolve()), "onnx": True}
     elif source.is_dir():
         folder, fp32_files = _export_controlnet(build, spec, source, staging)
@@ -122,7 +121,9 @@ def plan_refit(build: Build, controlnet: str, source: str | Path, staging: Path)
     if Precision.FP16 in records:
         from controlrt.export.fp16 import convert_graph_fp16
 
-        new_graphs[Precision.FP16] = convert_graph_fp16(fp32_files[0], staging / f"{spec.name}.fp16.onnx")
+        new_graphs[Precision.FP16] = convert_graph_fp16(
+            fp32_files[0], staging / new_graph_name(spec.name, Precision.FP16)
+        )
     for precision in records:
         check_same_architecture(build.graph_path(spec.name, precision), new_graphs[precision][0])
     variants = build.manifest.graphs[spec.name].variants
@@ -130,12 +131,25 @@ def plan_refit(build: Build, controlnet: str, source: str | Path, staging: Path)
     return RefitPlan(spec.name, records, new_graphs, source_record, dropped)
 
 
+def _copy_onnx(source: Path, target: Path) -> list[Path]:
+    """A copy of an ONNX file (and its external data) under a new name."""
+    import onnx
+
+    from controlrt.export.onnx_export import save_onnx
+
+    try:
+        model = onnx.load(str(source), load_external_data=True)
+    except Exception as exc:  # onnx raises DecodeError, FileNotFoundError for missing data, ...
+        raise InputError(f"{source} is not a readable ONNX file ({str(exc).splitlines()[0]})") from None
+    return save_onnx(model, target, external=source.with_name(source.name + ".data").exists())
+
+
 def _export_controlnet(build: Build, spec: GraphSpec, folder_path: Path, staging: Path):
     """Export and validate the ControlNet in ``folder_path`` as ``spec``'s graph (fp32)."""
+    from controlrt.compare import compare_graph, raise_on_failures
     from controlrt.export.onnx_export import ExportSettings, export_onnx
     from controlrt.graphs import ControlNetGraph
     from controlrt.models import ControlNetModelFolder
-    from controlrt.parity import compare_graph
     from controlrt.runtime.ort_backend import OrtSession
     from controlrt.runtime.torch_backend import TorchSession
 
@@ -148,18 +162,43 @@ def _export_controlnet(build: Build, spec: GraphSpec, folder_path: Path, staging
         )
     module = ControlNetGraph(folder.load()).eval()
     settings = ExportSettings.from_dict(build.manifest.settings)
-    files = export_onnx(module, spec, staging / f"{spec.name}.onnx", settings)
+    files = export_onnx(module, spec, staging / new_graph_name(spec.name, Precision.FP32), settings)
     with OrtSession(files[0], spec) as candidate:
         rows = compare_graph(TorchSession(module, spec), candidate)
-    failed = [r for r in rows if not r.passed]
-    if failed:
-        raise ValidationError(f"{folder.name} does not reproduce PyTorch on onnxruntime ({failed[0].output})")
+    raise_on_failures(rows, f"{folder.name} does not reproduce PyTorch on onnxruntime")
     return folder, files
 
 
-def refit_controlnet(build_dir: str | Path, controlnet: str, source: str | Path) -> list[str]:
-    """Refit the ControlNet's engines with the weights of ``source``; returns what was refitted."""
+def check_refitted(spec: GraphSpec, precision: Precision, plan: bytes, profiles, onnx_path: Path, device) -> None:
+    """ValidationError unless the refitted engine computes what its new ONNX graph computes on
+    onnxruntime, at the shapes of its profiles.
+
+    A refit that did not take (old weights, or a blend of old and new) is off by far more than
+    the tolerance: fp16's per-output bounds, for fp32 and fp16 engines alike.
+    """
+    from controlrt.compare import compare_feeds, raise_on_failures, seeded_cases, tolerance_for
+    from controlrt.engine.profiles import profile_sizes
+    from controlrt.runtime.ort_backend import OrtSession
+    from controlrt.runtime.trt_backend import TensorRTSession
+
+    cases = seeded_cases(spec, profile_sizes(profiles, spec)[:2], seed=97)
+    with TensorRTSession(plan, spec, profiles, device=device) as engine, OrtSession(onnx_path, spec) as reference:
+        rows = compare_feeds(reference, engine, cases, tolerance_for(Precision.FP16, spec.kind))
+    raise_on_failures(
+        rows, f"the refitted {precision} {spec.name} engine does not reproduce its new graph (the build is unchanged)"
+    )
+
+
+def refit_controlnet(build_dir: str | Path, controlnet: str, source: str | Path, device: str = "cuda") -> list[str]:
+    """Refit the ControlNet's engines with the weights of ``source``; returns what was refitted.
+
+    New graphs are staged under new names; each refitted engine is checked against its new graph
+    on onnxruntime before anything in the build changes. Then, under the build's lock, the graphs
+    move in, the manifest is written, the engines and their records are replaced, and the old
+    graphs are deleted last.
+    """
     from controlrt.engine.trt import import_tensorrt, require_cuda
+    from controlrt.export.variants import commit_graphs
     from controlrt.runtime.trt_backend import refit_from_onnx
 
     build = Build.open(build_dir)
@@ -172,6 +211,7 @@ def refit_controlnet(build_dir: str | Path, controlnet: str, source: str | Path)
 
         version, gpu = str(trt.__version__), Gpu.current()
         store = EngineStore(build)
+        spec = build.manifest.spec(plan.graph)
         plans = {}
         for precision, record in plan.records.items():
             store.check_runnable(plan.graph, precision, version, gpu)  # only current engines are refitted
@@ -181,40 +221,39 @@ def refit_controlnet(build_dir: str | Path, controlnet: str, source: str | Path)
                 raise BuildError(f"TensorRT could not deserialize the {precision} {plan.graph} engine")
             refit_from_onnx(engine, plan.new_graphs[precision][0], trt_logger)
             plans[precision] = bytes(engine.serialize())
-        _commit(build, plan, plans)
+            check_refitted(
+                spec, precision, plans[precision], record.key.profiles, plan.new_graphs[precision][0], device
+            )
+        old = tuple((f.path, f.sha256) for f in build.variant(plan.graph, Precision.FP32).files)
+        made = {
+            (plan.graph, str(p)): (
+                files,
+                Variant((), [], {**build.variant(plan.graph, p).settings, "refitted_from": plan.source["path"]}),
+            )
+            for p, files in plan.new_graphs.items()
+        }
+
+        def update(manifest: Manifest) -> Manifest:
+            graph = manifest.graphs[plan.graph]
+            variants = {p: v for p, v in graph.variants.items() if p not in plan.dropped}
+            controlnets = list(manifest.sources["controlnets"])
+            controlnets[int(graph.spec.attributes["controlnet_index"])] = plan.source
+            return replace(
+                manifest,
+                graphs={**manifest.graphs, plan.graph: GraphRecord(graph.spec, variants)},
+                sources={**manifest.sources, "controlnets": controlnets},
+            )
+
+        def write_engines(new_build: Build) -> None:
+            new_store = EngineStore(new_build)
+            for precision, data in plans.items():
+                record = plan.records[precision]
+                files = new_build.variant(plan.graph, precision).files
+                key = replace(record.key, onnx=tuple((f.path, f.sha256) for f in files))
+                new_store.write(key, data, refitted_from=record.key.onnx)
+
+        commit_graphs(build.path, made, {plan.graph: old}, update, write_engines)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return [f"{plan.graph} {p}" for p in plan.records]
-
-
-def _commit(build: Build, plan: RefitPlan, plans: dict[Precision, bytes]) -> None:
-    """New graph files, then the engines and their records, then the manifest."""
-    manifest = build.manifest
-    graph = manifest.graphs[plan.graph]
-    variants = {p: v for p, v in graph.variants.items() if p not in plan.dropped}
-    for precision, files in plan.new_graphs.items():
-        old = graph.variants[str(precision)]
-        moved = []
-        if len(files) != len(old.files):
-            raise InputError(f"{files[0].name} and the build's {plan.graph} graph store their weights differently")
-        for new_file, old_record in zip(files, old.files, strict=True):
-            target = build.path / old_record.path
-            tmp = target.with_name(f".{target.name}.refit")
-            shutil.copyfile(new_file, tmp)
-            os.replace(tmp, target)
-            moved.append(target)
-        settings = {**old.settings, "refitted_from": plan.source["path"]}
-        variants[str(precision)] = Variant(tuple(FileRecord.of(build.path, f) for f in moved), [], settings)
-    graphs = {**manifest.graphs, plan.graph: GraphRecord(graph.spec, variants)}
-    index = int(graph.spec.attributes["controlnet_index"])
-    controlnets = list(manifest.sources["controlnets"])
-    controlnets[index] = plan.source
-    sources = {**manifest.sources, "controlnets": controlnets}
-    new_manifest = replace(manifest, graphs=graphs, sources=sources)
-    store = EngineStore(replace(build, manifest=new_manifest))
-    for precision, data in plans.items():
-        record = plan.records[precision]
-        key = replace(record.key, onnx=tuple((f.path, f.sha256) for f in variants[str(precision)].files))
-        store.write(key, data, refitted_from=record.key.onnx)
-    new_manifest.write(build.path)
     logger.info("refitted %s with %s; dropped variants: %s", plan.graph, plan.source["path"], plan.dropped or "none")
+    return [f"{plan.graph} {p}" for p in plan.records]

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from controlrt.compare import compare_in_turn, seeded_cases, tolerance_for
 from controlrt.errors import InputError
 from controlrt.export.onnx_export import save_onnx
 from controlrt.export.variants import write_variants
 from controlrt.manifest import Build, Manifest
-from controlrt.parity import compare_in_turn, seeded_cases, tolerance_for
 from controlrt.precision import Precision
 from controlrt.specs import GraphSpec
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from controlrt.errors import ExportError
+from controlrt.errors import ExportError, InputError
+from controlrt.logs import stdout_to_log
 from controlrt.specs import GraphSpec
 
 logger = logging.getLogger(__name__)
@@ -19,6 +20,8 @@ logger = logging.getLogger(__name__)
 # ONNX protobuf files cannot exceed 2 GiB; larger graphs keep their weights in a .data file.
 EXTERNAL_DATA_THRESHOLD = 1536 << 20
 DEFAULT_OPSET = 18
+# Attention's ops need opset 14 or newer; 20 is the newest the TorchScript exporter writes.
+MIN_OPSET, MAX_OPSET = 14, 20
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,15 @@ class ExportSettings:
     opset: int = DEFAULT_OPSET
     external_data: bool | None = None
     trace_batch: int = 2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise InputError(
+                f"ONNX opset {self.opset!r} is not supported: give {MIN_OPSET} to {MAX_OPSET} "
+                f"(the TorchScript exporter's range for these graphs; default {DEFAULT_OPSET})"
+            )
+        if self.trace_batch < 1:
+            raise InputError(f"trace batch {self.trace_batch} must be at least 1")
 
     def to_dict(self) -> dict:
         return {
@@ -66,7 +78,7 @@ def export_onnx(module: nn.Module, spec: GraphSpec, path: Path, settings: Export
     with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
         try:
-            with warnings.catch_warnings(), torch.no_grad():
+            with warnings.catch_warnings(), torch.no_grad(), stdout_to_log(logger):
                 warnings.simplefilter("ignore")  # tracer and deprecation chatter
                 torch.onnx.export(
                     module,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from controlrt.errors import BuildError, InputError, ModelError
 from controlrt.manifest import Build, Manifest
-from controlrt.models import BaseModel, ControlNetModelFolder
+from controlrt.models import BaseModel, ControlNetModelFolder, source_differences
 from controlrt.precision import Precision, variant_for
 from controlrt.runtime.session import Session
 
@@ -70,10 +70,12 @@ def open_sources(manifest: Manifest) -> tuple[BaseModel, list[ControlNetModelFol
     except ModelError as exc:
         raise BuildError(f"the torch reference needs the build's source models: {exc}") from None
     for folder, recorded in ((base, sources["base"]), *zip(controlnets, sources["controlnets"], strict=True)):
-        if folder.source_record() != recorded:
+        changed = source_differences(recorded, folder.source_record())
+        if changed:
             raise BuildError(
-                f"source model {folder.path} changed since it was exported (config or weights "
-                "differ from the manifest); re-run controlrt export"
+                f"source model {folder.path} changed since it was exported ({', '.join(changed[:3])} "
+                "differ from the manifest); the torch reference would use other weights than the graphs: "
+                "re-run controlrt export"
             )
     return base, controlnets
 
@@ -85,6 +87,38 @@ class SessionFactory:
         self.build = build
         self.options = options
         self._sources: tuple[BaseModel, list[ControlNetModelFolder]] | None = None
+
+    def _profiles(self, name: str):
+        """The optimization profiles of the engine this factory would open, or None (any shape)."""
+        if self.options.backend != "tensorrt":
+            return None
+        from controlrt.engine.cache import EngineStore
+
+        spec = self.build.manifest.spec(name)
+        variants = set(self.build.manifest.graphs[name].variants)
+        record = EngineStore(self.build).record(name, variant_for(spec.kind, self.options.precision, variants))
+        return None if record is None else record.key.profiles  # no engine: open() says so
+
+    def admits(self, name: str, sizes: Mapping[str, int]) -> bool:
+        """Whether the session this factory opens for ``name`` accepts inputs at ``sizes``."""
+        from controlrt.engine.profiles import admits
+
+        profiles = self._profiles(name)
+        return profiles is None or admits(profiles, self.build.manifest.spec(name), sizes)
+
+    def own_sizes(self, name: str) -> list[dict[str, int]]:
+        """Sizes the session is made for (an engine's profile shapes); empty when it takes any."""
+        from controlrt.engine.profiles import profile_sizes
+
+        profiles = self._profiles(name)
+        return [] if profiles is None else profile_sizes(profiles, self.build.manifest.spec(name))
+
+    def accepted_sizes(self, name: str, candidates: Sequence[Mapping[str, int]]) -> list[dict[str, int]]:
+        """The candidates the session accepts, topped up with its own sizes to as many as were asked."""
+        wanted = max(1, len(candidates))
+        out = [dict(s) for s in candidates if self.admits(name, s)]
+        out += [s for s in self.own_sizes(name) if s not in out]
+        return out[:wanted]
 
     def open(self, name: str) -> Session:
         spec = self.build.manifest.spec(name)

@@ -21,12 +21,13 @@ gets zero residuals, so the ControlNets run on the conditional half only.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 
 import torch
 
 from controlrt.errors import InputError
-from controlrt.specs import Axis, GraphSpec
+from controlrt.specs import Axis, GraphKind, GraphSpec
 
 
 class ControlMode(StrEnum):
@@ -49,12 +50,43 @@ class ControlMode(StrEnum):
         return self is not ControlMode.UNIFORM
 
 
+@dataclass(frozen=True)
+class Branches:
+    """Which classifier-free-guidance branches each graph runs: the one place this is decided.
+
+    With CFG (guidance above 1) the text encoder and the UNet run both halves of the batch,
+    [uncond, cond]; the ControlNets run both in uniform mode and only the conditional half in the
+    conditional-only modes; the VAE decodes each image once.
+    """
+
+    cfg: bool
+    conditional_only: bool = False
+
+    @classmethod
+    def of(cls, guidance: float, mode: ControlMode | str = ControlMode.UNIFORM) -> Branches:
+        cfg = guidance > 1.0
+        return cls(cfg, cfg and ControlMode.parse(mode).conditional_only)
+
+    def per_image(self, kind: GraphKind) -> int:
+        """The graph's batch for one image."""
+        if kind is GraphKind.VAE_DECODER or not self.cfg:
+            return 1
+        return 1 if kind is GraphKind.CONTROLNET and self.conditional_only else 2
+
+    @staticmethod
+    def possible(kind: GraphKind) -> tuple[int, ...]:
+        """Every per-image batch the graph may run with, over all guidance settings and modes."""
+        plans = (Branches(False), Branches(True), Branches(True, True))
+        return tuple(sorted({b.per_image(kind) for b in plans}))
+
+
 def residual_divisors(unet: GraphSpec) -> list[int]:
     """Each residual input's spatial divisor (image size / residual size), in UNet order."""
     divisors = []
-    for t in unet.inputs[3:]:
+    for t in unet.residual_inputs:
         axis = t.shape[2]
-        assert isinstance(axis, Axis), f"{t.name} has no symbolic height"
+        if not isinstance(axis, Axis):
+            raise ValueError(f"{unet.name}: residual {t.name} has no symbolic height")
         divisors.append(axis.divisor)
     return divisors
 

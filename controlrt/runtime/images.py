@@ -14,19 +14,58 @@ from controlrt.errors import InputError
 ControlImage = Image.Image | np.ndarray | torch.Tensor | str | Path
 
 
+# Control images are read whole before they are resized: refuse ones larger than this (8k x 8k).
+MAX_CONTROL_PIXELS = 8192 * 8192
+
+
+def _open(path: Path) -> Image.Image:
+    """A lazily opened image (header read, pixels not decoded); InputError if unreadable or too large."""
+    if not path.is_file():
+        raise InputError(f"control image {path} does not exist")
+    try:
+        image = Image.open(path)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        raise InputError(f"control image {path} is not a readable image ({exc.__class__.__name__})") from None
+    width, height = image.size
+    if width * height > MAX_CONTROL_PIXELS:
+        image.close()
+        raise InputError(f"control image {path} is {width}x{height}; at most {MAX_CONTROL_PIXELS} pixels are read")
+    return image
+
+
+def peek_size(source: Any) -> tuple[int, int]:
+    """(height, width) of a control (a path, ``KIND:PATH``, PIL image, HxW[xC] array or [B,]CxHxW
+    tensor) without decoding it."""
+    if isinstance(source, str):
+        from controlrt.preprocess import split_control
+
+        source = split_control(source)[1]
+    if isinstance(source, (str, Path)):
+        with _open(Path(source).expanduser()) as image:
+            return image.size[1], image.size[0]
+    if isinstance(source, Image.Image):
+        return source.size[1], source.size[0]
+    shape = tuple(getattr(source, "shape", ()))
+    if isinstance(source, np.ndarray) and len(shape) in (2, 3):
+        return shape[0], shape[1]
+    if isinstance(source, torch.Tensor) and len(shape) in (3, 4):
+        return shape[-2], shape[-1]
+    raise InputError(
+        f"a control must be an image path, a PIL image, an HxW(xC) array or a CxHxW tensor, not {type(source).__name__}"
+    )
+
+
 def load_image(source: ControlImage) -> Image.Image | np.ndarray | torch.Tensor:
     """Open a path as a PIL image (InputError if unreadable); pass images and arrays through."""
     if not isinstance(source, (str, Path)):
         return source
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise InputError(f"control image {path} does not exist")
-    try:
-        with Image.open(path) as image:
+    with _open(path) as image:
+        try:
             image.load()
-            return image.copy()
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-        raise InputError(f"control image {path} is not a readable image ({exc.__class__.__name__})") from None
+        except (Image.DecompressionBombError, OSError, ValueError) as exc:
+            raise InputError(f"control image {path} is not a readable image ({exc.__class__.__name__})") from None
+        return image.copy()
 
 
 def preprocess_control(image: Any, height: int, width: int, vae_scale_factor: int, channels: int) -> torch.Tensor:
@@ -60,14 +99,44 @@ def postprocess(image: torch.Tensor, vae_scale_factor: int) -> Image.Image:
     return processor.postprocess(image.float().cpu(), output_type="pil")[0]
 
 
+# Formats whose files carry the settings: PNG in a text chunk, JPEG in a comment segment.
+SETTINGS_FORMATS = {"PNG", "JPEG"}
+SETTINGS_KEY = "controlrt"
+
+
 def check_image_path(path: Path) -> str:
-    """The PIL format for an output path; InputError if the extension is unknown or it is a folder."""
+    """The PIL format for an output path; InputError if it is not PNG or JPEG, or is a folder."""
     fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise InputError(f"output {path}: unknown image extension {path.suffix!r}; use .png")
+    if fmt not in SETTINGS_FORMATS:
+        raise InputError(
+            f"output {path}: {path.suffix or 'no extension'!r} is not an image format that keeps the generation "
+            "settings; use .png (or .jpg)"
+        )
     if path.is_dir():
         raise InputError(f"output {path} is a folder")
     return fmt
+
+
+def with_settings(image: Image.Image, settings: dict[str, Any]) -> Image.Image:
+    """``image`` with ``settings`` as JSON in ``image.info["controlrt"]`` (kept when it is saved)."""
+    import json
+
+    image.info[SETTINGS_KEY] = json.dumps(settings, default=str)
+    return image
+
+
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """The settings a PNG or JPEG written by controlrt carries; InputError if it carries none."""
+    import json
+
+    with Image.open(path) as image:
+        text = image.info.get(SETTINGS_KEY) or image.info.get("comment")
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        raise InputError(f"{path} carries no controlrt settings") from None
 
 
 def encode_png(image: Image.Image, settings: dict[str, Any] | None = None) -> bytes:
@@ -82,20 +151,29 @@ def _encode(image: Image.Image, fmt: str, settings: dict[str, Any] | None) -> by
     from PIL.PngImagePlugin import PngInfo
 
     kwargs: dict[str, Any] = {}
-    if fmt == "PNG" and settings is not None:
-        info = PngInfo()
-        info.add_text("controlrt", json.dumps(settings, default=str))
-        kwargs["pnginfo"] = info
+    if settings is not None:
+        text = json.dumps(settings, default=str)
+        if fmt == "PNG":
+            info = PngInfo()
+            info.add_text(SETTINGS_KEY, text)
+            kwargs["pnginfo"] = info
+        elif fmt == "JPEG":
+            kwargs.update(comment=text.encode("utf-8"), quality=95)
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)
     return buffer.getvalue()
 
 
 def save_image(image: Image.Image, path: str | Path, settings: dict[str, Any] | None = None) -> None:
-    """Write ``image`` atomically; PNGs carry ``settings`` as JSON in a "controlrt" text chunk."""
+    """Write ``image`` atomically, with ``settings`` as JSON: PNGs in a "controlrt" text chunk,
+    JPEGs in a comment segment. InputError where the folder cannot be written."""
     from controlrt.io import atomic_write_bytes
 
     path = Path(path)
     fmt = check_image_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, _encode(image, fmt, settings))
+    data = _encode(image, fmt, settings)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from controlrt.runtime.control import control_active
+from controlrt.progress import progress_bar
+from controlrt.runtime.control import Branches, control_active
 from controlrt.runtime.session import Session
+from controlrt.specs import GraphKind
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def denoise(
     *,
     steps: int,
     guidance: float,
-    conditional_only: bool,
+    branches: Branches,
     generator: torch.Generator,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -88,20 +89,21 @@ def denoise(
         noise: Initial standard-normal latents [B, C, h, w]; scaled here by the scheduler's
             init_noise_sigma, which depends on the timesteps just set (as in diffusers).
         steps: Number of inference steps.
-        guidance: Classifier-free guidance scale; CFG runs when it is above 1.
-        conditional_only: Give control to the conditional branch only (uncond gets zeros).
+        guidance: Classifier-free guidance scale.
+        branches: Which CFG branches run (Branches.of(guidance, mode)): with ``conditional_only``
+            the unconditional half gets zero residuals and the ControlNets run on the other.
         generator: The generator the latents were drawn from (stochastic schedulers continue it).
         progress: Show a progress bar on stderr.
     """
     device = unet.device
-    cfg = guidance > 1.0
+    cfg = branches.cfg
     scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
     latents = noise.to(device) * scheduler.init_noise_sigma
     half = latents.shape[0]
-    batch = 2 * half if cfg else half
-    cond_slice = slice(half, batch) if cfg and conditional_only else slice(0, batch)
-    names = [t.name for t in unet.spec.inputs[3:]]
+    batch = half * branches.per_image(GraphKind.UNET)
+    cond_slice = slice(batch - half * branches.per_image(GraphKind.CONTROLNET), batch)
+    names = [t.name for t in unet.spec.residual_inputs]
     zero_residuals = _zero_residuals(unet, batch, latents.shape[2:], device)
     # Conditional-only control: the uncond half of this buffer stays zero, the cond half is
     # overwritten each step (allocated once, not per step).
@@ -110,7 +112,7 @@ def denoise(
     cn_embeds = prompt_embeds[cond_slice]
     # timesteps as the graphs take them, made on the device once (no host sync per step)
     t_inputs = timesteps.to(device=device, dtype=torch.float32)
-    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoise", leave=False)):
+    for i, t in enumerate(progress_bar(timesteps, progress, "denoise", "step", lines=False)):
         model_input = torch.cat([latents] * 2) if cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
         cn_input = model_input[cond_slice]
@@ -146,10 +148,10 @@ def denoise(
 def _zero_residuals(unet: Session, batch: int, latent_hw: Sequence[int], device) -> dict[str, torch.Tensor]:
     """Zero residual inputs ("no control") for a batch at a latent size."""
     spec = unet.spec
-    sample = spec.inputs[0].shape  # (batch, channels, height/f, width/f)
+    sample = spec.tensor("sample").shape  # (batch, channels, height/f, width/f)
     sizes = {
         "batch": batch,
         "height": latent_hw[0] * sample[2].divisor,
         "width": latent_hw[1] * sample[3].divisor,
     }
-    return {t.name: torch.zeros(t.concrete_shape(sizes), device=device) for t in spec.inputs[3:]}
+    return {t.name: torch.zeros(t.concrete_shape(sizes), device=device) for t in spec.residual_inputs}

@@ -51,14 +51,39 @@ _ORT_TYPES = {
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
+def provider_entries(names: Sequence[str], stream: int | None) -> list:
+    """onnxruntime's providers argument: on the GPU providers, torch's CUDA stream as the one
+    onnxruntime computes on (``user_compute_stream``), so the two are ordered by the stream."""
+    if stream is None:
+        return list(names)
+    return [(n, {"user_compute_stream": str(stream)}) if n in GPU_PROVIDERS else n for n in names]
+
+
+def order_after_torch(device: torch.device, ort_stream: int | None, current_stream=None) -> bool:
+    """Before onnxruntime reads tensors torch made on the GPU: if torch's current stream is not the
+    one onnxruntime computes on, wait for it (its kernels may still be writing the inputs).
+
+    Returns whether it waited. ``current_stream`` is torch.cuda.current_stream (tests substitute it).
+    """
+    if device.type != "cuda":
+        return False
+    stream = (current_stream or torch.cuda.current_stream)(device)
+    if ort_stream is not None and stream.cuda_stream == ort_stream:
+        return False
+    stream.synchronize()
+    return True
+
+
 class OrtSession(Session):
     """Runs one ONNX graph with onnxruntime.
 
     On the CPU provider, tensors go in and come out on the CPU. With the CUDA or TensorRT
     execution provider the session works on CUDA tensors through IOBinding: inputs are bound
     where they lie on the device, outputs are allocated as torch CUDA tensors of the spec's shapes
-    and bound too, so nothing crosses to the host between steps. ``io_binding=True`` uses the
-    same path on the CPU.
+    and bound too, so nothing crosses to the host between steps. onnxruntime computes on torch's
+    current CUDA stream at creation (``user_compute_stream``); if torch has moved to another
+    stream by the time of a run, that stream is waited for first, so onnxruntime never reads
+    inputs torch's kernels are still writing. ``io_binding=True`` uses the same path on the CPU.
     """
 
     backend = "onnxruntime"
@@ -80,8 +105,12 @@ class OrtSession(Session):
         options.log_severity_level = 3
         if threads is not None:  # default: one per physical core
             options.intra_op_num_threads = threads
+        names = resolve_providers(providers)
+        self._stream = None  # the CUDA stream onnxruntime computes on, when it is torch's
+        if names[0] in GPU_PROVIDERS:
+            self._stream = torch.cuda.current_stream(torch.device("cuda", device_id)).cuda_stream
         try:
-            self._session = ort.InferenceSession(str(path), options, providers=resolve_providers(providers))
+            self._session = ort.InferenceSession(str(path), options, providers=provider_entries(names, self._stream))
         except BackendError:
             raise
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -134,6 +163,7 @@ class OrtSession(Session):
             np_type, torch_type = self._types[name]
             outputs[name] = torch.empty(shapes[name], dtype=torch_type, device=device)
             binding.bind_output(name, kind, index, np_type, shapes[name], outputs[name].data_ptr())
+        order_after_torch(device, self._stream)
         try:
             self._session.run_with_iobinding(binding)
         except Exception as exc:

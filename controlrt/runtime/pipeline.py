@@ -12,17 +12,19 @@ from typing import Any
 import torch
 from PIL import Image
 
-from controlrt.errors import BuildError
+from controlrt.errors import BuildError, InputError
 from controlrt.manifest import Build
 from controlrt.precision import Precision
 from controlrt.preprocess import load_control
 from controlrt.runtime.backends import BackendOptions, open_sessions
-from controlrt.runtime.control import block_weights, residual_divisors
-from controlrt.runtime.images import postprocess, preprocess_control
+from controlrt.runtime.control import Branches, block_weights, residual_divisors
+from controlrt.runtime.images import peek_size, postprocess, preprocess_control, with_settings
+from controlrt.runtime.limits import Limits
 from controlrt.runtime.loop import ControlPlan, denoise
 from controlrt.runtime.request import GenerationRequest, ResolvedRequest, resolve
 from controlrt.runtime.schedulers import make_scheduler
 from controlrt.runtime.session import Session
+from controlrt.specs import GraphKind
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +47,21 @@ class Pipeline:
         image = pipe("a house", controls=["edges.png"], steps=20, seed=1)
     """
 
-    def __init__(self, build: Build, sessions: dict[str, Session], options: BackendOptions, tokenizer) -> None:
+    def __init__(
+        self,
+        build: Build,
+        sessions: dict[str, Session],
+        options: BackendOptions,
+        tokenizer,
+        limits: Limits | None = None,
+    ) -> None:
         self.build = build
         self.sessions = sessions
         self.options = options
         self.tokenizer = tokenizer
         manifest = build.manifest
         self.info = manifest.info
+        self.limits = limits or Limits.for_model(self.info)
         self.unet_spec = manifest.spec("unet")
         self.controlnet_specs = manifest.controlnet_specs
         self._divisors = residual_divisors(self.unet_spec)
@@ -66,6 +76,7 @@ class Pipeline:
         device: str | None = None,
         verify: bool = True,
         precision: str = "fp32",
+        limits: Limits | None = None,
         **options: Any,
     ) -> Pipeline:
         """Open a build and every graph on ``backend``.
@@ -78,10 +89,11 @@ class Pipeline:
             device: torch device for the torch and tensorrt backends (default cpu / cuda).
             verify: Check every file's sha256 against the manifest (else only sizes).
             precision: "fp32", "fp16" or "int8" graphs; the build must have them.
+            limits: Bounds for every request (default: Limits.for_model of the build's model).
             options: Further BackendOptions: cuda_graphs, weight_streaming_budget (tensorrt).
         """
         build = Build.open(build_dir, verify=verify)
-        return cls.from_build(build, backend, providers, device, precision, **options)
+        return cls.from_build(build, backend, providers, device, precision, limits, **options)
 
     @classmethod
     def from_build(
@@ -91,6 +103,7 @@ class Pipeline:
         providers: Sequence[str] | None = None,
         device: str | None = None,
         precision: str = "fp32",
+        limits: Limits | None = None,
         **options: Any,
     ) -> Pipeline:
         """Like :meth:`load`, for a build that is already open (and checked)."""
@@ -104,7 +117,7 @@ class Pipeline:
         except (OSError, ValueError) as exc:
             raise BuildError(f"build {build.path}: cannot load its tokenizer ({exc})") from None
         sessions = open_sessions(build, backend_options)
-        return cls(build, sessions, backend_options, tokenizer)
+        return cls(build, sessions, backend_options, tokenizer, limits)
 
     @property
     def controlnet_names(self) -> list[str]:
@@ -115,22 +128,38 @@ class Pipeline:
         """Generate one image; keyword arguments are those of :class:`GenerationRequest`."""
         return self.generate(GenerationRequest(prompt, tuple(controls), **settings)).image
 
+    def check(self, request: GenerationRequest) -> ResolvedRequest:
+        """Validate a request against the build and the limits, reading only the first control
+        image's header; InputError names the first problem. Nothing is allocated."""
+        control_size = peek_size(request.controls[0]) if len(request.controls) else None
+        resolved = resolve(request, len(self.controlnet_specs), self.info, self.limits, control_size)
+        for control in resolved.controls[1:]:
+            peek_size(control)  # each is readable and within bounds
+        try:
+            make_scheduler(self.build.scheduler_config, request.scheduler).set_timesteps(request.steps)
+        except ValueError as exc:  # a scheduler's own limits on the step count
+            raise InputError(f"steps {request.steps}: {str(exc).splitlines()[0]}") from None
+        return resolved
+
     def generate(
         self, request: GenerationRequest, progress: bool = False, timings: dict[str, float] | None = None
     ) -> GenerationResult:
-        """Generate one image; ``timings``, if given, receives the denoise loop's seconds."""
-        resolved = resolve(request, len(self.controlnet_specs), self.info.size_multiple, self.info.default_size)
+        """Generate one image; ``timings``, if given, receives the denoise loop's seconds.
+
+        The image carries its settings as JSON in ``image.info["controlrt"]``.
+        """
+        resolved = self.check(request)
         device = self.sessions["unet"].device
         # read (and preprocess, for KIND:PATH controls) every image before any work
         images = [load_control(c, self.annotators) for c in resolved.controls]
         scheduler = make_scheduler(self.build.scheduler_config, request.scheduler)
-        cfg = request.guidance > 1.0
-        conditional_only = resolved.mode.conditional_only and cfg
+        branches = Branches.of(request.guidance, resolved.mode)
 
         # 1. text: [uncond, cond] for classifier-free guidance
-        embeds = self._encode([request.negative_prompt or "", request.prompt] if cfg else [request.prompt])
+        texts = [request.negative_prompt or "", request.prompt] if branches.cfg else [request.prompt]
+        embeds, truncated = self._encode(texts)
         # 2. controls: preprocessed once, at the ControlNets' batch size
-        controls = self._plan_controls(resolved, images, cfg and not conditional_only, device)
+        controls = self._plan_controls(resolved, images, branches.per_image(GraphKind.CONTROLNET), device)
         # 3. initial latents, drawn as diffusers draws them
         generator = torch.Generator("cpu").manual_seed(request.seed)
         f = self.info.vae_scale_factor
@@ -146,7 +175,7 @@ class Pipeline:
             noise,
             steps=request.steps,
             guidance=float(request.guidance),
-            conditional_only=conditional_only,
+            branches=branches,
             generator=generator,
             progress=progress,
         )
@@ -161,20 +190,33 @@ class Pipeline:
         settings["controls"] = [str(c) if isinstance(c, (str, Path)) else type(c).__name__ for c in resolved.controls]
         settings["backend"] = self.options.backend
         settings["precision"] = str(self.options.precision)
-        return GenerationResult(image, latents, settings)
+        if truncated:
+            settings["truncated"] = truncated
+        return GenerationResult(with_settings(image, settings), latents, settings)
 
-    def _encode(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            texts,
-            padding="max_length",
-            max_length=self.info.sequence_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.sessions["text_encoder"].infer({"input_ids": ids.to(torch.int64)})["last_hidden_state"]
+    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, list[str]]:
+        """Prompt embeddings, and the text cut off by the tokenizer's limit (warned about, as in diffusers)."""
+        length = self.info.sequence_length
+        tokens = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        full = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+        truncated = []
+        if full.shape[-1] > length:
+            for row in range(len(texts)):
+                removed = self.tokenizer.decode(full[row, length - 1 : -1], skip_special_tokens=True).strip()
+                if removed:
+                    truncated.append(removed)
+                    logger.warning(
+                        "this part of the prompt was cut off because the text encoder takes at most %d tokens: %s",
+                        length,
+                        removed,
+                    )
+        feeds = {"input_ids": tokens.input_ids.to(torch.int64)}
+        if "attention_mask" in self.sessions["text_encoder"].spec.input_names:  # the config asks for it
+            feeds["attention_mask"] = tokens.attention_mask.to(torch.int64)
+        return self.sessions["text_encoder"].infer(feeds)["last_hidden_state"], truncated
 
     def _plan_controls(
-        self, resolved: ResolvedRequest, images: list, both_branches: bool, device: torch.device
+        self, resolved: ResolvedRequest, images: list, batch: int, device: torch.device
     ) -> list[ControlPlan]:
         base = block_weights(resolved.mode, self._divisors)
         plans = []
@@ -182,8 +224,8 @@ class Pipeline:
             spec = self.controlnet_specs[k]
             channels = spec.tensor("controlnet_cond").shape[1]
             tensor = preprocess_control(image, resolved.height, resolved.width, self.info.vae_scale_factor, channels)
-            if both_branches:
-                tensor = torch.cat([tensor] * 2)
+            if batch > 1:
+                tensor = torch.cat([tensor] * batch)
             plans.append(
                 ControlPlan(
                     session=self.sessions[spec.name],

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controlrt.errors import InputError
 from controlrt.runtime.control import ControlMode
 from controlrt.runtime.images import ControlImage
+from controlrt.runtime.limits import Limits
+from controlrt.specs import check_image_size
+
+if TYPE_CHECKING:
+    from controlrt.models import ModelInfo
+
+logger = logging.getLogger(__name__)
 
 FloatOrList = float | Sequence[float]
 
@@ -19,8 +27,9 @@ class GenerationRequest:
     """What to generate. Defaults follow diffusers' StableDiffusionControlNetPipeline.
 
     The k-th control image, scale, start and end go to the build's k-th ControlNet; a single
-    scale, start or end applies to every control. ``height``/``width`` default to the model's
-    native size.
+    scale, start or end applies to every control. ``height``/``width`` default, as in diffusers,
+    to the first control image's size (rounded down to the model's size multiple), else to the
+    model's native size.
     """
 
     prompt: str
@@ -78,12 +87,48 @@ def _per_control(value: FloatOrList, count: int, label: str) -> list[float]:
     return out
 
 
+def image_size(request: GenerationRequest, info: ModelInfo, control_size: tuple[int, int] | None) -> tuple[int, int]:
+    """The image size (height, width) a request asks for.
+
+    As diffusers' ControlNet pipelines: a side not given is the first control image's, rounded
+    down (diffusers rounds to the VAE factor; the graphs need the model's size multiple, so it is
+    rounded to that, and a note is logged when the two differ); with no control image, the
+    model's native size.
+    """
+    height, width = request.height, request.width
+    if control_size is None or (height is not None and width is not None):
+        return (info.default_size[0] if height is None else height, info.default_size[1] if width is None else width)
+    m = info.size_multiple
+    rounded = [max(m, side // m * m) for side in control_size]
+    diffusers = [side // info.vae_scale_factor * info.vae_scale_factor for side in control_size]
+    if rounded != diffusers:
+        logger.info(
+            "size from the first control image %dx%d: %dx%d, rounded down to a multiple of %d (diffusers would use "
+            "%dx%d, which these graphs cannot take); give --height and --width to choose",
+            *control_size,
+            *rounded,
+            m,
+            *diffusers,
+        )
+    return (rounded[0] if height is None else height, rounded[1] if width is None else width)
+
+
 def resolve(
-    request: GenerationRequest, num_controlnets: int, size_multiple: int, default_size: tuple[int, int]
+    request: GenerationRequest,
+    num_controlnets: int,
+    info: ModelInfo,
+    limits: Limits,
+    control_size: tuple[int, int] | None = None,
 ) -> ResolvedRequest:
-    """Check a request against a build; InputError names the first problem."""
+    """Check a request against a build and its limits; InputError names the first problem.
+
+    Args:
+        control_size: (height, width) of the first control image, for the default size.
+    """
     if not isinstance(request.prompt, str):
         raise InputError("prompt must be a string")
+    if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
+        raise InputError("negative prompt must be a string")
     controls = list(request.controls)
     if len(controls) > num_controlnets:
         raise InputError(f"{len(controls)} control images given but the build has {num_controlnets} ControlNet(s)")
@@ -94,18 +139,23 @@ def resolve(
     for k, (s, e) in enumerate(zip(starts, ends, strict=True)):
         if not 0.0 <= s < e <= 1.0:
             raise InputError(f"control {k}: start {s} and end {e} must satisfy 0 <= start < end <= 1")
-    if isinstance(request.steps, bool) or not isinstance(request.steps, int) or request.steps < 1:
-        raise InputError(f"steps must be a whole number of at least 1, got {request.steps!r}")
+    if (
+        isinstance(request.steps, bool)
+        or not isinstance(request.steps, int)
+        or not 1 <= request.steps <= limits.max_steps
+    ):
+        raise InputError(f"steps must be a whole number from 1 to {limits.max_steps}, got {request.steps!r}")
+    if isinstance(request.guidance, bool) or not isinstance(request.guidance, (int, float)):
+        raise InputError(f"guidance {request.guidance!r} is not a number")
     if not math.isfinite(float(request.guidance)) or request.guidance < 0:
         raise InputError(f"guidance {request.guidance} must be finite and non-negative")
-    if not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
+    if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
         raise InputError(f"seed must be a whole number in [0, 2**63), got {request.seed!r}")
-    height = default_size[0] if request.height is None else request.height
-    width = default_size[1] if request.width is None else request.width
-    for label, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or value <= 0 or value % size_multiple:
-            raise InputError(
-                f"{label} {value} must be a positive multiple of {size_multiple} for this model "
-                "(the VAE factor times the UNet's downsampling)"
-            )
+    height, width = image_size(request, info, control_size)
+    check_image_size(height, width, info.size_multiple)
+    if height * width > limits.max_pixels:
+        raise InputError(
+            f"{height}x{width} is {height * width} pixels; at most {limits.max_pixels} are allowed "
+            f"(about {math.isqrt(limits.max_pixels)} px square; --max-pixels raises the limit)"
+        )
     return ResolvedRequest(request, mode, scales, starts, ends, height, width, controls)

@@ -23,6 +23,8 @@ def make_scheduler(config: dict[str, Any], name: str | None = None):
     """A fresh scheduler from the model's config; ``name`` (short or class name) picks another class."""
     import diffusers
 
+    if name is not None and not isinstance(name, str):
+        raise InputError(f"scheduler must be a name, not {name!r}")
     class_name = config.get("_class_name") if name is None else SCHEDULERS.get(name.lower(), name)
     cls = getattr(diffusers, str(class_name), None)
     if cls is None or not hasattr(cls, "from_config") or not class_name.endswith("Scheduler"):

@@ -27,6 +27,10 @@ class Session(ABC):
         """Where the tensors ``infer`` returns live (inputs are moved there as needed)."""
         return torch.device("cpu")
 
+    def admits(self, sizes: Mapping[str, int]) -> bool:
+        """Whether the session accepts inputs at ``sizes`` (batch, height, width); most take any."""
+        return True
+
     def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the graph.
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from controlrt.engine.profiles import Profile, select_profile
+from controlrt.engine.profiles import Profile, admits, select_profile
 from controlrt.engine.trt import import_tensorrt
 from controlrt.errors import BackendError, BuildError
 from controlrt.runtime.session import Session
@@ -148,6 +148,9 @@ class TensorRTSession(Session):
     @property
     def device(self) -> torch.device:
         return self._device
+
+    def admits(self, sizes: Mapping[str, int]) -> bool:
+        return admits(self._profiles, self.spec, sizes)
 
     def _check_io(self, engine: trt.ICudaEngine) -> None:
         import tensorrt as trt

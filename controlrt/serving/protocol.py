@@ -40,17 +40,28 @@ FIELDS = {
 
 
 def decode_control(text: Any, index: int) -> Image.Image:
+    """A control image from base64; its size is checked (MAX_CONTROL_PIXELS) before it is decoded."""
+    from controlrt.runtime.images import MAX_CONTROL_PIXELS
+
     if not isinstance(text, str):
         raise InputError(f"controls[{index}] must be a base64 PNG string")
     try:
         data = base64.b64decode(text, validate=True)
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.copy()
     except (binascii.Error, ValueError):
         raise InputError(f"controls[{index}] is not valid base64") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise InputError(f"controls[{index}] is not a readable image") from None
+    with image:
+        width, height = image.size
+        if width * height > MAX_CONTROL_PIXELS:
+            raise InputError(f"controls[{index}] is {width}x{height}; at most {MAX_CONTROL_PIXELS} pixels are read")
+        try:
+            image.load()
+        except (OSError, ValueError, Image.DecompressionBombError):
+            raise InputError(f"controls[{index}] is not a readable image") from None
+        return image.copy()
 
 
 def encode_control(image: Image.Image) -> str:

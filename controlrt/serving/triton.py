@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from controlrt.errors import BuildError, InputError
-from controlrt.io import staged_folder
+from controlrt.io import output_folder, sha256_file, staged_folder
 from controlrt.manifest import Build
 from controlrt.precision import Precision, variant_for
 from controlrt.specs import Axis, GraphSpec, TensorSpec
@@ -63,37 +63,33 @@ def write_triton_repo(
     build_dir: str | Path, out_dir: str | Path, precision: str = "fp16", instances: int = 1, force: bool = False
 ) -> Path:
     """Write the repository for the build's ``precision`` engines; BuildError if one is missing."""
-    from controlrt.engine.cache import EngineStore, onnx_identity
+    from controlrt.engine.cache import EngineStore
 
     precision = Precision.parse(precision)
     if instances < 1:
         raise InputError("--instances must be at least 1")
     build = Build.open(build_dir)
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise InputError(f"output {out} already exists; pass --force to replace it")
-        if not (out / PIPELINE_MODEL / "config.pbtxt").is_file():
-            raise InputError(f"output {out} is not a controlrt Triton repository; refusing to replace it")
     store = EngineStore(build)
     plans = {}
     command = f"controlrt build {build.path} --precision {precision}"
     for name, record in build.manifest.graphs.items():
         variant = variant_for(record.spec.kind, precision, set(record.variants))
-        engine = store.record(name, variant)
+        engine, reasons = store.problems(name, variant)  # TensorRT and GPU are Triton's machine's
         if engine is None:
             raise BuildError(f"build {build.path} has no {variant} engine for {name}; run {command}")
-        if engine.key.onnx != onnx_identity(build, name, variant):
-            raise BuildError(f"the {variant} engine for {name} is stale (its ONNX changed); run {command}")
+        if reasons:
+            raise BuildError(f"the {variant} engine for {name} is stale: {'; '.join(reasons)}; run {command}")
         if engine.key.options.weight_stripped:
             raise BuildError(f"the {name} engine is weight-stripped; Triton loads plans as they are: {command}")
-        plans[name] = store.plan_path(name, variant)
-    with staged_folder(out) as staging:
-        for name, plan in plans.items():
+        plans[name] = (store.plan_path(name, variant), engine.plan_sha256)
+    with staged_folder(out_dir, "triton-repo", force) as staging:
+        for name, (plan, digest) in plans.items():
             (staging / name / "1").mkdir(parents=True)
             shutil.copyfile(plan, staging / name / "1" / "model.plan")
+            if sha256_file(staging / name / "1" / "model.plan") != digest:
+                raise BuildError(f"the {name} engine changed while it was copied; run controlrt triton-repo again")
             (staging / name / "config.pbtxt").write_text(engine_config(build.manifest.spec(name), instances))
         (staging / PIPELINE_MODEL / "1").mkdir(parents=True)
         shutil.copyfile(Path(__file__).with_name("triton_model.py"), staging / PIPELINE_MODEL / "1" / "model.py")
         (staging / PIPELINE_MODEL / "config.pbtxt").write_text(pipeline_config(build.path, precision, instances))
-    return out
+    return output_folder(out_dir)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from controlrt.builtin import Architecture, build_modules, controlnet_embedding
-from controlrt.io import staged_folder
+from controlrt.io import check_replaceable, files_under, output_folder, staged_folder
 from controlrt.training import shapes
 from controlrt.training.fidelity import edge_f1, image_edges, scene_edges
 from controlrt.training.plot import fidelity_svg
@@ -349,18 +349,23 @@ def sample_images(vae, unet, scheduler, text, empty, controlnet, conditions, sca
     return [Image.fromarray(p) for p in pixels]
 
 
-def train(out_dir: str | Path, config: TrainConfig = TrainConfig(), progress: Callable | None = None) -> History:
-    """Run every stage and write ``models/`` and ``history.json`` under ``out_dir``."""
+def train(
+    out_dir: str | Path, config: TrainConfig = TrainConfig(), progress: Callable | None = None, force: bool = False
+) -> History:
+    """Run every stage and write ``models/``, ``history.json`` and ``fidelity.svg`` to ``out_dir``.
+
+    ``out_dir`` must be new or empty, or (with ``force``) an earlier run's folder holding nothing
+    else; it is written whole at the end.
+    """
     import tempfile
 
     import torch
 
     _check_device(config.device)
+    check_replaceable(output_folder(out_dir), force)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True, warn_only=config.device != "cpu")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     history = History(config=asdict(config))
     with tempfile.TemporaryDirectory() as scratch:
         pipe, _ = build_modules(replace(SHAPES, controlnets=()), Path(scratch) / "tokenizer", config.seed)
@@ -382,12 +387,12 @@ def train(out_dir: str | Path, config: TrainConfig = TrainConfig(), progress: Ca
         history.seconds[kind] = time.perf_counter() - start
 
     pipe.to("cpu")
-    with staged_folder(out / "models") as staging:
-        pipe.save_pretrained(staging / "base", safe_serialization=True)
+    with staged_folder(out_dir, "train", force) as staging:
+        pipe.save_pretrained(staging / "models" / "base", safe_serialization=True)
         for kind, controlnet in controlnets.items():
-            controlnet.save_pretrained(staging / kind, safe_serialization=True)
-    history.write(out / "history.json")
-    (out / "fidelity.svg").write_text(fidelity_svg(history.fidelity, _plot_title(history.config)))
+            controlnet.save_pretrained(staging / "models" / kind, safe_serialization=True)
+        history.write(staging / "history.json")
+        (staging / "fidelity.svg").write_text(fidelity_svg(history.fidelity, _plot_title(history.config)))
     return history
 
 
@@ -426,7 +431,8 @@ def ship(out_dir: str | Path, dest: Path | None = None, docs: Path | None = None
     if not (models / "base" / "model_index.json").is_file() or not (out / "history.json").is_file():
         raise InputError(f"{out} holds no finished training run (models/ and history.json): run controlrt train first")
     dest = dest or TRAINED_DIR
-    with staged_folder(dest) as staging:
+    # the package's own folder: everything in it is controlrt's
+    with staged_folder(dest, "train --ship", True, lambda p: set(files_under(p)), owner=False) as staging:
         for folder in sorted(p for p in models.iterdir() if p.is_dir()):
             shutil.copytree(folder, staging / folder.name)
         for path in staging.glob("**/*.safetensors"):

@@ -1,11 +1,25 @@
 """A FAKE of the few TensorRT calls controlrt makes. It is not TensorRT and verifies nothing about it.
 
-It lets CPU tests exercise controlrt's own control flow around TensorRT: tensor names and
-directions, profile selection, set_input_shape before runs, buffer binding by address, CUDA-graph
-capture per shape signature, refit bookkeeping and engine-cache invalidation. A "plan" is a small
-JSON document naming an ONNX file; "execution" reads the bound input buffers (CPU memory, by
-address), runs that ONNX with onnxruntime and writes the outputs into the bound output buffers.
-Whether real engines compute the right thing is what the GPU tests (marked tensorrt) check.
+It lets CPU tests exercise controlrt's own code around TensorRT, the builder included: parsing,
+the builder configuration (flags, optimization level, memory pools, one optimization profile per
+entry, the timing cache), tensor names and directions, profile selection, set_input_shape before
+runs, buffer binding by address, CUDA-graph capture per shape signature, refit bookkeeping and
+engine-cache invalidation. It is honest where a real GPU would be strict:
+
+- a shape outside the selected profile is refused by ``set_input_shape``, a profile index outside
+  the engine's by ``set_optimization_profile_async``, and a run with an input shape or address
+  unset fails;
+- a captured CUDA graph replays with the tensor addresses and shapes it was captured with, not with
+  whatever is bound when it replays;
+- the builder refuses a profile that leaves a network input out or whose min <= opt <= max fails,
+  and a network that is not strongly typed.
+
+A "plan" is a small JSON document holding an ONNX graph's tensors, its bytes (its "weights", left
+out of a weight-stripped plan), the build flags and the profiles; it reads no file once made, as a
+real plan does not. "Execution" reads the bound input
+buffers (CPU memory, by address), runs the ONNX with onnxruntime and writes the outputs into the
+bound output buffers. Whether real engines compute the right thing is what the GPU tests (marked
+tensorrt) check.
 
 Install it with ``install(monkeypatch)``, which puts it in ``sys.modules["tensorrt"]``.
 """
@@ -40,6 +54,25 @@ class TensorIOMode(enum.Enum):
     OUTPUT = 2
 
 
+class NetworkDefinitionCreationFlag(enum.IntEnum):
+    EXPLICIT_BATCH = 0
+    STRONGLY_TYPED = 5
+
+
+class BuilderFlag(enum.Enum):
+    FP16 = "FP16"
+    INT8 = "INT8"
+    TF32 = "TF32"
+    REFIT = "REFIT"
+    REFIT_IDENTICAL = "REFIT_IDENTICAL"
+    STRIP_PLAN = "STRIP_PLAN"
+    WEIGHT_STREAMING = "WEIGHT_STREAMING"
+
+
+class MemoryPoolType(enum.Enum):
+    WORKSPACE = "WORKSPACE"
+
+
 class Logger:
     WARNING = 2
 
@@ -50,13 +83,171 @@ class Logger:
 ILogger = Logger
 
 
-def make_plan(onnx_path: str | Path, stripped: bool = False, **flags) -> bytes:
+def make_plan(onnx_path: str | Path, stripped: bool = False, profiles=None, **flags) -> bytes:
     """A fake serialized engine: the graph's structure (its ONNX path), its weights (the ONNX
-    bytes, left out of a weight-stripped plan) and the build flags."""
+    bytes, left out of a weight-stripped plan), the build flags and the optimization profiles
+    ([{input: [min, opt, max]}], none: any shape)."""
+    import onnxruntime as ort
+
+    structure = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    tensors = {
+        "inputs": [i.name for i in structure.get_inputs()],
+        "outputs": [o.name for o in structure.get_outputs()],
+        "types": {t.name: t.type for t in (*structure.get_inputs(), *structure.get_outputs())},
+    }
     model = "" if stripped else base64.b64encode(Path(onnx_path).read_bytes()).decode()
     return json.dumps(
-        {"fake_tensorrt_plan": 1, "onnx": str(onnx_path), "model": model, "stripped": stripped, **flags}
+        {
+            "fake_tensorrt_plan": 1,
+            "onnx": str(onnx_path),
+            "tensors": tensors,
+            "model": model,
+            "stripped": stripped,
+            "profiles": profiles,
+            **flags,
+        }
     ).encode()
+
+
+# --- building ------------------------------------------------------------------------------------
+
+
+class INetworkDefinition:
+    def __init__(self, flags: int) -> None:
+        self.flags = flags
+        self.onnx: str | None = None
+        self.inputs: list[str] = []
+
+    @property
+    def strongly_typed(self) -> bool:
+        return bool(self.flags & (1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)))
+
+
+class OnnxParser:
+    def __init__(self, network: INetworkDefinition, logger: Logger) -> None:
+        self.network = network
+        self.errors: list[str] = []
+
+    def parse_from_file(self, path: str) -> bool:
+        import onnxruntime as ort
+
+        try:
+            structure = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            self.errors.append(f"cannot read {path}: {exc}")
+            return False
+        self.network.onnx = path
+        self.network.inputs = [i.name for i in structure.get_inputs()]
+        return True
+
+    @property
+    def num_errors(self) -> int:
+        return len(self.errors)
+
+    def get_error(self, index: int) -> str:
+        return self.errors[index]
+
+
+class IOptimizationProfile:
+    def __init__(self) -> None:
+        self.shapes: dict[str, list[list[int]]] = {}
+
+    def set_shape(self, name: str, min, opt, max) -> None:
+        self.shapes[name] = [list(min), list(opt), list(max)]
+
+
+class ITimingCache:
+    def __init__(self, data: bytes) -> None:
+        self.entries = json.loads(data)["entries"] if data else 0
+
+    def serialize(self) -> bytes:
+        return json.dumps({"fake_timing_cache": 1, "entries": self.entries}).encode()
+
+
+class IBuilderConfig:
+    def __init__(self) -> None:
+        self.flags = {BuilderFlag.TF32}  # TensorRT's default
+        self.builder_optimization_level = 3
+        self.pools: dict[str, int] = {}
+        self.profiles: list[IOptimizationProfile] = []
+        self.timing_cache: ITimingCache | None = None
+
+    def set_flag(self, flag: BuilderFlag) -> None:
+        self.flags.add(flag)
+
+    def clear_flag(self, flag: BuilderFlag) -> None:
+        self.flags.discard(flag)
+
+    def get_flag(self, flag: BuilderFlag) -> bool:
+        return flag in self.flags
+
+    def set_memory_pool_limit(self, pool: MemoryPoolType, size: int) -> None:
+        self.pools[pool.value] = int(size)
+
+    def add_optimization_profile(self, profile: IOptimizationProfile) -> int:
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+    def create_timing_cache(self, data: bytes) -> ITimingCache:
+        return ITimingCache(bytes(data))
+
+    def set_timing_cache(self, cache: ITimingCache, ignore_mismatch: bool) -> bool:
+        self.timing_cache = cache
+        return True
+
+    def get_timing_cache(self) -> ITimingCache | None:
+        return self.timing_cache
+
+
+class Builder:
+    builds: ClassVar[list[dict]] = []  # the configuration of every build, for tests to read
+
+    def __init__(self, logger: Logger) -> None:
+        self.logger = logger
+
+    def create_network(self, flags: int = 0) -> INetworkDefinition:
+        return INetworkDefinition(flags)
+
+    def create_builder_config(self) -> IBuilderConfig:
+        return IBuilderConfig()
+
+    def create_optimization_profile(self) -> IOptimizationProfile:
+        return IOptimizationProfile()
+
+    def build_serialized_network(self, network: INetworkDefinition, config: IBuilderConfig) -> bytes | None:
+        if network.onnx is None or not network.strongly_typed:
+            return None  # nothing parsed, or a network whose precision TensorRT 11 would not know
+        profiles = []
+        for profile in config.profiles:
+            if set(profile.shapes) != set(network.inputs):
+                return None
+            for low, opt, high in profile.shapes.values():
+                if not all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True)):
+                    return None
+            profiles.append(profile.shapes)
+        if config.timing_cache is not None:
+            config.timing_cache.entries += 1
+        flags = sorted(f.value for f in config.flags)
+        Builder.builds.append(
+            {
+                "onnx": network.onnx,
+                "flags": flags,
+                "optimization_level": config.builder_optimization_level,
+                "pools": dict(config.pools),
+                "profiles": profiles,
+            }
+        )
+        return make_plan(
+            network.onnx,
+            stripped=BuilderFlag.STRIP_PLAN in config.flags,
+            profiles=profiles or None,
+            refittable=BuilderFlag.REFIT in config.flags or BuilderFlag.REFIT_IDENTICAL in config.flags,
+            weight_streaming=BuilderFlag.WEIGHT_STREAMING in config.flags,
+            flags=flags,
+        )
+
+
+# --- running -------------------------------------------------------------------------------------
 
 
 class Runtime:
@@ -75,14 +266,12 @@ class Runtime:
 
 class ICudaEngine:
     def __init__(self, plan: dict) -> None:
-        import onnxruntime as ort
-
         self.plan = dict(plan)
-        structure = ort.InferenceSession(self.plan["onnx"], providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in structure.get_inputs()]
-        self.outputs = [o.name for o in structure.get_outputs()]
-        types = {i.name: i.type for i in (*structure.get_inputs(), *structure.get_outputs())}
-        self.types = {n: _TYPES[t] for n, t in types.items()}
+        tensors = self.plan["tensors"]  # a plan stands alone, as a real one does: no ONNX is read
+        self.inputs = list(tensors["inputs"])
+        self.outputs = list(tensors["outputs"])
+        self.types = {n: _TYPES[t] for n, t in tensors["types"].items()}
+        self.profiles = self.plan.get("profiles") or None
         self.session = self._load(self.plan["model"])
         self.streamable_weights_size = 1 << 20 if self.plan.get("weight_streaming") else 0
         self.weight_streaming_budget_v2 = self.streamable_weights_size
@@ -100,6 +289,10 @@ class ICudaEngine:
     @property
     def num_io_tensors(self) -> int:
         return len(self.inputs) + len(self.outputs)
+
+    @property
+    def num_optimization_profiles(self) -> int:
+        return len(self.profiles) if self.profiles else 1
 
     def get_tensor_name(self, index: int) -> str:
         return [*self.inputs, *self.outputs][index]
@@ -128,6 +321,9 @@ _TYPES = {
     "tensor(int32)": DataType.INT32,
 }
 
+# Launches recorded while a FakeGraph captures (None: not capturing).
+_capturing: list | None = None
+
 
 class IExecutionContext:
     """Records every call in ``calls`` so tests can check the order controlrt makes them in."""
@@ -142,13 +338,20 @@ class IExecutionContext:
 
     def set_optimization_profile_async(self, index: int, stream: int) -> bool:
         self.calls.append(("set_optimization_profile_async", index))
+        if not 0 <= index < self.engine.num_optimization_profiles:
+            return False
         self.profile = index
+        self.shapes = {}  # a new profile: every input shape must be set again
         return True
 
     def set_input_shape(self, name: str, shape) -> bool:
         self.calls.append(("set_input_shape", name, tuple(shape)))
         if name not in self.engine.inputs:
             return False
+        if self.engine.profiles is not None:
+            low, _, high = self.engine.profiles[self.profile][name]
+            if len(shape) != len(low) or not all(a <= s <= b for a, s, b in zip(low, shape, high, strict=True)):
+                return False  # TensorRT refuses a shape outside the selected profile
         self.shapes[name] = tuple(shape)
         return True
 
@@ -171,15 +374,24 @@ class IExecutionContext:
         self.calls.append(("execute_async_v3", stream))
         if self.engine.session is None:
             return False
+        if set(self.shapes) != set(self.engine.inputs) or not set(self.engine.inputs + self.engine.outputs) <= set(
+            self.addresses
+        ):
+            return False  # an input shape or a tensor address was never set
+        if _capturing is not None:  # captured, not run: replays use these addresses and shapes
+            _capturing.append((self, dict(self.addresses), dict(self.shapes)))
+            return True
+        self._run(self.addresses, self.shapes)
+        return True
+
+    def _run(self, addresses: dict[str, int], shapes: dict[str, tuple[int, ...]]) -> None:
         feeds = {}
         for name in self.engine.inputs:
-            shape, dtype = self.shapes[name], _numpy(self.engine.types[name])
-            feeds[name] = _view(self.addresses[name], shape, dtype).copy()
+            feeds[name] = _view(addresses[name], shapes[name], _numpy(self.engine.types[name])).copy()
         outputs = self.engine.session.run(self.engine.outputs, feeds)
         for name, value in zip(self.engine.outputs, outputs, strict=True):
-            target = _view(self.addresses[name], value.shape, value.dtype)
+            target = _view(addresses[name], value.shape, value.dtype)
             target[...] = value
-        return True
 
 
 class Refitter:
@@ -230,19 +442,29 @@ def install(monkeypatch) -> object:
 
     module = sys.modules[__name__]
     monkeypatch.setitem(sys.modules, "tensorrt", module)
+    Builder.builds.clear()
     return module
 
 
 class FakeGraph:
-    """Stands in for a captured CUDA graph: replay runs the captured callable again."""
+    """Stands in for a captured CUDA graph, as a real one behaves: capturing records the engine
+    launches of the callable (with the tensor addresses and shapes bound at that moment) without
+    running them; replay runs those launches on those addresses, whatever is bound later."""
 
     captured: ClassVar[list[FakeGraph]] = []
 
     def __init__(self, fn, device) -> None:
-        self.fn = fn
+        global _capturing
+        self.launches: list = []
         self.replays = 0
+        _capturing = self.launches
+        try:
+            fn()
+        finally:
+            _capturing = None
         FakeGraph.captured.append(self)
 
     def replay(self) -> None:
         self.replays += 1
-        self.fn()
+        for context, addresses, shapes in self.launches:
+            context._run(addresses, shapes)

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from controlrt.builtin import TINY, sample_control_images, write_builtin_models
+from controlrt.compare import compare_feeds, psnr, seeded_cases, tolerance_for
 from controlrt.engine import builder
 from controlrt.engine.cache import BuildOptions, EngineStore, Gpu, TimingCache
 from controlrt.engine.profiles import ProfileSettings
 from controlrt.errors import BackendError, BuildError, InputError
 from controlrt.manifest import Build
-from controlrt.parity import compare_feeds, psnr, seeded_cases, tolerance_for
 from controlrt.precision import Precision
 from controlrt.runtime.ort_backend import OrtSession
 from controlrt.runtime.trt_backend import TensorRTSession, open_engine_session
@@ -31,23 +31,13 @@ from controlrt.runtime.trt_backend import TensorRTSession, open_engine_session
 FAKE_GPU = Gpu("Fake GPU", "9.0")
 
 
-def fake_build_plan(onnx_path, profiles, options, cache):
-    return fake_tensorrt.make_plan(
-        onnx_path,
-        refittable=options.refittable,
-        stripped=options.weight_stripped,
-        weight_streaming=options.weight_streaming,
-    )
-
-
 @pytest.fixture
 def fake_trt(monkeypatch):
-    """The fake in place of tensorrt, a fake GPU, and fake plans instead of polygraphy builds."""
+    """The fake in place of tensorrt (its builder included) and a fake GPU."""
     module = fake_tensorrt.install(monkeypatch)
     monkeypatch.setattr(Gpu, "current", classmethod(lambda cls, device=0: FAKE_GPU))
     monkeypatch.setattr(builder, "require_cuda", lambda: None)
     monkeypatch.setattr("controlrt.engine.trt.require_cuda", lambda: None)
-    monkeypatch.setattr(builder, "build_plan", fake_build_plan)
     fake_tensorrt.FakeGraph.captured.clear()
     return module
 
@@ -98,7 +88,7 @@ def test_missing_precision_names_the_command(fake_trt, build):
         ("tensorrt", "built by TensorRT 10.1.0"),
         ("gpu", "built for Other GPU"),
         ("onnx", "ONNX graph changed"),
-        ("truncate", "truncated or corrupted"),
+        ("truncate", "missing or truncated"),
         ("record", "has no fp32 TensorRT engine"),
     ],
 )
@@ -127,10 +117,47 @@ def test_stale_or_foreign_engines_are_refused(fake_trt, build, damage, reason):
 def test_timing_cache_is_per_version(tmp_path):
     cache = TimingCache(tmp_path / "t.cache", "10.13.0")
     assert cache.load() is None
-    cache.path.write_bytes(b"tactics")
-    cache.mark_written()
+    cache.save(b"tactics")
     assert cache.load() == b"tactics"
     assert TimingCache(tmp_path / "t.cache", "11.4.0").load() is None  # another version's cache
+    cache.path.write_bytes(b"other bytes")  # changed behind the sidecar's back: not trusted
+    assert cache.load() is None
+    TimingCache(tmp_path / "t.cache", "11.4.0").save(b"new")  # controlrt's own file: replaced
+    assert json.loads((tmp_path / "t.cache.json").read_text())["tensorrt"] == "11.4.0"
+
+
+def test_a_users_timing_cache_is_never_deleted_or_replaced(fake_trt, build, tmp_path):
+    mine = tmp_path / "mine.cache"
+    mine.write_bytes(b"a cache some other tool wrote")
+    with pytest.raises(InputError, match="did not write it"):
+        builder.build_engines(build, "fp32", timing_cache=mine, graphs=["vae_decoder"])
+    assert mine.read_bytes() == b"a cache some other tool wrote"
+    fresh = tmp_path / "fresh.cache"
+    builder.build_engines(build, "fp32", timing_cache=fresh, graphs=["vae_decoder", "controlnet_0"])
+    written = json.loads((tmp_path / "fresh.cache.json").read_text())
+    assert written["tensorrt"] == fake_tensorrt.__version__
+    assert json.loads(fresh.read_bytes())["entries"] == 2  # the second build started from the first's
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_builder_configuration(fake_trt, build):
+    options = BuildOptions(refittable=True, optimization_level=5, workspace_gb=0.5)
+    builder.build_engines(build, "fp32", ProfileSettings(max_batch=2), options, graphs=["controlnet_0", "unet"])
+    controlnet, unet = fake_tensorrt.Builder.builds
+    assert "TF32" not in controlnet["flags"] and "FP16" not in controlnet["flags"]  # precision is in the ONNX
+    assert "REFIT" in controlnet["flags"] and "REFIT" not in unet["flags"]  # only ControlNets are refittable
+    assert controlnet["optimization_level"] == 5 and controlnet["pools"] == {"WORKSPACE": 1 << 29}
+    spec = Build.open(build).manifest.spec("unet")
+    (profile,) = unet["profiles"]
+    assert set(profile) == set(spec.input_names)
+    low, opt, high = profile["sample"]
+    latent = spec.default_size[0] // Build.open(build).manifest.info.vae_scale_factor
+    assert low[0] == 1 and opt[0] == 2 and high[0] == 4  # batch: 1 image uncond-free .. 2 images with CFG
+    assert opt[2] == latent and low[2] == latent // 2 and high[2] == latent * 2
+    builder.build_engines(build, "fp32", options=BuildOptions(weight_stripped=True), graphs=["vae_decoder"])
+    assert {"STRIP_PLAN", "REFIT_IDENTICAL"} <= set(fake_tensorrt.Builder.builds[-1]["flags"])
+    builder.build_engines(build, "fp32", ProfileSettings(static=True), graphs=["controlnet_1"])
+    assert len(fake_tensorrt.Builder.builds[-1]["profiles"]) == 2  # batch 1 and 2, one profile each
 
 
 def _ort_reference(build_dir, name, cases):
@@ -244,7 +271,7 @@ def test_refit_swaps_a_controlnet(fake_trt, build, tmp_path, pipelines):
     settings = {"controls": images, "steps": 3, "seed": 1}
     before = np.asarray(pipelines("tiny", "onnxruntime")("a house", **settings))
 
-    assert refit_controlnet(build, "controlnet_0", new) == ["controlnet_0 fp32"]
+    assert refit_controlnet(build, "controlnet_0", new, device="cpu") == ["controlnet_0 fp32"]
     manifest = Build.open(build).manifest
     assert manifest.sources["controlnets"][0]["path"] == str(new)
     record = EngineStore(Build.open(build)).record("controlnet_0", Precision.FP32)
@@ -261,19 +288,87 @@ def test_refit_refusals(fake_trt, build, builds):
     from controlrt.engine.refit import refit_controlnet
 
     with pytest.raises(BuildError, match="has no engine"):
-        refit_controlnet(build, "controlnet_0", Build.open(build).graph_path("controlnet_1"))
+        refit_controlnet(build, "controlnet_0", Build.open(build).graph_path("controlnet_1"), device="cpu")
     builder.build_engines(build, "fp32", graphs=["controlnet_0"])
     with pytest.raises(BuildError, match="--refittable"):
-        refit_controlnet(build, "controlnet_0", Build.open(build).graph_path("controlnet_1"))
+        refit_controlnet(build, "controlnet_0", Build.open(build).graph_path("controlnet_1"), device="cpu")
     builder.build_engines(build, "fp32", options=BuildOptions(refittable=True), graphs=["controlnet_0"])
     other_arch = Build.open(builds["other"]).graph_path("controlnet_0")
     with pytest.raises(InputError, match="architecture"):
-        refit_controlnet(build, "controlnet_0", other_arch)
+        refit_controlnet(build, "controlnet_0", other_arch, device="cpu")
     with pytest.raises(InputError, match="no ControlNet"):
-        refit_controlnet(build, "nope", other_arch)
+        refit_controlnet(build, "nope", other_arch, device="cpu")
     # an fp32 ONNX of the same architecture is accepted; the torch reference then needs a folder
-    assert refit_controlnet(build, "edges", Build.open(build).graph_path("controlnet_1")) == ["controlnet_0 fp32"]
+    assert refit_controlnet(build, "edges", Build.open(build).graph_path("controlnet_1"), device="cpu") == [
+        "controlnet_0 fp32"
+    ]
     from controlrt.runtime.backends import open_sources
 
     with pytest.raises(BuildError, match="refitted from"):
         open_sources(Build.open(build).manifest)
+
+
+def test_a_refit_that_does_not_take_is_caught_and_the_build_kept(fake_trt, build, tmp_path, monkeypatch):
+    """The refitted engine is checked against its new graph before anything in the build changes."""
+    from controlrt.engine.refit import refit_controlnet
+    from controlrt.errors import ValidationError
+    from controlrt.io import files_under
+
+    builder.build_engines(build, "fp32", options=BuildOptions(refittable=True), graphs=["controlnet_0"])
+    new = write_builtin_models(tmp_path / "other", TINY, seed=8).controlnets[0]
+    before = {f: (build / f).read_bytes() for f in files_under(build)}
+    monkeypatch.setattr(fake_tensorrt.Refitter, "refit_cuda_engine", lambda self: True)  # keeps the old weights
+    with pytest.raises(ValidationError, match="refitted fp32 controlnet_0 engine does not reproduce"):
+        refit_controlnet(build, "controlnet_0", new, device="cpu")
+    after = {f: (build / f).read_bytes() for f in files_under(build)}
+    assert after == before  # nothing written, nothing left behind
+
+
+def test_refit_writes_new_files_and_deletes_the_old_after_the_manifest(fake_trt, build, tmp_path):
+    from controlrt.engine.refit import refit_controlnet
+
+    builder.build_engines(build, "fp32", options=BuildOptions(refittable=True), graphs=["controlnet_0"])
+    old = Build.open(build).variant("controlnet_0").files
+    new = write_builtin_models(tmp_path / "other", TINY, seed=8).controlnets[0]
+    refit_controlnet(build, "controlnet_0", new, device="cpu")
+    now = Build.open(build)  # every file matches its hash
+    assert {f.path for f in now.variant("controlnet_0").files}.isdisjoint({f.path for f in old})
+    assert not any((build / f.path).exists() for f in old)
+    assert not [p for p in build.iterdir() if p.name.startswith(".refit-")]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_parity_on_tensorrt_asks_only_for_shapes_the_engines_accept(fake_trt, build, monkeypatch, static):
+    """The VAE's profile takes batch 1 and static engines one size: parity keeps to them, and passes."""
+    from controlrt.parity import run_parity
+
+    builder.build_engines(build, "fp32", ProfileSettings(static=static))
+    report = run_parity(build, backend="tensorrt", device="cpu", steps=2)
+    assert report.passed, report.table()
+    assert all(r.ref_max_abs > 0 for r in report.graphs)
+    assert {r.shape.split("x")[0] for r in report.graphs if r.graph == "vae_decoder"} == {"1"}
+    unet_shapes = {r.shape for r in report.graphs if r.graph == "unet"}
+    assert len(unet_shapes) == 2
+    if static:  # one size, batch 1 and 2
+        native = Build.open(build).manifest.info.default_size
+        assert unet_shapes == {f"{b}x{native[0]}x{native[1]}" for b in (1, 2)}
+
+
+def test_onnxruntime_waits_for_torchs_stream_unless_it_shares_it():
+    from controlrt.runtime.ort_backend import order_after_torch, provider_entries
+
+    class Stream:
+        def __init__(self, handle):
+            self.cuda_stream, self.waited = handle, 0
+
+        def synchronize(self):
+            self.waited += 1
+
+    cuda = torch.device("cuda", 0)
+    same = Stream(7)
+    assert not order_after_torch(cuda, 7, lambda device: same) and same.waited == 0
+    other = Stream(9)  # torch moved to another stream: its kernels may still be writing the inputs
+    assert order_after_torch(cuda, 7, lambda device: other) and other.waited == 1
+    assert not order_after_torch(torch.device("cpu"), None)
+    entries = provider_entries(["CUDAExecutionProvider", "CPUExecutionProvider"], 7)
+    assert entries == [("CUDAExecutionProvider", {"user_compute_stream": "7"}), "CPUExecutionProvider"]

@@ -69,10 +69,10 @@ def test_cuda_graphs_replay_the_same_image(gpu_build):
 
 
 def test_refit_swaps_the_controlnet(gpu_build, tmp_path):
+    from controlrt.compare import psnr
     from controlrt.engine.builder import build_engines
     from controlrt.engine.cache import BuildOptions
     from controlrt.engine.refit import refit_controlnet
-    from controlrt.parity import psnr
     from controlrt.runtime.pipeline import Pipeline
 
     build = shutil.copytree(gpu_build, tmp_path / "build")

@@ -151,7 +151,7 @@ def test_existing_output_needs_force(tiny_models, tiny_build, tmp_path):
     other = tmp_path / "notes"
     other.mkdir()
     (other / "mine.txt").write_text("keep me")
-    with pytest.raises(InputError, match="not a controlrt build"):
+    with pytest.raises(InputError, match="not written by controlrt"):
         export_build(tiny_models.base, tiny_models.controlnets, other, force=True)
     assert (other / "mine.txt").read_text() == "keep me"
 

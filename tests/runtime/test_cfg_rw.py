@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from controlrt.builtin import sample_control_images
-from controlrt.parity import END_TO_END_PSNR_DB as _DB
-from controlrt.parity import psnr, tensor_metrics
+from controlrt.compare import end_to_end_gate, psnr, tensor_metrics
 from controlrt.runtime.request import GenerationRequest
 
-END_TO_END_PSNR_DB = _DB["fp32"]
+END_TO_END_PSNR_DB = end_to_end_gate("fp32")
 
 STEPS, SEED, GUIDANCE = 5, 4, 6.0
 PROMPT, SCALES = "a blue square", [0.9, 0.5]

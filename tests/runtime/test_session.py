@@ -63,7 +63,7 @@ def test_onnxruntime_providers(tiny_build):
 
 def test_torch_and_onnxruntime_agree_per_graph_at_two_shapes(builds):
     """Per-graph parity, both architectures, every graph, two shapes each."""
-    from controlrt.parity import compare_graph
+    from controlrt.compare import compare_graph
     from controlrt.runtime.backends import BackendOptions, open_sessions
 
     for path in builds.values():

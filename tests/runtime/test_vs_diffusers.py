@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from controlrt.builtin import sample_control_images
-from controlrt.parity import END_TO_END_PSNR_DB as _DB
-from controlrt.parity import psnr
+from controlrt.compare import end_to_end_gate, psnr
 
-END_TO_END_PSNR_DB = _DB["fp32"]
+END_TO_END_PSNR_DB = end_to_end_gate("fp32")
 
 CASES = {
     "one-uniform": dict(n=1, mode="uniform", scales=[0.8], start=0.0, end=1.0, negative=None),
