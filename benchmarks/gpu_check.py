@@ -74,9 +74,10 @@ def time_torch_loop(arch_name: str, device: str, size: int, steps: int, runs: in
     from controlrt import builtin
     from controlrt.graphs import graph_specs, load_graph_module
     from controlrt.models import BaseModel, ControlNetModelFolder
-    from controlrt.runtime.control import ControlMode, block_weights, residual_divisors
+    from controlrt.runtime.control import Branches, ControlMode, block_weights, residual_divisors
     from controlrt.runtime.loop import ControlPlan
     from controlrt.runtime.torch_backend import TorchSession
+    from controlrt.specs import GraphKind
 
     arch = {"tiny": builtin.TINY, "alternate": builtin.ALTERNATE, "sd15": builtin.SD15}[arch_name]
     rows = []
@@ -97,8 +98,8 @@ def time_torch_loop(arch_name: str, device: str, size: int, steps: int, runs: in
             latent = (1, info.latent_channels, size // f, size // f)
             embeds = torch.randn(2, info.sequence_length, info.cross_attention_dim, device=device)
             for mode in (ControlMode.UNIFORM, ControlMode.CFG_RW):
-                both = not mode.conditional_only
-                image = torch.rand(2 if both else 1, 3, size, size, device=device)
+                batch = Branches.of(7.5, mode).per_image(GraphKind.CONTROLNET)
+                image = torch.rand(batch, 3, size, size, device=device)
                 weights = block_weights(mode, divisors).to(device)
                 plans = [ControlPlan(sessions[f"controlnet_{k}"], image, weights, 0.0, 1.0) for k in range(2)]
 
@@ -137,6 +138,7 @@ def time_torch_loop(arch_name: str, device: str, size: int, steps: int, runs: in
 def _denoise_once(unet, plans, scheduler_config, embeds, latent, steps, mode, device):
     import torch
 
+    from controlrt.runtime.control import Branches
     from controlrt.runtime.loop import denoise
     from controlrt.runtime.schedulers import make_scheduler
 
@@ -150,7 +152,7 @@ def _denoise_once(unet, plans, scheduler_config, embeds, latent, steps, mode, de
         noise,
         steps=steps,
         guidance=7.5,
-        conditional_only=mode.conditional_only,
+        branches=Branches.of(7.5, mode),
         generator=generator,
     )
     if device != "cpu":

@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
+from controlrt.runtime.control import Branches
 from controlrt.runtime.session import Session
+from controlrt.specs import GraphKind
 
 
 class TimedSession:
@@ -104,7 +106,7 @@ class BenchReport:
         return "\n".join(lines)
 
 
-def step_gflop(build, height: int, width: int, controls: int, cfg: bool, conditional_only: bool) -> float | None:
+def step_gflop(build, height: int, width: int, controls: int, branches: Branches) -> float | None:
     """GFLOP of one denoising step (UNet + active ControlNets), or None without the source configs."""
     from diffusers import ControlNetModel, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
@@ -117,8 +119,8 @@ def step_gflop(build, height: int, width: int, controls: int, cfg: bool, conditi
         cn_configs = [ControlNetModel.load_config(s["path"]) for s in sources["controlnets"][:controls]]
     except (OSError, ValueError, KeyError):
         return None
-    batch = 2 if cfg else 1
-    cn_batch = 1 if conditional_only or not cfg else 2
+    batch = branches.per_image(GraphKind.UNET)
+    cn_batch = branches.per_image(GraphKind.CONTROLNET)
     total = 0
     with torch.device("meta"):
         modules = [(UNetGraph(UNet2DConditionModel.from_config(unet_config)), build.manifest.spec("unet"), batch)]
@@ -209,9 +211,7 @@ def run_bench(
                     "calls": len(calls) / runs,
                     "median_ms": 1000 * statistics.median(calls),
                 }
-        cfg = guidance > 1.0
-        mode = ControlMode.parse(control_mode)
-        report.step_gflop = step_gflop(pipe.build, h, w, count, cfg, mode.conditional_only)
+        report.step_gflop = step_gflop(pipe.build, h, w, count, Branches.of(guidance, control_mode))
     report.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         report.peak_cuda_mib = torch.cuda.max_memory_allocated() / 2**20

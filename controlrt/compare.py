@@ -49,29 +49,49 @@ class Gate:
     measured: str = ""
 
 
-# MEASURING: the old gates, until benchmarks/parity_margins.py has run
-_FP16 = Tolerance(rel_l2=2e-2, max_rel=5e-2)
-_INT8 = Tolerance(rel_l2=0.25, max_rel=0.5)
+# Gates sit just beyond the worst figures measured (benchmarks/parity_margins.py: three small
+# architectures, random-weight tiny and alternate and the trained built-in model, every output of
+# every graph at parity's shapes and in convert's and calibrate's checks; and the SD1.5-architecture
+# figures of benchmarks/precision_quality.py): per-output bounds at 2-3x the worst measured for
+# fp16 and int8, 5-10x for fp32, whose errors are rounding noise; end-to-end PSNR 4-10 dB under
+# the lowest measured. A real regression moves these figures by far more. In an int8 pipeline the
+# text encoder and VAE decoder run fp16 and are held to fp16's bounds.
+_FP16 = {
+    GraphKind.TEXT_ENCODER: Tolerance(rel_l2=2e-3, max_rel=3e-3),
+    GraphKind.CONTROLNET: Tolerance(rel_l2=2e-2, max_rel=3e-2),
+    GraphKind.UNET: Tolerance(rel_l2=8e-3, max_rel=1.2e-2),
+    GraphKind.VAE_DECODER: Tolerance(rel_l2=2.5e-3, max_rel=3e-3),
+}
 GATES: dict[tuple[Precision, str | None], Gate] = {
-    (Precision.FP32, None): Gate(dict.fromkeys(GraphKind, Tolerance(rel_l2=1e-4, max_rel=1e-3)), psnr_db=40.0),
-    (Precision.FP16, None): Gate(dict.fromkeys(GraphKind, _FP16), psnr_db=35.0),
+    (Precision.FP32, None): Gate(
+        dict.fromkeys(GraphKind, Tolerance(rel_l2=1e-5, max_rel=3e-5)),
+        psnr_db=75.0,
+        measured="rel L2 <= 1.9e-6, max_rel <= 3.1e-6; images identical or 86.0 dB; against diffusers >= 84 dB",
+    ),
+    (Precision.FP16, None): Gate(
+        _FP16,
+        psnr_db=50.0,
+        measured="rel L2 <= 7.2e-4 (text encoder), 9.6e-3 (ControlNets), 3.2e-3 (UNet), 9.1e-4 (VAE); "
+        "PSNR 57.9-61.2 dB",
+    ),
     (Precision.INT8, "modelopt"): Gate(
         {
-            GraphKind.TEXT_ENCODER: _FP16,
-            GraphKind.CONTROLNET: _INT8,
-            GraphKind.UNET: _INT8,
-            GraphKind.VAE_DECODER: _FP16,
+            **_FP16,
+            GraphKind.CONTROLNET: Tolerance(rel_l2=0.2, max_rel=0.5),
+            GraphKind.UNET: Tolerance(rel_l2=0.08, max_rel=0.1),
         },
-        psnr_db=20.0,
+        psnr_db=25.0,
+        measured="rel L2 <= 0.117 (ControlNets), 0.034 (UNet); max_rel <= 0.27, 0.037; PSNR 30.8-46.5 dB",
     ),
     (Precision.INT8, "onnxruntime"): Gate(
         {
-            GraphKind.TEXT_ENCODER: _FP16,
-            GraphKind.CONTROLNET: _INT8,
-            GraphKind.UNET: _INT8,
-            GraphKind.VAE_DECODER: _FP16,
+            **_FP16,
+            GraphKind.CONTROLNET: Tolerance(rel_l2=0.25, max_rel=0.4),
+            GraphKind.UNET: Tolerance(rel_l2=0.08, max_rel=0.1),
         },
         psnr_db=20.0,
+        measured="rel L2 <= 0.100 (ControlNets; the alternate architecture's 0.25-0.31 is refused), 0.030 "
+        "(UNet); max_rel <= 0.18, 0.032; PSNR 24.2-40.3 dB",
     ),
 }
 DEFAULT_QUANTIZER = "modelopt"

@@ -172,6 +172,55 @@ def _check_unsupported(config: dict[str, Any], what: str, keys: tuple[str, ...])
             )
 
 
+def model_info(configs: dict[str, dict[str, Any]]) -> ModelInfo:
+    """What the toolchain needs to know about a base model, from its components' configs
+    (unet, vae, text_encoder, tokenizer, scheduler); ModelError if they do not fit together."""
+    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    if unet.get("_class_name") != "UNet2DConditionModel":
+        raise ModelError(f"base model: the unet is a {unet.get('_class_name')}, expected UNet2DConditionModel")
+    _check_unsupported(
+        unet,
+        "base model unet",
+        ("addition_embed_type", "class_embed_type", "time_cond_proj_dim", "encoder_hid_dim_type"),
+    )
+    if unet.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None:
+        raise ModelError("base model unet has no mid block; ControlNet needs one")
+    if vae.get("_class_name") != "AutoencoderKL":
+        raise ModelError(f"base model: the vae is a {vae.get('_class_name')}, expected AutoencoderKL")
+    cross = unet["cross_attention_dim"]
+    if isinstance(cross, list):
+        if len(set(cross)) != 1:
+            raise ModelError("base model unet: per-block cross_attention_dim is not supported")
+        cross = cross[0]
+    if text.get("hidden_size") != cross:
+        raise ModelError(
+            f"base model: the text encoder's hidden_size {text.get('hidden_size')} does not "
+            f"match the UNet's cross_attention_dim {cross}"
+        )
+    if unet["in_channels"] != vae["latent_channels"]:
+        raise ModelError(
+            f"base model: the UNet takes {unet['in_channels']} latent channels, the VAE "
+            f"makes {vae['latent_channels']}"
+        )
+    sample = unet["sample_size"]
+    sample = (sample, sample) if isinstance(sample, int) else tuple(sample)
+    max_length = configs["tokenizer"].get("model_max_length", 77)
+    return ModelInfo(
+        vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
+        latent_channels=unet["in_channels"],
+        unet_out_channels=unet["out_channels"],
+        cross_attention_dim=cross,
+        sequence_length=min(int(max_length), int(text["max_position_embeddings"])),
+        vocab_size=text["vocab_size"],
+        sample_size=sample,
+        scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+        image_channels=vae["out_channels"],
+        num_train_timesteps=int(configs["scheduler"].get("num_train_timesteps", 1000)),
+        residuals=residual_layout(unet, "base model unet"),
+        text_attention_mask=bool(text.get("use_attention_mask", False)),
+    )
+
+
 @dataclass(frozen=True)
 class BaseModel:
     """A Stable Diffusion pipeline folder, opened and checked, with no weights loaded."""
@@ -203,50 +252,7 @@ class BaseModel:
         return library, class_name
 
     def info(self) -> ModelInfo:
-        unet, vae, text = self.configs["unet"], self.configs["vae"], self.configs["text_encoder"]
-        if unet.get("_class_name") != "UNet2DConditionModel":
-            raise ModelError(f"base model: the unet is a {unet.get('_class_name')}, expected UNet2DConditionModel")
-        _check_unsupported(
-            unet,
-            "base model unet",
-            ("addition_embed_type", "class_embed_type", "time_cond_proj_dim", "encoder_hid_dim_type"),
-        )
-        if unet.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None:
-            raise ModelError("base model unet has no mid block; ControlNet needs one")
-        if vae.get("_class_name") != "AutoencoderKL":
-            raise ModelError(f"base model: the vae is a {vae.get('_class_name')}, expected AutoencoderKL")
-        cross = unet["cross_attention_dim"]
-        if isinstance(cross, list):
-            if len(set(cross)) != 1:
-                raise ModelError("base model unet: per-block cross_attention_dim is not supported")
-            cross = cross[0]
-        if text.get("hidden_size") != cross:
-            raise ModelError(
-                f"base model: the text encoder's hidden_size {text.get('hidden_size')} does not "
-                f"match the UNet's cross_attention_dim {cross}"
-            )
-        if unet["in_channels"] != vae["latent_channels"]:
-            raise ModelError(
-                f"base model: the UNet takes {unet['in_channels']} latent channels, the VAE "
-                f"makes {vae['latent_channels']}"
-            )
-        sample = unet["sample_size"]
-        sample = (sample, sample) if isinstance(sample, int) else tuple(sample)
-        max_length = self.configs["tokenizer"].get("model_max_length", 77)
-        return ModelInfo(
-            vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
-            latent_channels=unet["in_channels"],
-            unet_out_channels=unet["out_channels"],
-            cross_attention_dim=cross,
-            sequence_length=min(int(max_length), int(text["max_position_embeddings"])),
-            vocab_size=text["vocab_size"],
-            sample_size=sample,
-            scaling_factor=float(vae.get("scaling_factor", 0.18215)),
-            image_channels=vae["out_channels"],
-            num_train_timesteps=int(self.configs["scheduler"].get("num_train_timesteps", 1000)),
-            residuals=residual_layout(unet, "base model unet"),
-            text_attention_mask=bool(text.get("use_attention_mask", False)),
-        )
+        return model_info(self.configs)
 
     def source_record(self) -> dict[str, Any]:
         """Paths, config hashes and weight files' sizes and sha256, for the manifest's staleness checks."""

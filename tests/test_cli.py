@@ -376,3 +376,24 @@ def test_batch_generation_names_and_metadata(tiny_build, controls, tmp_path):
     assert_clean_error(run("generate", tiny_build, "--prompts", empty, "--out", out), "no prompts")
     assert_clean_error(run("generate", tiny_build, "--out", out / "x.png"), "--prompt TEXT or --prompts FILE")
     assert_clean_error(run("generate", tiny_build, "--prompt", "x", "--num-images", "0", "--out", out), "at least 1")
+
+
+def test_jpeg_output_carries_the_settings(tiny_build, controls, tmp_path):
+    from controlrt.runtime.images import read_settings
+
+    out = tmp_path / "x.jpg"
+    result = run(
+        "generate", tiny_build, "--prompt", "a cat", "--control", controls["images"][0], "--steps", 1, "--out", out
+    )
+    assert result.exit_code == 0, result.output
+    settings = read_settings(out)
+    assert settings["prompt"] == "a cat" and settings["steps"] == 1 and settings["backend"] == "onnxruntime"
+
+
+def test_calibrate_reports_progress_off_a_terminal_and_keeps_stdout_for_results(tiny_build, tmp_path):
+    build = shutil.copytree(tiny_build, tmp_path / "build")
+    result = CliRunner().invoke(cli, ["calibrate", str(build), "--samples", "1", "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split() == ["controlnet_0.int8", "controlnet_1.int8", "unet.int8"]
+    assert "calibrate: capture: 1/1 generation" in result.stderr
+    assert "int8: 3/3 graphs" in result.stderr

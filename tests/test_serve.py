@@ -90,3 +90,32 @@ def test_client_raises_input_error_on_4xx(server):
 
     with pytest.raises(InputError, match="400"):
         generate(server, "x", controls=[Image.new("RGB", (64, 64))] * 3)  # more controls than ControlNets
+
+
+def test_a_bad_request_never_fails_the_good_ones_batched_with_it(server):
+    """Requests are checked one by one before they join a batch (max_batch 2 here)."""
+    good = {"prompt": "a circle", "steps": 2, "seed": 1}
+    bad = {"prompt": "a circle", "steps": 2, "height": 100000, "width": 100000}
+    with ThreadPoolExecutor(max_workers=6) as clients:
+        answers = list(clients.map(lambda body: _post(server, body), [good, bad, good, bad, good, bad]))
+    assert [status for status, _ in answers] == [200, 400] * 3
+    assert "pixels; at most" in json.loads(answers[1][1])["error"]
+
+
+def test_bounded_requests(server):
+    status, data = _post(server, {"prompt": "x", "steps": 5000})
+    assert status == 400 and "steps must be a whole number from 1 to 1000" in json.loads(data)["error"]
+    status, data = _post(server, b"{" + b" " * (65 << 20) + b"}")
+    assert status == 413
+
+
+def test_a_busy_port_is_one_line(tiny_build):
+    from controlrt.errors import InputError
+    from controlrt.serving.app import ServeSettings, start
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(InputError, match=f"cannot serve on 127.0.0.1:{port}"):
+            start(ServeSettings(str(tiny_build), port=port), blocking=False)

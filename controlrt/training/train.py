@@ -323,28 +323,56 @@ class _Evaluation:
 
 
 def sample_images(vae, unet, scheduler, text, empty, controlnet, conditions, scale, steps, guidance, seed):
-    """A plain DDIM loop with classifier-free guidance and the control on both branches (torch)."""
+    """A batch of images by controlrt's own denoise loop (runtime.loop) on the torch modules being
+    trained: DDIM, classifier-free guidance, the control on both branches (uniform mode)."""
     import torch
     from diffusers import DDIMScheduler
     from PIL import Image
 
-    sampler = DDIMScheduler.from_config(scheduler.config)
-    sampler.set_timesteps(steps)
+    from controlrt.graphs import ControlNetGraph, UNetGraph
+    from controlrt.models import model_info
+    from controlrt.runtime.control import Branches
+    from controlrt.runtime.loop import ControlPlan, denoise
+    from controlrt.runtime.torch_backend import TorchSession
+    from controlrt.specs import GraphKind, controlnet_spec, unet_spec
+
+    info = model_info(
+        {
+            "unet": {**unet.config, "_class_name": "UNet2DConditionModel"},
+            "vae": {**vae.config, "_class_name": "AutoencoderKL"},
+            "text_encoder": {"hidden_size": text.shape[-1], "max_position_embeddings": text.shape[1], "vocab_size": 1},
+            "tokenizer": {"model_max_length": text.shape[1]},
+            "scheduler": dict(scheduler.config),
+        }
+    )
+    branches = Branches.of(guidance)
+    modes = {m: m.training for m in (unet, controlnet) if m is not None}
     generator = torch.Generator().manual_seed(seed)
-    size = unet.config.sample_size
-    latents = torch.randn((text.shape[0], unet.config.in_channels, size, size), generator=generator).to(text.device)
-    both_text = torch.cat([empty, text])
-    both_conditions = torch.cat([conditions, conditions])
-    with torch.no_grad():
-        for t in sampler.timesteps:
-            both = torch.cat([latents, latents])
-            residuals = {}
-            if controlnet is not None and scale != 0:
-                down, mid = controlnet(both, t, both_text, both_conditions, conditioning_scale=scale, return_dict=False)
-                residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-            uncond, cond = unet(both, t, both_text, **residuals).sample.chunk(2)
-            latents = sampler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
-        pixels = vae.decode(latents / vae.config.scaling_factor).sample
+    noise = torch.randn((text.shape[0], info.latent_channels, *info.sample_size), generator=generator)
+    controls = []
+    if controlnet is not None and scale != 0:
+        spec = controlnet_spec(info, 0, "training", conditions.shape[1])
+        session = TorchSession(ControlNetGraph(controlnet), spec, text.device)
+        weights = torch.full((len(spec.outputs),), float(scale), device=text.device)
+        images = torch.cat([conditions] * branches.per_image(GraphKind.CONTROLNET))
+        controls.append(ControlPlan(session, images, weights, 0.0, 1.0))
+    try:
+        latents = denoise(
+            TorchSession(UNetGraph(unet), unet_spec(info), text.device),
+            controls,
+            DDIMScheduler.from_config(scheduler.config),
+            torch.cat([empty, text]) if branches.cfg else text,
+            noise,
+            steps=steps,
+            guidance=guidance,
+            branches=branches,
+            generator=generator,
+        )
+        with torch.no_grad():
+            pixels = vae.decode(latents / vae.config.scaling_factor).sample
+    finally:
+        for module, training in modes.items():
+            module.train(training)
     pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(p) for p in pixels]
 

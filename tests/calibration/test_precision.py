@@ -123,7 +123,7 @@ def test_int8_settings_recorded(precise):
 def test_damaged_int8_graph_fails_parity(precise, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(precise, damaged)
-    path = damaged / "graphs" / "unet.int8.onnx"
+    path = Build.open(damaged).graph_path("unet", "int8")
     model = onnx.load(str(path))
     convs = [t for t in model.graph.initializer if len(t.dims) == 4][:12]  # convolution weights
     for t in convs:

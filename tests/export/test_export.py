@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,3 +170,54 @@ def test_force_replaces_a_build(tiny_models, tmp_path):
     assert len(first.graphs) == 4 and len(second.graphs) == 5
     assert Build.open(out).manifest.controlnet_specs[0].attributes["controlnet_name"] == "depth"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_two_exports_to_one_new_folder_never_lose_each_others_work(tiny_models, tmp_path):
+    out = tmp_path / "b"
+    command = [sys.executable, "-m", "controlrt.cli", "export", str(tiny_models.base), "--out", str(out)]
+    jobs = [
+        subprocess.Popen(
+            [*command, "--controlnet", str(cn), "--no-validate"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for cn in tiny_models.controlnets
+    ]
+    results = [(job.wait(300), job.stderr.read().decode()) for job in jobs]
+    codes = sorted(code for code, _ in results)
+    assert codes[0] == 0 and codes[1] != 0, results
+    loser = next(err for code, err in results if code != 0)
+    assert "already exists" in loser and "Traceback" not in loser
+    manifest = Build.open(out, verify=True).manifest  # the winner's build, whole
+    winner = tiny_models.controlnets[[code for code, _ in results].index(0)]
+    assert manifest.controlnet_specs[0].attributes["controlnet_name"] == winner.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_manifest_paths_must_stay_inside_the_build(tiny_build, tmp_path):
+    build = shutil.copytree(tiny_build, tmp_path / "build")
+    shutil.copy(build / "graphs" / "vae_decoder.onnx", tmp_path / "outside.onnx")
+    data = json.loads((build / "manifest.json").read_text())
+    data["graphs"]["vae_decoder"]["variants"]["fp32"]["files"][0]["path"] = "../outside.onnx"
+    (build / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BuildError, match="outside the build"):
+        Build.open(build)
+
+
+def test_a_fine_tuned_source_is_a_changed_source(tiny_models, tmp_path):
+    """Same architecture, same file size, other weights: the torch reference refuses it."""
+    from safetensors.torch import load_file, save_file
+
+    from controlrt.runtime.backends import open_sources
+
+    models = shutil.copytree(tiny_models.base.parent, tmp_path / "models")
+    build = tmp_path / "build"
+    export_build(models / "base", [models / "edges"], build, validate=False)
+    open_sources(Build.open(build).manifest)  # unchanged: fine
+    weights = models / "edges" / "diffusion_pytorch_model.safetensors"
+    size = weights.stat().st_size
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == size
+    with pytest.raises(BuildError, match="changed since it was exported"):
+        open_sources(Build.open(build).manifest)

@@ -1,10 +1,13 @@
 """End to end against diffusers' StableDiffusionControlNetPipeline at the same seed.
 
 Both backends, both architectures, one and two ControlNets, uniform and guess modes, start/end
-windows and negative prompts: the image must match within 40 dB PSNR.
+windows and negative prompts, the default size, an SD2-style text encoder that takes the attention
+mask: the image must match at the fp32 end-to-end gate (controlrt.compare).
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ import torch
 
 from controlrt.builtin import sample_control_images
 from controlrt.compare import end_to_end_gate, psnr
+from controlrt.runtime.request import GenerationRequest
 
 END_TO_END_PSNR_DB = end_to_end_gate("fp32")
 
@@ -156,3 +160,88 @@ def test_no_guidance_runs_without_cfg(pipelines, diffusers_pipes):
     )
     got = np.asarray(pipe("a dog", controls=images, scales=case["scales"], steps=4, guidance=1.0, seed=3))
     assert psnr(expected, got) >= END_TO_END_PSNR_DB
+
+
+def test_size_defaults_to_the_control_images_as_in_diffusers(pipelines, diffusers_pipes, caplog):
+    """No height or width: the first control image's size, as diffusers takes it."""
+    import logging
+
+    case = CASES["one-uniform"]
+    pipe = pipelines("tiny", "onnxruntime")
+    images = sample_control_images(1, 48, 80)
+    reference = diffusers_pipes("tiny", 1)
+    expected = _diffusers_image(reference, case, images, 4, None, None)
+    result = pipe.generate(GenerationRequest("a red circle and a blue square", images, scales=0.8, steps=STEPS, seed=4))
+    assert result.image.size == (80, 48) == expected.shape[1::-1]
+    assert psnr(expected, np.asarray(result.image)) >= END_TO_END_PSNR_DB
+    # a size the graphs cannot take is rounded down to the size multiple, and the difference said
+    m = pipe.info.size_multiple
+    odd = sample_control_images(1, 48 + m // 2, 80 + m // 2)
+    with caplog.at_level(logging.INFO, logger="controlrt.runtime.request"):
+        result = pipe.generate(GenerationRequest("x", odd, steps=1))
+    assert result.image.size == (80, 48)
+    assert "rounded down to a multiple of" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory):
+    """The tiny model with a text encoder whose config asks for the attention mask (SD2-style)."""
+    import json
+
+    from controlrt.builtin import TINY, write_builtin_models
+    from controlrt.export.build import export_build
+
+    root = tmp_path_factory.mktemp("masked")
+    models = write_builtin_models(root / "models", TINY, seed=7)
+    config = models.base / "text_encoder" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "use_attention_mask": True}))
+    export_build(models.base, models.controlnets[:1], root / "build")
+    return models, root / "build"
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_text_encoder_attention_mask_as_diffusers_passes_it(masked, backend):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from controlrt.manifest import Build
+    from controlrt.runtime.pipeline import Pipeline
+
+    models, build = masked
+    assert "attention_mask" in Build.open(build).manifest.spec("text_encoder").input_names
+    reference = StableDiffusionControlNetPipeline.from_pretrained(
+        models.base,
+        controlnet=ControlNetModel.from_pretrained(models.controlnets[0]),
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    reference.set_progress_bar_config(disable=True)
+    images = sample_control_images(1, 64, 64)
+    case = {**CASES["one-uniform"], "negative": "blurry"}
+    expected = _diffusers_image(reference, case, images, 9, 64, 64)
+    with Pipeline.load(build, backend=backend) as pipe:
+        got = pipe(
+            "a red circle and a blue square", controls=images, scales=0.8, steps=STEPS, seed=9, negative_prompt="blurry"
+        )
+        tokens = pipe.tokenizer(
+            ["blurry"], padding="max_length", max_length=pipe.info.sequence_length, return_tensors="pt"
+        )
+        session = pipe.sessions["text_encoder"]
+        masked_out = session.infer({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask})
+        ones = torch.ones_like(tokens.attention_mask)
+        unmasked_out = session.infer({"input_ids": tokens.input_ids, "attention_mask": ones})
+    # the mask matters (so the comparison can fail), and controlrt applies it as diffusers does
+    difference = (masked_out["last_hidden_state"] - unmasked_out["last_hidden_state"]).norm()
+    assert difference > 1e-3 * masked_out["last_hidden_state"].norm()
+    assert psnr(expected, np.asarray(got)) >= END_TO_END_PSNR_DB
+
+
+def test_a_prompt_past_the_tokenizers_limit_is_warned_about(pipelines, caplog):
+    import logging
+
+    pipe = pipelines("tiny", "onnxruntime")
+    long = " ".join(["red circle"] * 60) + " zebra"
+    with caplog.at_level(logging.WARNING, logger="controlrt.runtime.pipeline"):
+        result = pipe.generate(GenerationRequest(long, steps=1))
+    assert "was cut off" in caplog.text and "zebra" in caplog.text
+    assert "zebra" in result.settings["truncated"][0]
+    assert json.loads(result.image.info["controlrt"])["prompt"] == long
