@@ -199,8 +199,7 @@ def model_info(configs: dict[str, dict[str, Any]]) -> ModelInfo:
         )
     if unet["in_channels"] != vae["latent_channels"]:
         raise ModelError(
-            f"base model: the UNet takes {unet['in_channels']} latent channels, the VAE "
-            f"makes {vae['latent_channels']}"
+            f"base model: the UNet takes {unet['in_channels']} latent channels, the VAE makes {vae['latent_channels']}"
         )
     sample = unet["sample_size"]
     sample = (sample, sample) if isinstance(sample, int) else tuple(sample)
