@@ -256,7 +256,7 @@ def generate(
     from controlrt.runtime.pipeline import Pipeline
     from controlrt.runtime.request import GenerationRequest
 
-    build_folder = Build.open(build, verify=False)
+    build_folder = Build.open(build)
     limits = Limits.for_model(build_folder.manifest.info, max_pixels, max_images=max_images)
     if num_images < 1:
         raise InputError(f"--num-images {num_images} must be at least 1")
@@ -287,8 +287,8 @@ def generate(
         for j in range(num_images)
     ]
     options = _tensorrt_options(backend, cuda_graphs, weight_streaming_budget)
-    with Pipeline.load(
-        build, backend=backend, providers=_providers(providers), precision=precision, limits=limits, **options
+    with Pipeline.from_build(
+        build_folder, backend, _providers(providers), precision=precision, limits=limits, **options
     ) as pipe:
         pipe.annotators = annotators
         for request in requests:

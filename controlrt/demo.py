@@ -15,6 +15,7 @@ from controlrt.io import (
     explain_owned,
     file_lock,
     files_under,
+    is_temporary,
     output_folder,
     owner_record,
     write_owner_record,
@@ -64,7 +65,7 @@ def explain_demo(folder: Path) -> set[str] | None:
         top, _, rest = f.partition("/")
         if (
             f == OWNER_FILE
-            or top.startswith(".")
+            or is_temporary(f)
             or (not rest and any(fnmatchcase(f, p) for p in DEMO_OUTPUTS))
             or (top == "models" and rest in models)
             or (top == "build" and rest in build)

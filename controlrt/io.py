@@ -215,6 +215,22 @@ def files_under(folder: Path) -> list[str]:
     return sorted(out)
 
 
+# Names of controlrt's own temporary files: staging folders of interrupted commands (any depth below
+# them), atomic writes' temporary files, write probes, locks, folders renamed aside.
+_TEMPORARY_FOLDERS = (".*.partial-*", ".*-partial-*", ".refit-*", ".*.old-*")
+_TEMPORARY_FILES = (".*.tmp", ".*.lock", ".controlrt-probe-*", ".*.inferred.onnx")
+
+
+def is_temporary(relative: str) -> bool:
+    """Whether a path (relative to an output folder) is one of controlrt's temporary files."""
+    from fnmatch import fnmatchcase
+
+    parts = Path(relative).parts
+    if any(fnmatchcase(part, p) for part in parts[:-1] for p in _TEMPORARY_FOLDERS):
+        return True
+    return any(fnmatchcase(parts[-1], p) for p in _TEMPORARY_FILES)
+
+
 def owner_record(folder: Path) -> dict | None:
     """The owner record of a folder controlrt wrote whole, or None."""
     try:
@@ -229,7 +245,9 @@ def owner_record(folder: Path) -> dict | None:
 def explain_owned(folder: Path) -> set[str] | None:
     """The files an owner record lists (and the record itself), or None without a record."""
     record = owner_record(folder)
-    return None if record is None else {*map(str, record["files"]), OWNER_FILE}
+    if record is None:
+        return None
+    return {*map(str, record["files"]), OWNER_FILE, *(f for f in files_under(folder) if is_temporary(f))}
 
 
 def write_owner_record(folder: Path, kind: str) -> None:

@@ -213,20 +213,16 @@ class Manifest:
         atomic_write_text(root / MANIFEST_NAME, self.to_json())
 
 
-# Files controlrt writes in a build besides those its manifest lists: engines with their records and
-# timing caches, calibration captures, and the temporary names of commands that were interrupted.
+# Files controlrt writes in a build besides those its manifest lists: graphs a crash left unlisted,
+# engines with their records and timing caches, calibration captures.
 _BUILD_PATTERNS = (
     "graphs/*.onnx",
     "graphs/*.onnx.data",
-    "graphs/.*",
     "engines/*.plan",
     "engines/*.json",
     "engines/*.cache",
     "engines/*.cache.json",
-    "engines/.*",
     "calibration/captures-*/*.npz",
-    "calibration/.*",
-    ".*",
 )
 
 
@@ -242,9 +238,9 @@ def explain_build(folder: Path) -> set[str] | None:
     """The files of a build folder that controlrt wrote, or None if ``folder`` is not a build.
 
     Those the manifest lists, the manifest, and what controlrt's commands write beside them
-    (_BUILD_PATTERNS); anything under a hidden folder is an interrupted command's temporary files.
+    (_BUILD_PATTERNS), and the temporary files of interrupted commands (controlrt.io.is_temporary).
     """
-    from controlrt.io import files_under
+    from controlrt.io import files_under, is_temporary
 
     try:
         manifest = Manifest.from_json((folder / MANIFEST_NAME).read_text(), folder)
@@ -252,11 +248,7 @@ def explain_build(folder: Path) -> set[str] | None:
         return None
     listed = {*manifest.files, MANIFEST_NAME}
     return {
-        f
-        for f in files_under(folder)
-        if f in listed
-        or any(_matches(f, p) for p in _BUILD_PATTERNS)
-        or any(part.startswith(".") for part in Path(f).parts[:-1])
+        f for f in files_under(folder) if f in listed or any(_matches(f, p) for p in _BUILD_PATTERNS) or is_temporary(f)
     }
 
 

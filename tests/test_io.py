@@ -131,3 +131,19 @@ def test_export_into_a_file_or_proc_is_one_line(tiny_models, tmp_path):
     for out in (tmp_path / "file" / "b", Path("/proc/controlrt-build")):
         code, output = _invoke("export", tiny_models.base, "--controlnet", tiny_models.controlnets[0], "--out", out)
         assert code != 0 and output.count("\n") == 1 and output.startswith("error: "), output
+
+
+def test_hidden_files_a_user_put_in_a_build_are_theirs(tiny_build, tmp_path):
+    """Only controlrt's own temporary names count as controlrt's, not any hidden file."""
+    import shutil
+
+    from controlrt.manifest import explain_build
+
+    build = shutil.copytree(tiny_build, tmp_path / "build")
+    (build / ".fp16-partial-abc").mkdir()
+    (build / ".fp16-partial-abc" / "unet.fp16.x.onnx").write_bytes(b"left by a killed convert")
+    check_replaceable(build, True, explain_build)
+    (build / ".git").mkdir()
+    (build / ".git" / "HEAD").write_text("a user's repository")
+    with pytest.raises(InputError, match=r"did not write \(.git/HEAD\)"):
+        check_replaceable(build, True, explain_build)

@@ -95,6 +95,7 @@ def capture(
     records: dict[str, list[Feeds]] = {n: [] for n in names}
     with Pipeline.from_build(build, backend="torch") as pipe:
         pipe.sessions = {n: RecordingSession(s, records[n]) for n, s in pipe.sessions.items()}
+        pipe.warn_truncated = False  # the data set's prompts, cut to the model's length as it reads them
         samples = progress_bar(data.samples, progress, "calibrate: capture", "generation")
         for i, sample in enumerate(samples):
             request = GenerationRequest(
@@ -108,7 +109,7 @@ def capture(
             )
             pipe.generate(request)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
         for name, feeds in records.items():
             stacked = {k: np.stack([f[k] for f in feeds]) for k in feeds[0]} if feeds else {}

@@ -142,7 +142,8 @@ class BuilderConfig:
         for shapes in self.profiles:
             profile = builder.create_optimization_profile()
             for name, r in shapes.items():
-                profile.set_shape(name, r.min, r.opt, r.max)
+                # TensorRT converts tuples to Dims; tensorrt-stubs type these parameters as Dims only
+                profile.set_shape(name, r.min, r.opt, r.max)  # type: ignore[arg-type]
             config.add_optimization_profile(profile)
         config.clear_flag(trt.BuilderFlag.TF32)
         if options.refittable:

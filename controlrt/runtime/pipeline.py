@@ -66,6 +66,7 @@ class Pipeline:
         self.controlnet_specs = manifest.controlnet_specs
         self._divisors = residual_divisors(self.unet_spec)
         self.annotators: str | Path | None = None  # controlnet-aux weights for KIND:PATH controls
+        self.warn_truncated = True  # log prompts cut off by the tokenizer (they are in the settings too)
 
     @classmethod
     def load(
@@ -205,6 +206,7 @@ class Pipeline:
                 removed = self.tokenizer.decode(full[row, length - 1 : -1], skip_special_tokens=True).strip()
                 if removed:
                     truncated.append(removed)
+                if removed and self.warn_truncated:
                     logger.warning(
                         "this part of the prompt was cut off because the text encoder takes at most %d tokens: %s",
                         length,

@@ -64,6 +64,39 @@ class ServeSettings:
         return 1.0 if on_gpu else 0.0
 
 
+class Generator:
+    """Runs a Pipeline's generations one at a time on a single worker thread.
+
+    ``run`` may be awaited from many requests at once (and cancelled when a client goes away):
+    the work itself always runs on the one thread, in the order it was submitted, so a cancelled
+    request never lets the next one use the Pipeline while its generation still runs.
+    """
+
+    def __init__(self, pipe) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pipe = pipe
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controlrt-generate")
+
+    async def run(self, generations: list) -> list[bytes | Exception]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, self.generate_all, generations)
+
+    def generate_all(self, generations: list) -> list[bytes | Exception]:
+        """Each generation's PNG, or the exception that ended it (failing only its own request)."""
+        from controlrt.runtime.images import encode_png
+
+        out: list[bytes | Exception] = []
+        for generation in generations:
+            try:
+                result = self.pipe.generate(generation)
+                out.append(encode_png(result.image, result.settings))
+            except Exception as exc:  # reported to its own request only
+                logger.error("generation failed: %s", exc, exc_info=not isinstance(exc, InputError))
+                out.append(exc)
+        return out
+
+
 def _import_serve():
     try:
         from ray import serve
@@ -89,8 +122,6 @@ def build_app(settings: ServeSettings):
     @serve.ingress(api)
     class ControlrtDeployment:
         def __init__(self, config: dict[str, Any]) -> None:
-            from concurrent.futures import ThreadPoolExecutor
-
             from controlrt.manifest import Build
             from controlrt.runtime.limits import Limits
             from controlrt.runtime.pipeline import Pipeline
@@ -106,8 +137,7 @@ def build_app(settings: ServeSettings):
             self.pipe = Pipeline.from_build(
                 build, backend=s.backend, providers=s.providers, precision=s.precision, limits=limits, **options
             )
-            # one worker: generations run one at a time, even when their callers are cancelled
-            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controlrt-generate")
+            self.generator = Generator(self.pipe)  # one at a time, even when callers are cancelled
             self.served = 0
 
         @api.get("/health")
@@ -158,24 +188,9 @@ def build_app(settings: ServeSettings):
             return await self._run(generations)
 
         async def _run(self, generations: list) -> list[bytes | Exception]:
-            loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(self.worker, self._generate_all, generations)
+            results = await self.generator.run(generations)
             self.served += len(generations)
             return results
-
-        def _generate_all(self, generations: list) -> list[bytes | Exception]:
-            """Each generation's PNG, or the exception that ended it (failing only its own request)."""
-            from controlrt.runtime.images import encode_png
-
-            out: list[bytes | Exception] = []
-            for generation in generations:
-                try:
-                    result = self.pipe.generate(generation)
-                    out.append(encode_png(result.image, result.settings))
-                except Exception as exc:  # reported to its own request only
-                    logger.error("generation failed: %s", exc, exc_info=not isinstance(exc, InputError))
-                    out.append(exc)
-            return out
 
     return ControlrtDeployment.bind(asdict(settings))
 

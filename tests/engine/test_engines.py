@@ -372,3 +372,23 @@ def test_onnxruntime_waits_for_torchs_stream_unless_it_shares_it():
     assert not order_after_torch(torch.device("cpu"), None)
     entries = provider_entries(["CUDAExecutionProvider", "CPUExecutionProvider"], 7)
     assert entries == [("CUDAExecutionProvider", {"user_compute_stream": "7"}), "CPUExecutionProvider"]
+
+
+def test_the_fake_replays_the_addresses_it_captured_as_a_gpu_does(fake_trt, build):
+    """Rebinding other buffers after capture does not redirect a replay: the captured ones are used."""
+    builder.build_engines(build, "fp32", graphs=["vae_decoder"])
+    session = _session(build, "vae_decoder")
+    spec = session.spec
+    feeds = spec.dummy_inputs(spec.sizes(1), seed=3)
+    shapes = {name: tuple(t.shape) for name, t in feeds.items()}
+    session._set_shapes(shapes)
+    captured = {"latent": feeds["latent"].clone(), **session._allocate_outputs()}
+    captured["image"].zero_()
+    session._bind(captured)
+    graph = fake_tensorrt.FakeGraph(session._execute, torch.device("cpu"))
+    assert captured["image"].abs().max() == 0  # capturing records the launch, it does not run it
+    other = {"latent": torch.zeros_like(feeds["latent"]), "image": torch.zeros_like(captured["image"])}
+    session._bind(other)
+    graph.replay()
+    assert other["image"].abs().max() == 0  # the newly bound buffer is untouched
+    assert captured["image"].abs().max() > 0  # the captured one got the output

@@ -1,0 +1,59 @@
+"""The gates of controlrt.compare: set from measurement, tight enough that small regressions fail."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+from onnx import numpy_helper
+
+from controlrt.compare import GATES, gate, tolerance_for
+from controlrt.manifest import Build, FileRecord
+from controlrt.parity import run_parity
+from controlrt.precision import Precision
+from controlrt.specs import GraphKind
+
+
+def _perturb_unet(build, delta: float) -> None:
+    """Add ``delta`` to the UNet's last bias in the fp32 graph and record the file anew."""
+    path = build / "graphs" / "unet.onnx"
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        if init.name.endswith("conv_out.bias"):
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + delta, init.name))
+    onnx.save(model, str(path))
+    data = json.loads((build / "manifest.json").read_text())
+    data["graphs"]["unet"]["variants"]["fp32"]["files"][0] = FileRecord.of(build, path).__dict__
+    (build / "manifest.json").write_text(json.dumps(data))
+
+
+def test_a_small_fp32_regression_fails_parity(tiny_build, tmp_path):
+    """A graph 30x less exact than measured fails, although the old gate (1e-4) passed it."""
+    build = shutil.copytree(tiny_build, tmp_path / "build")
+    _perturb_unet(build, 1e-5)
+    report = run_parity(build, steps=2)
+    unet = [r for r in report.graphs if r.graph == "unet"]
+    assert not report.passed and not any(r.passed for r in unet)
+    assert all(1e-5 < r.rel_l2 < 1e-4 for r in unet)
+    assert all(r.passed for r in report.graphs if r.graph != "unet")
+
+
+def test_gates_per_precision_and_quantizer():
+    assert gate("int8", "onnxruntime").psnr_db < gate("int8", "modelopt").psnr_db < gate("fp16").psnr_db
+    assert gate("fp16").psnr_db < gate("fp32").psnr_db
+    assert gate("int8") is GATES[Precision.INT8, "modelopt"]  # the default quantizer's
+    for (precision, _), g in GATES.items():
+        assert g.measured, f"the {precision} gate must say what it was set from"
+        if precision is Precision.INT8:  # text encoder and VAE run fp16 in an int8 pipeline
+            fp16 = gate("fp16").tolerances
+            assert g.tolerances[GraphKind.TEXT_ENCODER] == fp16[GraphKind.TEXT_ENCODER]
+            assert g.tolerances[GraphKind.VAE_DECODER] == fp16[GraphKind.VAE_DECODER]
+    assert tolerance_for("fp32", GraphKind.UNET).rel_l2 <= 1e-5
+
+
+def test_parity_reports_its_gate_and_quantizer(builds):
+    report = run_parity(builds["tiny"], steps=1, end_to_end=False)
+    data = report.to_dict()
+    assert data["quantizer"] is None and data["end_to_end_threshold_db"] == gate("fp32").psnr_db
+    assert Build.open(builds["tiny"]).int8_quantizer is None
