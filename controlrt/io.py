@@ -51,6 +51,14 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def _read_cache(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
 def sha256_cached(path: str | Path) -> str:
     """sha256 of a (large, rarely changing) file, cached by path, size, mtime and inode.
 
@@ -62,25 +70,14 @@ def sha256_cached(path: str | Path) -> str:
     stat = path.stat()
     key = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
     cache_file = _cache_dir() / "sha256.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-        if not isinstance(cache, dict):
-            cache = {}
-    except (OSError, ValueError):
-        cache = {}
-    entry = cache.get(str(path))
+    entry = _read_cache(cache_file).get(str(path))
     if isinstance(entry, list) and len(entry) == 2 and entry[0] == key:
         return str(entry[1])
     digest = sha256_file(path)
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(cache_file):
-            try:
-                cache = json.loads(cache_file.read_text())
-                if not isinstance(cache, dict):
-                    cache = {}
-            except (OSError, ValueError):
-                cache = {}
+            cache = _read_cache(cache_file)  # again, under the lock: others may have added to it
             cache[str(path)] = [key, digest]
             atomic_write_text(cache_file, json.dumps(cache))
     except (OSError, InputError) as exc:
