@@ -3,16 +3,19 @@
     python benchmarks/vs_diffusers.py                       # SD1.5 architecture, random weights
     python benchmarks/vs_diffusers.py --arch alternate      # small, a minute
     python benchmarks/vs_diffusers.py --root /tmp/pbench/sd15 --reuse   # an existing models/ + build/
+    python benchmarks/vs_diffusers.py --reuse --variants openvino:bf16:uniform,openvino:int8:uniform
 
 Builds (or reuses, with --reuse) a model set of the chosen architecture with random weights under
-ROOT/models (nothing is downloaded) and its export under ROOT/build; with --int8 the build needs
-int8 graphs (controlrt calibrate) and with --fp16 fp16 graphs (controlrt convert). Then times, warm
-and interleaved (each round runs every variant once, in turn), diffusers' pipeline in uniform mode and
-controlrt's variants: onnxruntime fp32 uniform (the same math) and cfg-rw (ControlNets on the
-conditional half), and int8/fp16 where asked. Two ControlNets, CFG 7.5, DDIM, 256 px, 4 steps by
-default. Prints per variant the median seconds per image with the min-max spread, the speed-up over
-diffusers, and the final image's PSNR against diffusers' (uniform variants only: cfg-rw is other
-math). One variant's pipeline is loaded at a time besides diffusers', to fit in memory.
+ROOT/models (nothing is downloaded) and its export under ROOT/build; int8 variants need int8 graphs
+(controlrt calibrate), fp16 ones fp16 graphs (controlrt convert). Then times, warm and interleaved
+(each round runs every baseline and every variant of the group once, in turn), diffusers' pipeline in
+fp32 and, on a CPU with bf16 instructions, with ``torch_dtype=torch.bfloat16`` (what a diffusers user
+on such a CPU picks), against controlrt's variants (BACKEND:PRECISION:MODE). Two ControlNets, CFG 7.5,
+DDIM, 256 px, 4 steps by default. Prints the CPU with its features and matrix-multiply peaks, then per
+variant the median seconds per image with the min-max spread, the speed-up over each diffusers
+baseline, and the final image's PSNR against diffusers fp32 (uniform variants only: the
+conditional-only modes are other math). One controlrt pipeline is loaded at a time besides
+diffusers', to fit in memory.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ import json
 import statistics
 import time
 from pathlib import Path
+
+DEFAULT_VARIANTS = (
+    "onnxruntime:fp32:uniform,openvino:fp32:uniform,openvino:bf16:uniform,openvino:bf16:cfg-rw,"
+    "openvino:int8:uniform,openvino:int8:cfg-rw"
+)
 
 
 def make_models(arch_name: str, root: Path, reuse: bool) -> tuple[Path, list[Path], Path]:
@@ -35,17 +43,17 @@ def make_models(arch_name: str, root: Path, reuse: bool) -> tuple[Path, list[Pat
         manifest = json.loads((build / "manifest.json").read_text())
         base = Path(manifest["sources"]["base"]["path"])
         return base, [Path(s["path"]) for s in manifest["sources"]["controlnets"]], build
-    written = builtin.write_builtin_models(models, arch, seed=0)
+    written = builtin.write_builtin_models(models, arch, seed=0, force=True)
     export_build(written.base, written.controlnets, build, force=True)
     return written.base, list(written.controlnets), build
 
 
-def diffusers_pipeline(base: Path, controlnets: list[Path]):
+def diffusers_pipeline(base: Path, controlnets: list[Path], dtype):
     from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
 
-    nets = [ControlNetModel.from_pretrained(p) for p in controlnets]
+    nets = [ControlNetModel.from_pretrained(p, torch_dtype=dtype) for p in controlnets]
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
-        base, controlnet=nets, safety_checker=None, requires_safety_checker=False
+        base, controlnet=nets, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
     )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -56,6 +64,7 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from controlrt import cpu
     from controlrt.builtin import sample_control_images
     from controlrt.compare import psnr
     from controlrt.runtime.pipeline import Pipeline
@@ -67,8 +76,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--int8", action="store_true", help="also time int8 (the build must have it)")
-    parser.add_argument("--fp16", action="store_true", help="also time fp16 (the build must have it)")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="BACKEND:PRECISION:MODE, comma-separated")
+    parser.add_argument("--no-bf16-baseline", action="store_true", help="time diffusers in fp32 only")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -77,12 +86,19 @@ def main() -> None:
     controlnets = controlnets[:2]
     images = sample_control_images(len(controlnets), args.size, args.size)
     prompt, negative = "a red circle and a blue square", ""
-    reference = diffusers_pipeline(base, controlnets)
+    info = cpu.describe()
+    peaks = cpu.matmul_peaks()
+    print(f"CPU: {info['name']}, {info['cores']} cores, features: {' '.join(info['features']) or 'none listed'}")
+    print("matrix-multiply peak (torch, GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items() if v))
     print(f"torch threads {torch.get_num_threads()}, {args.arch}, {args.size} px, {args.steps} DDIM steps", flush=True)
 
-    def run_diffusers():
+    baselines = {"diffusers fp32": diffusers_pipeline(base, controlnets, torch.float32)}
+    if cpu.has_bf16() and not args.no_bf16_baseline:
+        baselines["diffusers bf16"] = diffusers_pipeline(base, controlnets, torch.bfloat16)
+
+    def run_diffusers(pipe):
         generator = torch.Generator("cpu").manual_seed(0)
-        return reference(
+        return pipe(
             prompt,
             image=images,
             negative_prompt=negative,
@@ -93,17 +109,20 @@ def main() -> None:
             width=args.size,
         ).images[0]
 
-    groups = [("fp32", ["uniform", "cfg-rw"])]
-    if args.fp16:
-        groups.append(("fp16", ["uniform", "cfg-rw"]))
-    if args.int8:
-        groups.append(("int8", ["uniform", "cfg-rw"]))
-    run_diffusers()  # warm
-    baseline_image = np.asarray(run_diffusers())
+    reference_images = {}
+    for name, pipe in baselines.items():
+        run_diffusers(pipe)  # warm
+        reference_images[name] = np.asarray(run_diffusers(pipe))
+    reference = reference_images["diffusers fp32"]
+    groups: dict[tuple[str, str], list[str]] = {}
+    for text in args.variants.split(","):
+        backend, precision, mode = text.split(":")
+        groups.setdefault((backend, precision), []).append(mode)
+
     results: dict[str, dict] = {}
-    base_times: list[float] = []
-    for precision, modes in groups:
-        with Pipeline.load(build, backend="onnxruntime", precision=precision) as pipe:
+    base_times: dict[str, list[float]] = {name: [] for name in baselines}
+    for (backend, precision), modes in groups.items():
+        with Pipeline.load(build, backend=backend, precision=precision) as pipe:
 
             def run_controlrt(mode: str, pipe=pipe):
                 return pipe(
@@ -123,36 +142,43 @@ def main() -> None:
                 run_controlrt(mode)  # warm
             times: dict[str, list[float]] = {mode: [] for mode in modes}
             last = {}
-            for _ in range(args.runs):  # interleaved: diffusers, then each variant, every round
-                start = time.perf_counter()
-                run_diffusers()
-                base_times.append(time.perf_counter() - start)
+            for _ in range(args.runs):  # interleaved: the baselines, then each variant, every round
+                for name, baseline in baselines.items():
+                    start = time.perf_counter()
+                    run_diffusers(baseline)
+                    base_times[name].append(time.perf_counter() - start)
                 for mode in modes:
                     start = time.perf_counter()
                     last[mode] = np.asarray(run_controlrt(mode))
                     times[mode].append(time.perf_counter() - start)
             for mode in modes:
-                name = f"controlrt onnxruntime {precision} {mode}"
-                results[name] = {
+                results[f"controlrt {backend} {precision} {mode}"] = {
                     "times": times[mode],
-                    "psnr_vs_diffusers": psnr(baseline_image, last[mode]) if mode == "uniform" else None,
+                    "psnr_vs_diffusers_fp32": psnr(reference, last[mode]) if mode == "uniform" else None,
                 }
         gc.collect()
-    baseline = statistics.median(base_times)
-    print(f"\n{'variant':<36} {'s/image':>8} {'min':>7} {'max':>7} {'vs diffusers':>12} {'PSNR':>8}")
-    print(
-        f"{'diffusers uniform (baseline)':<36} {baseline:>8.2f} {min(base_times):>7.2f} {max(base_times):>7.2f} "
-        f"{'1.00x':>12} {'':>8}"
-    )
+
+    medians = {name: statistics.median(t) for name, t in base_times.items()}
+    columns = "".join(f" {'vs ' + name.removeprefix('diffusers '):>9}" for name in medians)
+    print(f"\n{'variant':<40} {'s/image':>8} {'min':>7} {'max':>7}{columns} {'PSNR':>8}")
+    for name, t in base_times.items():
+        ratios = "".join(f" {medians[other] / medians[name]:>8.2f}x" for other in medians)
+        quality = "" if name == "diffusers fp32" else f"{psnr(reference, reference_images[name]):.1f}"
+        print(f"{name:<40} {medians[name]:>8.2f} {min(t):>7.2f} {max(t):>7.2f}{ratios} {quality:>8}")
     for name, r in results.items():
         t = statistics.median(r["times"])
-        r.update(median=t, speedup=baseline / t)
-        quality = "" if r["psnr_vs_diffusers"] is None else f"{r['psnr_vs_diffusers']:.1f}"
-        print(
-            f"{name:<36} {t:>8.2f} {min(r['times']):>7.2f} {max(r['times']):>7.2f} {baseline / t:>11.2f}x {quality:>8}"
-        )
+        r.update(median=t, speedups={other: medians[other] / t for other in medians})
+        ratios = "".join(f" {medians[other] / t:>8.2f}x" for other in medians)
+        quality = "" if r["psnr_vs_diffusers_fp32"] is None else f"{r['psnr_vs_diffusers_fp32']:.1f}"
+        print(f"{name:<40} {t:>8.2f} {min(r['times']):>7.2f} {max(r['times']):>7.2f}{ratios} {quality:>8}")
+    print("PSNR: the final image against diffusers fp32 at the same seed (uniform variants; dB)")
     if args.json:
-        data = {"baseline": {"times": base_times, "median": baseline}, "variants": results}
+        data = {
+            "cpu": info,
+            "matmul_peaks": peaks,
+            "baselines": {n: {"times": t, "median": medians[n]} for n, t in base_times.items()},
+            "variants": results,
+        }
         Path(args.json).write_text(json.dumps(data, indent=2, default=float))
 
 

@@ -1,11 +1,12 @@
 """``controlrt bench``: where the time of a generation goes, on one backend and precision.
 
 Warm, repeated generations with the built-in sample controls. Reported: the median latency of each
-graph per call; per denoising step and end to end (median, min and max over the runs); the loop
-overhead, the share of the denoise loop spent outside the graph sessions (residual sums, guidance,
-the scheduler, feeding); peak memory; and the achieved GFLOP/s of a step against the FLOPs the
-UNet and the active ControlNets do in it (counted by torch's FlopCounterMode on the source
-architectures, built on the meta device, so no weights are loaded).
+graph per call, its FLOPs per call (counted by torch's FlopCounterMode on the source architecture,
+built on the meta device, so no weights are loaded), its achieved GFLOP/s and, on the CPU, that
+rate as a share of this CPU's matrix-multiply peak in the precision the graph computes in
+(measured here: fp32, bf16, int8); per denoising step and end to end (median, min and max over the
+runs); the loop overhead, the share of the denoise loop spent outside the graph sessions (residual
+sums, guidance, the scheduler, feeding); peak memory; the CPU's name and instruction features.
 """
 
 from __future__ import annotations
@@ -21,9 +22,15 @@ from typing import Any
 
 import torch
 
+from controlrt.precision import Precision
+from controlrt.runtime.backends import SessionFactory
 from controlrt.runtime.control import Branches
 from controlrt.runtime.session import Session
 from controlrt.specs import GraphKind
+
+# The matrix-multiply peak a graph's achieved rate is compared with, by the precision it computes in
+# (fp16 graphs compute in fp32 on the CPU backends).
+PEAK_OF = {Precision.BF16: "bf16", Precision.INT8: "int8"}
 
 
 class TimedSession:
@@ -69,6 +76,8 @@ class BenchReport:
     step_gflop: float | None = None
     peak_rss_mib: float = 0.0
     peak_cuda_mib: float | None = None
+    cpu: dict[str, Any] = field(default_factory=dict)  # name, cores, features
+    matmul_peaks: dict[str, float | None] = field(default_factory=dict)  # GFLOP/s per precision, this CPU
 
     @staticmethod
     def _spread(values: list[float]) -> dict[str, float]:
@@ -89,16 +98,26 @@ class BenchReport:
             f"{self.backend} {self.precision}, {s['height']}x{s['width']}, {s['controls']} control(s), "
             f"mode {s['control_mode']}, guidance {s['guidance']}, {s['steps']} steps ({s['scheduler']} scheduler), "
             f"{s['runs']} runs (warm)",
-            f"{'graph':<16} {'calls/image':>11} {'median ms/call':>15}",
+            f"{'graph':<16} {'calls/image':>11} {'median ms/call':>15} {'GFLOP/call':>11} {'GFLOP/s':>8} "
+            f"{'computes':>8} {'of peak':>8}",
         ]
         for name, g in self.graphs_ms.items():
-            lines.append(f"{name:<16} {g['calls']:>11.0f} {g['median_ms']:>15.1f}")
+            gflop = f"{g['gflop']:>11.1f} {g['gflops_per_s']:>8.1f}" if g.get("gflop") else f"{'':>11} {'':>8}"
+            share = f"{100 * g['peak_share']:>7.0f}%" if g.get("peak_share") else f"{'':>8}"
+            lines.append(
+                f"{name:<16} {g['calls']:>11.0f} {g['median_ms']:>15.1f} {gflop} {g.get('computes', ''):>8} {share}"
+            )
         step, image = d["step"], d["image"]
         lines.append(f"per step:   {step['median']:.3f} s (min {step['min']:.3f}, max {step['max']:.3f})")
         lines.append(f"per image:  {image['median']:.3f} s (min {image['min']:.3f}, max {image['max']:.3f})")
         lines.append(f"loop overhead: {100 * d['loop_overhead_share']:.2f}% of the denoise loop outside the graphs")
         if self.step_gflop:
             lines.append(f"step work: {self.step_gflop:.1f} GFLOP counted; achieved {d['gflops_per_s']:.1f} GFLOP/s")
+        if self.cpu:
+            lines.append(f"CPU: {self.cpu['name']}, {self.cpu['cores']} cores, {' '.join(self.cpu['features'])}")
+        if self.matmul_peaks:
+            peaks = ", ".join(f"{k} {v:.0f}" for k, v in self.matmul_peaks.items() if v)
+            lines.append(f"matrix-multiply peak on this CPU (torch, GFLOP/s): {peaks}")
         memory = f"peak memory: {self.peak_rss_mib:.0f} MiB resident"
         if self.peak_cuda_mib is not None:
             memory += f", {self.peak_cuda_mib:.0f} MiB CUDA"
@@ -106,34 +125,54 @@ class BenchReport:
         return "\n".join(lines)
 
 
-def step_gflop(build, height: int, width: int, controls: int, branches: Branches) -> float | None:
-    """GFLOP of one denoising step (UNet + active ControlNets), or None without the source configs."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
-    from torch.utils.flop_counter import FlopCounterMode
+def _meta_module(build, spec):
+    """The graph's module built from its source configs on the meta device (no weights), or None."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
-    from controlrt.graphs import ControlNetGraph, UNetGraph
+    from controlrt.graphs import ControlNetGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph
 
     sources = build.manifest.sources
+    base = Path(sources["base"]["path"])
+    kind = spec.kind
     try:
-        unet_config = UNet2DConditionModel.load_config(Path(sources["base"]["path"]) / "unet")
-        cn_configs = [ControlNetModel.load_config(s["path"]) for s in sources["controlnets"][:controls]]
+        with torch.device("meta"):
+            if kind is GraphKind.UNET:
+                return UNetGraph(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base / "unet")))
+            if kind is GraphKind.CONTROLNET:
+                path = sources["controlnets"][int(spec.attributes["controlnet_index"])]["path"]
+                return ControlNetGraph(ControlNetModel.from_config(ControlNetModel.load_config(path)))
+            if kind is GraphKind.VAE_DECODER:
+                vae = AutoencoderKL.from_config(AutoencoderKL.load_config(base / "vae"))
+                return VaeDecoderGraph(vae, build.manifest.info.scaling_factor)
+            import transformers
+
+            config = transformers.AutoConfig.from_pretrained(base / "text_encoder")
+            return TextEncoderGraph(transformers.AutoModel.from_config(config))
     except (OSError, ValueError, KeyError):
         return None
-    batch = branches.per_image(GraphKind.UNET)
-    cn_batch = branches.per_image(GraphKind.CONTROLNET)
-    total = 0
-    with torch.device("meta"):
-        modules = [(UNetGraph(UNet2DConditionModel.from_config(unet_config)), build.manifest.spec("unet"), batch)]
-        for k, config in enumerate(cn_configs):
-            spec = build.manifest.controlnet_specs[k]
-            modules.append((ControlNetGraph(ControlNetModel.from_config(config)), spec, cn_batch))
-    for module, spec, b in modules:
-        feeds = spec.dummy_inputs(spec.sizes(b, height, width))
-        args = [feeds[n].to("meta") for n in spec.input_names]
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            module(*args)
-        total += counter.get_total_flops()
-    return total / 1e9
+
+
+def graph_gflop(build, name: str, batch: int, height: int, width: int) -> float | None:
+    """GFLOP of one call of graph ``name`` (torch's FlopCounterMode on the source architecture,
+    built on the meta device), or None without the source configs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = build.manifest.spec(name)
+    module = _meta_module(build, spec)
+    if module is None:
+        return None
+    feeds = spec.dummy_inputs(spec.sizes(batch, height, width))
+    args = [feeds[n].to("meta") for n in spec.input_names]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(*args)
+    return counter.get_total_flops() / 1e9
+
+
+def step_gflop(build, height: int, width: int, controls: int, branches: Branches) -> float | None:
+    """GFLOP of one denoising step (UNet + active ControlNets), or None without the source configs."""
+    names = ["unet", *(s.name for s in build.manifest.controlnet_specs[:controls])]
+    counts = [graph_gflop(build, n, branches.per_image(build.manifest.spec(n).kind), height, width) for n in names]
+    return None if any(c is None for c in counts) else sum(counts)  # type: ignore[misc]
 
 
 def run_bench(
@@ -204,14 +243,30 @@ def run_bench(
             in_graphs = sum(sum(v) for n, v in log.items() if n == "unet" or n.startswith("controlnet"))
             report.loop_overhead.append(max(0.0, timings["denoise"] - in_graphs) / timings["denoise"])
             per_run.append({n: list(v) for n, v in log.items()})
+        branches = Branches.of(guidance, control_mode)
+        on_cpu = pipe.sessions["unet"].device.type == "cpu"
+        if on_cpu:
+            from controlrt import cpu
+
+            report.cpu = cpu.describe()
+            report.matmul_peaks = cpu.matmul_peaks(threads=backend_options.get("threads"))
+        factory = SessionFactory(pipe.build, pipe.options)
         for name in pipe.sessions:
             calls = [c for run in per_run for c in run.get(name, [])]
-            if calls:
-                report.graphs_ms[name] = {
-                    "calls": len(calls) / runs,
-                    "median_ms": 1000 * statistics.median(calls),
-                }
-        report.step_gflop = step_gflop(pipe.build, h, w, count, Branches.of(guidance, control_mode))
+            if not calls:
+                continue
+            median = statistics.median(calls)
+            computes = factory.computes(name)
+            row: dict[str, Any] = {"calls": len(calls) / runs, "median_ms": 1000 * median, "computes": str(computes)}
+            kind = pipe.build.manifest.spec(name).kind
+            gflop = graph_gflop(pipe.build, name, branches.per_image(kind), h, w)
+            if gflop:
+                row["gflop"] = gflop
+                row["gflops_per_s"] = gflop / median
+                peak = report.matmul_peaks.get(PEAK_OF.get(computes, "fp32")) if on_cpu else None
+                row["peak_share"] = row["gflops_per_s"] / peak if peak else None
+            report.graphs_ms[name] = row
+        report.step_gflop = step_gflop(pipe.build, h, w, count, branches)
     report.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         report.peak_cuda_mib = torch.cuda.max_memory_allocated() / 2**20

@@ -17,6 +17,8 @@ from controlrt import __version__
 from controlrt.errors import ControlrtError, InputError
 from controlrt.runtime.limits import DEFAULT_MAX_IMAGES
 
+BACKENDS = ["torch", "onnxruntime", "openvino", "tensorrt"]  # controlrt.runtime.backends, without its imports
+
 logger = logging.getLogger("controlrt")
 
 
@@ -109,6 +111,12 @@ def export(ctx, base_dir, controlnets, out, opset, force, external_data, no_vali
 
 def _backend_options(f):
     f = click.option(
+        "--threads",
+        type=int,
+        default=None,
+        help="onnxruntime / openvino: threads per graph (default: one per core).",
+    )(f)
+    f = click.option(
         "--weight-streaming-budget",
         type=float,
         default=None,
@@ -126,7 +134,7 @@ def _backend_options(f):
     )(f)
     f = click.option(
         "--backend",
-        type=click.Choice(["torch", "onnxruntime", "tensorrt"]),
+        type=click.Choice(BACKENDS),
         default="onnxruntime",
         show_default=True,
         help="Where the graphs run.",
@@ -154,7 +162,8 @@ def _precision_option(f):
         "--precision",
         default="fp32",
         show_default=True,
-        help="fp32 | fp16 | int8 graphs (onnxruntime) or engines (tensorrt); the build must have them.",
+        help="fp32 | fp16 | int8 graphs (onnxruntime, openvino) or engines (tensorrt), the build must have "
+        "them; bf16: the fp32 graphs computed in bf16 (openvino, torch).",
     )(f)
 
 
@@ -162,13 +171,17 @@ def _providers(text: str | None) -> list[str] | None:
     return [p.strip() for p in text.split(",") if p.strip()] if text else None
 
 
-def _tensorrt_options(backend: str, cuda_graphs: bool, budget_gb: float | None) -> dict:
-    """The tensorrt-only Pipeline options, refused with another backend."""
-
+def _backend_settings(backend: str, cuda_graphs: bool, budget_gb: float | None, threads: int | None) -> dict:
+    """The backend-specific Pipeline options, refused with a backend they do not apply to."""
+    options: dict = {}
+    if threads is not None:
+        if backend not in ("onnxruntime", "openvino"):
+            raise InputError("--threads applies to --backend onnxruntime and openvino")
+        options["threads"] = threads
     if backend != "tensorrt":
         if cuda_graphs or budget_gb is not None:
             raise InputError("--cuda-graphs and --weight-streaming-budget need --backend tensorrt")
-        return {}
+        return options
     if budget_gb is not None and budget_gb < 0:
         raise InputError(f"--weight-streaming-budget {budget_gb} must not be negative")
     budget = None if budget_gb is None else int(budget_gb * (1 << 30))
@@ -238,6 +251,7 @@ def generate(
     providers,
     cuda_graphs,
     weight_streaming_budget,
+    threads,
     precision,
     max_pixels,
     max_images,
@@ -286,7 +300,7 @@ def generate(
         for text in prompts
         for j in range(num_images)
     ]
-    options = _tensorrt_options(backend, cuda_graphs, weight_streaming_budget)
+    options = _backend_settings(backend, cuda_graphs, weight_streaming_budget, threads)
     with Pipeline.from_build(
         build_folder, backend, _providers(providers), precision=precision, limits=limits, **options
     ) as pipe:
@@ -339,6 +353,7 @@ def parity(
     providers,
     cuda_graphs,
     weight_streaming_budget,
+    threads,
     precision,
     json_path,
     steps,
@@ -367,7 +382,7 @@ def parity(
         precision=precision,
         height=height,
         width=width,
-        **_tensorrt_options(backend, cuda_graphs, weight_streaming_budget),
+        **_backend_settings(backend, cuda_graphs, weight_streaming_budget, threads),
     )
     click.echo(report.table())
     if json_path:
@@ -450,7 +465,7 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--scheduler", default=None, help="ddim, euler, … (default: the model's own).")
 @click.option("--json", "json_path", default=None, metavar="FILE", help="Also write the numbers as JSON.")
-def bench(build, backend, providers, cuda_graphs, weight_streaming_budget, json_path, **settings) -> None:
+def bench(build, backend, providers, cuda_graphs, weight_streaming_budget, threads, json_path, **settings) -> None:
     """Time warm generations with BUILD: per graph, per step, end to end, loop overhead, GFLOP/s."""
     import json
 
@@ -459,7 +474,7 @@ def bench(build, backend, providers, cuda_graphs, weight_streaming_budget, json_
 
     if json_path:
         check_writable(json_path)
-    options = _tensorrt_options(backend, cuda_graphs, weight_streaming_budget)
+    options = _backend_settings(backend, cuda_graphs, weight_streaming_budget, threads)
     report = run_bench(build, backend, _providers(providers), **settings, **options)
     click.echo(report.table())
     if json_path:
@@ -468,9 +483,7 @@ def bench(build, backend, providers, cuda_graphs, weight_streaming_budget, json_
 
 @cli.command()
 @click.argument("build")
-@click.option(
-    "--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True
-)
+@click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True)
 @click.option("--providers", default=None, metavar="LIST", help="onnxruntime providers: cpu, cuda, tensorrt.")
 @_precision_option
 @click.option("--replicas", type=int, default=1, show_default=True, help="Pipeline replicas (one GPU each on GPU).")
@@ -720,7 +733,7 @@ MAX_SCENES = 1000
 
 @cli.command()
 @click.argument("build_dir", metavar="BUILD")
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="onnxruntime")
+@click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
 @click.option("--scenes", type=int, default=16, show_default=True, help="Held-out shapes scenes.")
 @click.option("--steps", type=int, default=20, show_default=True)

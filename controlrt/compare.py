@@ -52,27 +52,34 @@ class Gate:
 # Gates sit just beyond the worst figures measured (benchmarks/parity_margins.py: three small
 # architectures, random-weight tiny and alternate and the trained built-in model, every output of
 # every graph at parity's shapes and in convert's and calibrate's checks; and the SD1.5-architecture
-# figures of benchmarks/precision_quality.py): per-output bounds at 2-3x the worst measured for
-# fp16 and int8, 5-10x for fp32, whose errors are rounding noise; end-to-end PSNR 4-10 dB under
-# the lowest measured. A real regression moves these figures by far more. In an int8 pipeline the
-# text encoder and VAE decoder run fp16 and are held to fp16's bounds.
+# figures of benchmarks/precision_quality.py and the slow full-size test): per-output bounds at 2-5x
+# the worst measured (fp32's at 3x the full-size SD1.5 graphs', whose rounding noise is 15x the small
+# models'); end-to-end PSNR 4-10 dB under the lowest measured. A real regression moves these
+# figures by far more. In an int8 pipeline the text encoder and VAE decoder run fp16 and are held
+# to fp16's bounds.
 _FP16 = {
-    GraphKind.TEXT_ENCODER: Tolerance(rel_l2=2e-3, max_rel=3e-3),
+    GraphKind.TEXT_ENCODER: Tolerance(rel_l2=3e-3, max_rel=5e-3),
     GraphKind.CONTROLNET: Tolerance(rel_l2=2e-2, max_rel=3e-2),
     GraphKind.UNET: Tolerance(rel_l2=8e-3, max_rel=1.2e-2),
-    GraphKind.VAE_DECODER: Tolerance(rel_l2=2.5e-3, max_rel=3e-3),
+    GraphKind.VAE_DECODER: Tolerance(rel_l2=5e-3, max_rel=1e-2),
 }
 GATES: dict[tuple[Precision, str | None], Gate] = {
     (Precision.FP32, None): Gate(
-        dict.fromkeys(GraphKind, Tolerance(rel_l2=1e-5, max_rel=3e-5)),
+        dict.fromkeys(GraphKind, Tolerance(rel_l2=1e-4, max_rel=3e-4)),
         psnr_db=75.0,
-        measured="rel L2 <= 1.9e-6, max_rel <= 3.1e-6; images identical or 86.0 dB; against diffusers >= 84 dB",
+        measured="rel L2 <= 1.9e-6 (small models), 3.2e-5 (SD1.5's VAE decoder at 384x640); max_rel <= 2.9e-5; "
+        "images identical, 86.0 dB, 79.3 dB (SD1.5 at 512 px); against diffusers >= 84 dB",
     ),
     (Precision.FP16, None): Gate(
         _FP16,
         psnr_db=50.0,
         measured="rel L2 <= 7.2e-4 (text encoder), 9.6e-3 (ControlNets), 3.2e-3 (UNet), 9.1e-4 (VAE); "
         "PSNR 57.9-61.2 dB",
+    ),
+    (Precision.BF16, None): Gate(
+        dict.fromkeys(GraphKind, Tolerance(rel_l2=5e-2, max_rel=1e-1)),
+        psnr_db=30.0,
+        measured="MEASURING",
     ),
     (Precision.INT8, "modelopt"): Gate(
         {

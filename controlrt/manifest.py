@@ -214,7 +214,7 @@ class Manifest:
 
 
 # Files controlrt writes in a build besides those its manifest lists: graphs a crash left unlisted,
-# engines with their records and timing caches, calibration captures.
+# engines with their records and timing caches, calibration captures, OpenVINO's compiled blobs.
 _BUILD_PATTERNS = (
     "graphs/*.onnx",
     "graphs/*.onnx.data",
@@ -223,6 +223,7 @@ _BUILD_PATTERNS = (
     "engines/*.cache",
     "engines/*.cache.json",
     "calibration/captures-*/*.npz",
+    "openvino/*/*.blob",
 )
 
 

@@ -135,7 +135,9 @@ def run_parity(
     """Compare every graph of a build on ``backend`` in ``precision`` with torch fp32, then a
     short generation.
 
-    fp32 graphs are compared on seeded inputs at two shapes; fp16 and int8 graphs on held-out
+    Each graph is judged by the gate of the precision it computes in (in an int8 pipeline the text
+    encoder and VAE run fp16 graphs, or bf16 on OpenVINO on a bf16 CPU), the image by the
+    pipeline precision's. fp32 graphs are compared on seeded inputs at two shapes; others on held-out
     inputs captured from the reference denoise loop (never the calibration samples). The
     end-to-end run uses the built-in sample controls (one per ControlNet), uniform mode, CFG and
     a negative prompt, at the model's native size unless ``height``/``width`` are given. Shapes
@@ -170,11 +172,13 @@ def run_parity(
             cases = seeded_cases(spec, candidate_sessions.accepted_sizes(name, parity_sizes(spec)))
         else:
             cases = captured_cases(held_out[name])
+        computes = candidate_sessions.computes(name)
+        tolerance = gate(computes, report.quantizer if computes is Precision.INT8 else None).tolerances[spec.kind]
         report.graphs += compare_in_turn(
             lambda name=name: reference_sessions.open(name),
             lambda name=name: candidate_sessions.open(name),
             cases,
-            report.gate.tolerances[spec.kind],
+            tolerance,
         )
     if end_to_end:
         request = GenerationRequest(

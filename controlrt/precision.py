@@ -2,7 +2,8 @@
 
 fp16 graphs exist for every graph; int8 (explicit QuantizeLinear/DequantizeLinear) graphs for the
 UNet and the ControlNets only. In an int8 pipeline the text encoder and VAE decoder run in fp16
-where the build has it, else fp32.
+where the build has it, else fp32. bf16 has no graphs of its own: the fp32 graphs are computed in
+bf16 by the backend (OpenVINO's inference precision, or the torch modules in bf16).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from controlrt.specs import GraphKind
 class Precision(StrEnum):
     FP32 = "fp32"
     FP16 = "fp16"
+    BF16 = "bf16"
     INT8 = "int8"
 
     @classmethod
@@ -31,8 +33,14 @@ class Precision(StrEnum):
         return {
             Precision.FP32: "controlrt export",
             Precision.FP16: "controlrt convert BUILD --precision fp16",
+            Precision.BF16: "controlrt export (bf16 computes the fp32 graphs in bf16)",
             Precision.INT8: "controlrt calibrate BUILD",
         }[self]
+
+    @property
+    def graphs(self) -> Precision:
+        """The graph variants this precision runs: bf16 computes the fp32 graphs."""
+        return Precision.FP32 if self is Precision.BF16 else self
 
 
 INT8_KINDS = frozenset({GraphKind.UNET, GraphKind.CONTROLNET})
@@ -42,4 +50,4 @@ def variant_for(kind: GraphKind, precision: Precision, available: set[str]) -> P
     """The variant a graph of ``kind`` runs in a ``precision`` pipeline, given those it has."""
     if precision is Precision.INT8 and kind not in INT8_KINDS:
         return Precision.FP16 if Precision.FP16 in available else Precision.FP32
-    return precision
+    return precision.graphs

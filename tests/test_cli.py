@@ -294,7 +294,9 @@ def test_tensorrt_commands_without_tensorrt(args, tiny_build, tmp_path):
     [
         (("--cuda-graphs",), "need --backend tensorrt"),
         (("--backend", "torch", "--weight-streaming-budget", "1"), "need --backend tensorrt"),
-        (("--backend", "torch", "--precision", "fp16"), "fp32 reference"),
+        (("--backend", "torch", "--precision", "fp16"), "torch backend does not compute in fp16"),
+        (("--precision", "bf16"), "onnxruntime backend does not compute in bf16"),
+        (("--backend", "tensorrt", "--threads", "2"), "--threads applies to --backend onnxruntime and openvino"),
     ],
 )
 def test_backend_option_mismatch(args, fragment, tiny_build, tmp_path):

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from controlrt.errors import BuildError, InputError, ModelError
 from controlrt.manifest import Build, Manifest
@@ -11,7 +16,16 @@ from controlrt.models import BaseModel, ControlNetModelFolder, source_difference
 from controlrt.precision import Precision, variant_for
 from controlrt.runtime.session import Session
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+# The precisions each backend computes (bf16: the fp32 graphs computed in bf16).
+PRECISIONS = {
+    "torch": (Precision.FP32, Precision.BF16),
+    "onnxruntime": (Precision.FP32, Precision.FP16, Precision.INT8),
+    "openvino": (Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8),
+    "tensorrt": (Precision.FP32, Precision.FP16, Precision.INT8),
+}
 
 
 @dataclass(frozen=True)
@@ -19,17 +33,18 @@ class BackendOptions:
     """Which backend runs the graphs, and where.
 
     Attributes:
-        backend: "torch" (the diffusers modules, the reference), "onnxruntime" or "tensorrt"
-            (the engines of controlrt build).
+        backend: "torch" (the diffusers modules, the reference), "onnxruntime", "openvino" (the
+            CPU engine: bf16 and int8 kernels) or "tensorrt" (the engines of controlrt build).
         providers: onnxruntime execution providers (cpu, cuda, tensorrt or full names).
         device: torch device; default "cpu" for torch, "cuda" for tensorrt (onnxruntime follows
             its providers).
-        precision: Which graph variants run (fp32, fp16, int8); the torch backend is fp32 only.
+        precision: Which graph variants run (fp32, fp16, int8), or bf16: the fp32 graphs
+            computed in bf16 (openvino, torch).
         cuda_graphs: tensorrt: capture and replay CUDA graphs per input-shape signature.
         weight_streaming_budget: tensorrt: bytes of weights per engine kept on the GPU (engines
             built with --weight-streaming); None keeps them all.
-        threads: onnxruntime: intra-op threads per session (default: one per physical core); set it
-            when several pipelines share a machine's cores.
+        threads: onnxruntime and openvino: threads per session (default: one per physical core);
+            set it when several pipelines share a machine's cores.
     """
 
     backend: str = "onnxruntime"
@@ -48,11 +63,14 @@ class BackendOptions:
             object.__setattr__(self, "device", "cuda" if self.backend == "tensorrt" else "cpu")
         if self.backend != "tensorrt" and (self.cuda_graphs or self.weight_streaming_budget is not None):
             raise InputError("CUDA graphs and weight streaming are options of --backend tensorrt")
-        if self.backend == "torch" and self.precision is not Precision.FP32:
+        if self.precision not in PRECISIONS[self.backend]:
+            able = [b for b, precisions in PRECISIONS.items() if self.precision in precisions]
             raise InputError(
-                f"the torch backend is the fp32 reference; --precision {self.precision} "
-                "needs --backend onnxruntime or tensorrt"
+                f"the {self.backend} backend does not compute in {self.precision}; "
+                f"--precision {self.precision} needs --backend {' or '.join(able)}"
             )
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise InputError(f"threads {self.threads!r} must be at least 1")
 
 
 def open_sources(manifest: Manifest) -> tuple[BaseModel, list[ControlNetModelFolder]]:
@@ -88,6 +106,18 @@ class SessionFactory:
         self.options = options
         self._sources: tuple[BaseModel, list[ControlNetModelFolder]] | None = None
 
+    def computes(self, name: str) -> Precision:
+        """The precision graph ``name`` computes in: its variant's, or bf16 where the backend
+        computes a float graph in bf16 (bf16 pipelines; an int8 pipeline's float graphs on OpenVINO
+        on a bf16 CPU). Parity judges each graph by this precision's gate."""
+        spec = self.build.manifest.spec(name)
+        variant = variant_for(spec.kind, self.options.precision, set(self.build.manifest.graphs[name].variants))
+        if self.options.precision is Precision.BF16:
+            return Precision.BF16
+        if self.options.backend == "openvino" and variant is not Precision.INT8:
+            return Precision.BF16 if inference_precision(self.options.precision) == "bf16" else variant
+        return variant
+
     def _profiles(self, name: str):
         """The optimization profiles of the engine this factory would open, or None (any shape)."""
         if self.options.backend != "tensorrt":
@@ -120,6 +150,19 @@ class SessionFactory:
         out += [s for s in self.own_sizes(name) if s not in out]
         return out[:wanted]
 
+    def _open_openvino(self, name: str, variant: Precision) -> Session:
+        """The graph compiled by OpenVINO, its blob cached in the build where it can be written."""
+        from controlrt.runtime.ov_backend import CACHE_FOLDER, OpenVinoSession, cache_key
+
+        hint = inference_precision(self.options.precision)
+        files = tuple((f.path, f.sha256) for f in self.build.variant(name, variant).files)
+        cache_dir: Path | None = self.build.path / CACHE_FOLDER / cache_key(files, hint, self.options.threads)
+        if not _writable(cache_dir):
+            logger.info("not caching compiled graphs: %s cannot be written", cache_dir)
+            cache_dir = None
+        spec = self.build.manifest.spec(name)
+        return OpenVinoSession(self.build.graph_path(name, variant), spec, hint, self.options.threads, cache_dir)
+
     def open(self, name: str) -> Session:
         spec = self.build.manifest.spec(name)
         if self.options.backend == "torch":
@@ -129,7 +172,8 @@ class SessionFactory:
             if self._sources is None:
                 self._sources = open_sources(self.build.manifest)
             module = load_graph_module(spec, *self._sources)
-            return TorchSession(module, spec, self.options.device or "cpu")
+            dtype = torch.bfloat16 if self.options.precision is Precision.BF16 else torch.float32
+            return TorchSession(module, spec, self.options.device or "cpu", dtype)
         variants = set(self.build.manifest.graphs[name].variants)
         precision = variant_for(spec.kind, self.options.precision, variants)
         if self.options.backend == "tensorrt":
@@ -143,11 +187,36 @@ class SessionFactory:
                 weight_streaming_budget=self.options.weight_streaming_budget,
                 device=self.options.device or "cuda",
             )
+        if self.options.backend == "openvino":
+            return self._open_openvino(name, precision)
         from controlrt.runtime.ort_backend import OrtSession
 
         return OrtSession(
             self.build.graph_path(name, precision), spec, self.options.providers, threads=self.options.threads
         )
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".controlrt-probe-", dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def inference_precision(precision: Precision) -> str:
+    """OpenVINO's inference precision for a controlrt precision.
+
+    bf16 computes in bf16; int8 graphs run their quantized layers as int8 kernels and the others
+    in bf16 where the CPU has it (else f32); fp32 and fp16 graphs compute in f32 (OpenVINO's
+    default on bf16 CPUs would be bf16: it is always set explicitly).
+    """
+    from controlrt.runtime.ov_backend import supports_bf16
+
+    if precision is Precision.BF16 or (precision is Precision.INT8 and supports_bf16()):
+        return "bf16"
+    return "f32"
 
 
 def open_sessions(build: Build, options: BackendOptions, names: Sequence[str] | None = None) -> dict[str, Session]:

@@ -12,14 +12,22 @@ from controlrt.specs import GraphSpec
 
 
 class TorchSession(Session):
-    """Runs a graph module (see controlrt.graphs) on a torch device."""
+    """Runs a graph module (see controlrt.graphs) on a torch device.
+
+    With ``dtype`` bfloat16 the module computes in bf16 (as diffusers does with
+    ``torch_dtype=torch.bfloat16``): floating inputs but the timesteps are cast to it, outputs back
+    to float32.
+    """
 
     backend = "torch"
 
-    def __init__(self, module: nn.Module, spec: GraphSpec, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, module: nn.Module, spec: GraphSpec, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__(spec)
         self._device = torch.device(device)
-        self.module = module.to(self._device).eval()
+        self._dtype = dtype
+        self.module = module.to(self._device, dtype).eval()
 
     @property
     def device(self) -> torch.device:
@@ -27,11 +35,16 @@ class TorchSession(Session):
 
     def _run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         args = [feeds[name].to(self._device) for name in self.spec.input_names]
+        if self._dtype != torch.float32:  # timesteps stay fp32: the modules embed them in fp32
+            args = [
+                a.to(self._dtype) if a.is_floating_point() and name != "timestep" else a
+                for name, a in zip(self.spec.input_names, args, strict=True)
+            ]
         with torch.inference_mode():
             result = self.module(*args)
         if isinstance(result, torch.Tensor):
             result = (result,)
-        return dict(zip(self.spec.output_names, result, strict=True))
+        return {name: r.float() for name, r in zip(self.spec.output_names, result, strict=True)}
 
     def close(self) -> None:
         self.module = None  # type: ignore[assignment]

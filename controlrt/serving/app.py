@@ -129,7 +129,7 @@ def build_app(settings: ServeSettings):
             self.settings = ServeSettings(**config)
             s = self.settings
             options = {}
-            if s.backend == "onnxruntime" and not s.gpus_per_replica:
+            if s.backend in ("onnxruntime", "openvino") and not s.gpus_per_replica:
                 # replicas share the machine's cores: one pool of threads per replica, not one each
                 options["threads"] = max(1, (os.cpu_count() or 1) // s.replicas)
             build = Build.open(s.build)

@@ -154,7 +154,7 @@ def test_missing_precision_is_a_clear_error(tiny_build, tmp_path):
 
     with pytest.raises(BuildError, match="controlrt calibrate"):
         Pipeline.load(tiny_build, precision="int8")
-    with pytest.raises(InputError, match="fp32 reference"):
+    with pytest.raises(InputError, match="torch backend does not compute in fp16"):
         Pipeline.load(tiny_build, backend="torch", precision="fp16")
     with pytest.raises(InputError, match="unknown precision"):
         Pipeline.load(tiny_build, precision="fp8")

@@ -1,0 +1,96 @@
+"""The OpenVINO backend on the CPU: parity with torch in fp32, bf16 and int8; compiled-blob caching."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from controlrt.builtin import sample_control_images
+from controlrt.compare import end_to_end_gate, psnr
+from controlrt.errors import InputError
+from controlrt.parity import run_parity
+
+pytest.importorskip("openvino", reason="needs OpenVINO: pip install openvino")
+
+
+def _bf16_here() -> bool:
+    from controlrt.runtime.ov_backend import supports_bf16
+
+    return supports_bf16()
+
+
+@pytest.fixture
+def build(tiny_build, tmp_path):
+    return shutil.copytree(tiny_build, tmp_path / "build")
+
+
+def test_fp32_parity_with_torch(build):
+    report = run_parity(build, backend="openvino", steps=3)
+    assert report.passed, report.table()
+    assert all(r.ref_max_abs > 0 for r in report.graphs)
+
+
+@pytest.mark.skipif(not _bf16_here(), reason="this CPU has no bf16 instructions (AVX-512 BF16 or AMX)")
+def test_bf16_parity_with_torch(build):
+    report = run_parity(build, backend="openvino", precision="bf16", steps=3)
+    assert report.passed, report.table()
+    assert report.end_to_end.psnr_db >= end_to_end_gate("bf16")
+    # bf16 really computes in bf16: not the fp32 image
+    assert report.end_to_end.psnr_db < 75
+
+
+def test_torch_bf16_is_diffusers_in_bf16(pipelines, builds):
+    """The torch backend's bf16 is the modules in bf16, as diffusers' torch_dtype=torch.bfloat16."""
+    from controlrt.runtime.pipeline import Pipeline
+
+    images = sample_control_images(2, 64, 64)
+    fp32 = np.asarray(pipelines("tiny", "torch")("a cat", controls=images, steps=3, seed=4))
+    with Pipeline.load(builds["tiny"], backend="torch", precision="bf16") as pipe:
+        bf16 = np.asarray(pipe("a cat", controls=images, steps=3, seed=4))
+    assert end_to_end_gate("bf16") <= psnr(fp32, bf16) < 75
+
+
+def test_compiled_graphs_are_cached_per_graph_and_never_stale(build):
+    from controlrt.export.fp16 import convert_build
+    from controlrt.runtime.pipeline import Pipeline
+
+    with Pipeline.load(build, backend="openvino") as pipe:
+        first = np.asarray(pipe("a cat", steps=2, seed=1))
+    keys = {p.name for p in (build / "openvino").iterdir()}
+    assert len(keys) == 5 and all(any((build / "openvino" / k).iterdir()) for k in keys)
+    with Pipeline.load(build, backend="openvino") as pipe:  # from the cache
+        assert np.array_equal(np.asarray(pipe("a cat", steps=2, seed=1)), first)
+    assert {p.name for p in (build / "openvino").iterdir()} == keys
+    convert_build(build, "fp16")  # other graphs: other keys, the fp32 ones untouched
+    with Pipeline.load(build, backend="openvino", precision="fp16") as pipe:
+        pipe("a cat", steps=1, seed=1)
+    assert keys < {p.name for p in (build / "openvino").iterdir()}
+
+
+def test_precisions_a_backend_cannot_compute_are_one_line(build, monkeypatch):
+    from controlrt.runtime import ov_backend
+    from controlrt.runtime.pipeline import Pipeline
+
+    with pytest.raises(InputError, match="onnxruntime backend does not compute in bf16"):
+        Pipeline.load(build, backend="onnxruntime", precision="bf16")
+    monkeypatch.setattr(ov_backend, "supports_bf16", lambda: False)
+    with pytest.raises(InputError, match="has no bf16 instructions"):
+        Pipeline.load(build, backend="openvino", precision="bf16")
+
+
+def test_int8_graphs_run_on_openvino(tiny_build, tmp_path):
+    from controlrt.calibration.calibrate import CalibrationSettings, calibrate_build
+
+    build = shutil.copytree(tiny_build, tmp_path / "int8")
+    calibrate_build(build, settings=CalibrationSettings("onnxruntime", samples=2, steps=2))
+    report = run_parity(build, backend="openvino", precision="int8", steps=3)
+    assert report.passed, report.table()
+    from controlrt.runtime.pipeline import Pipeline
+
+    with Pipeline.load(build, backend="openvino", precision="int8") as pipe:
+        counts = pipe.sessions["unet"].kernel_precisions()
+        fp32_counts = pipe.sessions["text_encoder"].kernel_precisions()
+    assert counts.get("int8", 0) > sum(counts.values()) / 2, counts  # Q/DQ layers run as int8 kernels
+    assert "int8" not in fp32_counts
