@@ -6,7 +6,7 @@ are set from.
 
 For each small architecture (random-weight tiny and alternate, and the trained built-in model) it
 exports a build, adds fp16 graphs and, per quantizer, int8 graphs, and runs ``controlrt parity`` at
-each precision on onnxruntime with the command's defaults (native size, 4 steps). It prints, per
+each precision on onnxruntime (bf16 on openvino) with the command's defaults (native size, 4 steps). It prints, per
 precision and graph kind, the worst relative L2 error and the worst max |error| / max |reference|
 over every compared output, and the end-to-end PSNR, next to the gate each is judged by. A gate
 should sit just beyond the worst figure measured, so that a real regression fails.
@@ -66,10 +66,10 @@ def checks(build: str, precision: str) -> dict:
     return kinds
 
 
-def parity(build: str, precision: str) -> dict:
+def parity(build: str, precision: str, backend: str = "onnxruntime") -> dict:
     from controlrt.parity import run_parity
 
-    report = run_parity(build, precision=precision)
+    report = run_parity(build, backend, precision=precision)
     kinds: dict[str, dict[str, float]] = {}
     manifest_kinds = {}
     from controlrt.manifest import Build
@@ -88,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", default="tiny,alternate,shapes")
     parser.add_argument("--methods", default="modelopt,onnxruntime")
+    parser.add_argument("--precisions", default="fp32,fp16,bf16,int8", help="bf16 runs on openvino")
     parser.add_argument("--out", default="parity-margins")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -102,7 +103,10 @@ def main() -> None:
         results[f"{arch} fp32"]["check"] = checks(build, "fp32")
         results[f"{arch} fp16"] = _in_child(parity, build, "fp16")
         results[f"{arch} fp16"]["check"] = checks(build, "fp16")
-        for method in args.methods.split(","):
+        if "bf16" in args.precisions:
+            results[f"{arch} bf16"] = _in_child(parity, build, "bf16", "openvino")
+            results[f"{arch} bf16"]["check"] = {}
+        for method in args.methods.split(",") if "int8" in args.precisions else ():
             try:
                 _in_child(calibrate, build, method)
             except Exception as exc:  # the int8 check refused the graphs: report, go on

@@ -30,3 +30,16 @@ def test_bench_command_writes_json(tiny_build, tmp_path):
     assert data["step"]["median"] > 0 and data["gflops_per_s"] > 0
     bad = CliRunner().invoke(cli, ["bench", str(tiny_build), "--controls", "5"])
     assert bad.exit_code == 2 and bad.output.startswith("error: ")
+
+
+def test_bench_reports_the_cpu_its_peaks_and_each_graphs_share_of_them(tiny_build):
+    from controlrt import cpu
+
+    report = run_bench(tiny_build, backend="openvino", steps=2, runs=1, warmup=0)
+    assert report.cpu["name"] == cpu.cpu_name() and report.cpu["features"] == list(cpu.cpu_features())
+    assert report.matmul_peaks["fp32"] > 0 and report.matmul_peaks["int8"] > 0
+    unet = report.graphs_ms["unet"]
+    assert unet["computes"] == "fp32" and unet["gflop"] > 0
+    assert unet["peak_share"] == unet["gflops_per_s"] / report.matmul_peaks["fp32"]
+    table = report.table()
+    assert "CPU: " in table and "of peak" in table and "matrix-multiply peak" in table

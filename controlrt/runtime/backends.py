@@ -6,6 +6,7 @@ import logging
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -155,6 +156,8 @@ class SessionFactory:
         from controlrt.runtime.ov_backend import CACHE_FOLDER, OpenVinoSession, cache_key
 
         hint = inference_precision(self.options.precision)
+        if hint == "bf16":
+            _note_slow_bf16()
         files = tuple((f.path, f.sha256) for f in self.build.variant(name, variant).files)
         cache_dir: Path | None = self.build.path / CACHE_FOLDER / cache_key(files, hint, self.options.threads)
         if not _writable(cache_dir):
@@ -205,16 +208,28 @@ def _writable(folder: Path) -> bool:
         return False
 
 
+@cache
+def _note_slow_bf16() -> None:
+    from controlrt.cpu import has_amx_bf16, has_bf16
+
+    if has_bf16() and not has_amx_bf16():
+        logger.warning(
+            "this CPU computes bf16 with AVX-512 BF16 but no AMX tiles: measured slower than fp32 on such CPUs; "
+            "--precision fp32 or int8 may be faster here"
+        )
+
+
 def inference_precision(precision: Precision) -> str:
     """OpenVINO's inference precision for a controlrt precision.
 
-    bf16 computes in bf16; int8 graphs run their quantized layers as int8 kernels and the others
-    in bf16 where the CPU has it (else f32); fp32 and fp16 graphs compute in f32 (OpenVINO's
+    bf16 computes in bf16. int8 graphs run their quantized layers as int8 kernels (VNNI, AMX) and
+    the others in bf16 where the CPU has AMX bf16 tiles (else f32: with AVX-512 BF16 alone, bf16 ran
+    slower than f32; see controlrt.cpu.has_amx_bf16). fp32 and fp16 graphs compute in f32 (OpenVINO's
     default on bf16 CPUs would be bf16: it is always set explicitly).
     """
-    from controlrt.runtime.ov_backend import supports_bf16
+    from controlrt.cpu import has_amx_bf16
 
-    if precision is Precision.BF16 or (precision is Precision.INT8 and supports_bf16()):
+    if precision is Precision.BF16 or (precision is Precision.INT8 and has_amx_bf16()):
         return "bf16"
     return "f32"
 
