@@ -130,24 +130,30 @@ def _meta_module(build, spec):
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
     from controlrt.graphs import ControlNetGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph
+    from controlrt.specs import added_condition_names
 
     sources = build.manifest.sources
     base = Path(sources["base"]["path"])
     kind = spec.kind
+    added = tuple(added_condition_names(spec))
     try:
         with torch.device("meta"):
             if kind is GraphKind.UNET:
-                return UNetGraph(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base / "unet")))
+                config = UNet2DConditionModel.load_config(base / "unet")
+                return UNetGraph(UNet2DConditionModel.from_config(config), added)
             if kind is GraphKind.CONTROLNET:
                 path = sources["controlnets"][int(spec.attributes["controlnet_index"])]["path"]
-                return ControlNetGraph(ControlNetModel.from_config(ControlNetModel.load_config(path)))
+                return ControlNetGraph(ControlNetModel.from_config(ControlNetModel.load_config(path)), added)
             if kind is GraphKind.VAE_DECODER:
                 vae = AutoencoderKL.from_config(AutoencoderKL.load_config(base / "vae"))
                 return VaeDecoderGraph(vae, build.manifest.info.scaling_factor)
             import transformers
 
-            config = transformers.AutoConfig.from_pretrained(base / "text_encoder")
-            return TextEncoderGraph(transformers.AutoModel.from_config(config))
+            component = "text_encoder" if spec.name == "text_encoder" else "text_encoder_2"
+            config = transformers.AutoConfig.from_pretrained(base / component)
+            layer, pooled = str(spec.attributes.get("layer", "last")), "text_embeds" in spec.output_names
+            model = transformers.CLIPTextModelWithProjection if pooled else transformers.CLIPTextModel
+            return TextEncoderGraph(model._from_config(config), layer, pooled)
     except (OSError, ValueError, KeyError):
         return None
 

@@ -63,6 +63,15 @@ class Architecture:
     scheduler: str = "DDIMScheduler"
     controlnets: tuple[str, ...] = ("edges", "depth")
     corpus: str = _CORPUS  # the words the generated tokenizer learns its merges from
+    # SDXL-shaped: a second text encoder (with projection) whose width adds to the first's to make
+    # cross_attention_dim, "text_time" added conditions, a first down block without attention
+    text_widths: tuple[int, int] | None = None
+    pooled_dim: int = 0
+    time_embed_dim: int = 8
+
+    @property
+    def sdxl(self) -> bool:
+        return self.text_widths is not None
 
 
 TINY = Architecture()
@@ -105,6 +114,45 @@ SD15 = Architecture(
     text_heads=12,
     text_intermediate=3072,
     scheduler="PNDMScheduler",
+    controlnets=("canny", "depth"),
+)
+
+
+# A small SDXL-shaped set: two CLIP text encoders (32 and 48 wide, the second with a 24-wide
+# projection), text_time conditions, no attention in the first block, a factor-2 VAE.
+TINY_XL = Architecture(
+    unet_channels=(32, 64),
+    layers_per_block=2,
+    cross_attention_dim=80,
+    attention_head_dim=8,
+    norm_num_groups=16,
+    sample_size=32,
+    text_widths=(32, 48),
+    pooled_dim=24,
+    time_embed_dim=8,
+    scheduler="EulerDiscreteScheduler",
+    controlnets=("canny", "depth"),
+)
+
+# SDXL's shapes (UNet 2.6G parameters: 320/640/1280 channels, 1/2/10 transformer layers, 10
+# residuals; CLIP ViT-L and bigG text widths 768 + 1280, pooled 1280, time ids of 256), for slow
+# full-size checks.
+SDXL = Architecture(
+    unet_channels=(320, 640, 1280),
+    layers_per_block=2,
+    cross_attention_dim=2048,
+    attention_head_dim=64,
+    norm_num_groups=32,
+    vae_channels=(128, 256, 512, 512),
+    vae_layers_per_block=2,
+    sample_size=128,
+    text_layers=12,
+    text_heads=12,
+    text_intermediate=3072,
+    text_widths=(768, 1280),
+    pooled_dim=1280,
+    time_embed_dim=256,
+    scheduler="EulerDiscreteScheduler",
     controlnets=("canny", "depth"),
 )
 
@@ -164,7 +212,9 @@ def train_bpe(words: list[str], num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def write_tokenizer(folder: Path, num_merges: int, max_length: int, corpus: str = _CORPUS) -> int:
+def write_tokenizer(
+    folder: Path, num_merges: int, max_length: int, corpus: str = _CORPUS, pad_token: str = "<|endoftext|>"
+) -> int:
     """Write vocab.json, merges.txt and tokenizer_config.json for a CLIPTokenizer; return the vocab size."""
     table = bytes_to_unicode()
     merges = train_bpe(corpus.split(), num_merges)
@@ -179,7 +229,7 @@ def write_tokenizer(folder: Path, num_merges: int, max_length: int, corpus: str 
         "model_max_length": max_length,
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
+        "pad_token": pad_token,
         "unk_token": "<|endoftext|>",
         "do_lower_case": True,
     }
@@ -201,11 +251,121 @@ def _give_zero_convs_weights(controlnet, seed: int) -> None:
             conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.05)
 
 
+def _controlnets(arch: Architecture, unet, seed: int) -> list:
+    import torch
+    from diffusers import ControlNetModel
+
+    controlnets = []
+    for k, _ in enumerate(arch.controlnets):
+        torch.manual_seed(seed + 10 + k)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=controlnet_embedding(arch))
+        _give_zero_convs_weights(controlnet, seed + 20 + k)
+        controlnets.append(controlnet)
+    return controlnets
+
+
+def _scheduler(arch: Architecture):
+    import diffusers
+
+    return getattr(diffusers, arch.scheduler)(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        **_SCHEDULER_EXTRAS.get(arch.scheduler, {}),
+    )
+
+
+def _vae(arch: Architecture, **extra):
+    from diffusers import AutoencoderKL
+
+    m = len(arch.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * m,
+        up_block_types=("UpDecoderBlock2D",) * m,
+        block_out_channels=arch.vae_channels,
+        latent_channels=arch.latent_channels,
+        layers_per_block=arch.vae_layers_per_block,
+        norm_num_groups=arch.norm_num_groups,
+        sample_size=arch.sample_size * 2 ** (m - 1),
+        **extra,
+    )
+
+
+def build_sdxl_modules(arch: Architecture, tokenizer_dirs: tuple[Path, Path], seed: int):
+    """An SDXL-shaped pipeline (StableDiffusionXLPipeline) and its ControlNets, seeded.
+
+    Two CLIP text encoders (the second with a projection, whose text_embeds are the pooled
+    embedding), tokenizers that pad differently (the second with "!", as SDXL's), a UNet with
+    "text_time" added conditions and no attention in its first block.
+    """
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    assert arch.text_widths is not None
+    vocab = write_tokenizer(tokenizer_dirs[0], arch.bpe_merges, arch.sequence_length, arch.corpus)
+    write_tokenizer(tokenizer_dirs[1], arch.bpe_merges, arch.sequence_length, arch.corpus, pad_token="!")
+    tokenizers = [CLIPTokenizer.from_pretrained(d) for d in tokenizer_dirs]
+    n = len(arch.unet_channels)
+    full = arch.unet_channels[0] >= 320  # SDXL's own heads and transformer depths
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=arch.sample_size,
+        in_channels=arch.latent_channels,
+        out_channels=arch.latent_channels,
+        block_out_channels=arch.unet_channels,
+        layers_per_block=arch.layers_per_block,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=arch.cross_attention_dim,
+        attention_head_dim=(5, 10, 20) if full else arch.attention_head_dim,
+        transformer_layers_per_block=(1, 2, 10) if full else 1,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=arch.time_embed_dim,
+        projection_class_embeddings_input_dim=arch.pooled_dim + 6 * arch.time_embed_dim,
+        norm_num_groups=arch.norm_num_groups,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _vae(arch, scaling_factor=0.13025, force_upcast=True)
+    encoders = []
+    for k, (width, cls) in enumerate(zip(arch.text_widths, (CLIPTextModel, CLIPTextModelWithProjection), strict=True)):
+        torch.manual_seed(seed + 2 + k)
+        config = CLIPTextConfig(
+            vocab_size=vocab,
+            hidden_size=width,
+            intermediate_size=arch.text_intermediate or width * 2,
+            projection_dim=arch.pooled_dim if k == 1 else width,
+            num_hidden_layers=arch.text_layers,
+            num_attention_heads=width // 64 if full else arch.text_heads,
+            max_position_embeddings=arch.sequence_length,
+            bos_token_id=vocab - 2,
+            eos_token_id=vocab - 1,
+            pad_token_id=vocab - 1,
+        )
+        encoders.append(cls(config))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=encoders[0],
+        text_encoder_2=encoders[1],
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=unet,
+        scheduler=_scheduler(arch),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    return pipe, _controlnets(arch, unet, seed)
+
+
 def build_modules(arch: Architecture, tokenizer_dir: Path, seed: int):
     """Construct the seeded pipeline and ControlNet modules (returns pipeline, controlnets)."""
-    import diffusers
     import torch
-    from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab_size = write_tokenizer(tokenizer_dir, arch.bpe_merges, arch.sequence_length, arch.corpus)
@@ -225,18 +385,7 @@ def build_modules(arch: Architecture, tokenizer_dir: Path, seed: int):
         norm_num_groups=arch.norm_num_groups,
     )
     torch.manual_seed(seed + 1)
-    m = len(arch.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * m,
-        up_block_types=("UpDecoderBlock2D",) * m,
-        block_out_channels=arch.vae_channels,
-        latent_channels=arch.latent_channels,
-        layers_per_block=arch.vae_layers_per_block,
-        norm_num_groups=arch.norm_num_groups,
-        sample_size=arch.sample_size * 2 ** (m - 1),
-    )
+    vae = _vae(arch)
     torch.manual_seed(seed + 2)
     text_config = CLIPTextConfig(
         vocab_size=vocab_size,
@@ -251,14 +400,7 @@ def build_modules(arch: Architecture, tokenizer_dir: Path, seed: int):
         pad_token_id=vocab_size - 1,
     )
     text_encoder = CLIPTextModel(text_config)
-    scheduler = getattr(diffusers, arch.scheduler)(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        **_SCHEDULER_EXTRAS.get(arch.scheduler, {}),
-    )
+    scheduler = _scheduler(arch)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -269,13 +411,7 @@ def build_modules(arch: Architecture, tokenizer_dir: Path, seed: int):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    controlnets = []
-    for k, _ in enumerate(arch.controlnets):
-        torch.manual_seed(seed + 10 + k)
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=controlnet_embedding(arch))
-        _give_zero_convs_weights(controlnet, seed + 20 + k)
-        controlnets.append(controlnet)
-    return pipe, controlnets
+    return pipe, _controlnets(arch, unet, seed)
 
 
 def controlnet_embedding(arch: Architecture) -> tuple[int, ...]:
@@ -292,11 +428,16 @@ def write_builtin_models(
     or (with ``force``) a folder controlrt wrote holding nothing else; InputError otherwise.
     """
     with staged_folder(out_dir, "builtin --random", force) as staging:
-        pipe, controlnets = build_modules(arch, staging / "_tokenizer", seed)
+        scratch = (staging / "_tokenizer", staging / "_tokenizer_2")
+        if arch.sdxl:
+            pipe, controlnets = build_sdxl_modules(arch, scratch, seed)
+        else:
+            pipe, controlnets = build_modules(arch, scratch[0], seed)
         pipe.save_pretrained(staging / "base", safe_serialization=True)
         for name, controlnet in zip(arch.controlnets, controlnets, strict=True):
             controlnet.save_pretrained(staging / name, safe_serialization=True)
-        shutil.rmtree(staging / "_tokenizer")
+        for folder in scratch:
+            shutil.rmtree(folder, ignore_errors=True)
     out = output_folder(out_dir)
     return BuiltinModels(out / "base", [out / name for name in arch.controlnets])
 

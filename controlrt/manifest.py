@@ -312,5 +312,13 @@ class Build:
         return self.path / "tokenizer"
 
     @property
+    def tokenizer_dirs(self) -> list[Path]:
+        """One tokenizer folder per text encoder: tokenizer/ (and tokenizer_2/ for SDXL)."""
+        return [
+            self.path / ("tokenizer" if k == 0 else f"tokenizer_{k + 1}")
+            for k in range(self.manifest.info.text_encoders)
+        ]
+
+    @property
     def scheduler_config(self) -> dict[str, Any]:
         return json.loads((self.path / "scheduler" / "scheduler_config.json").read_text())

@@ -30,6 +30,8 @@ BASE_COMPONENTS = {
     "scheduler": "scheduler_config.json",
     "tokenizer": "tokenizer_config.json",
 }
+# SDXL's second text encoder and tokenizer, present when model_index.json lists them.
+SDXL_COMPONENTS = {"text_encoder_2": "config.json", "tokenizer_2": "tokenizer_config.json"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -57,6 +59,22 @@ class ModelInfo:
     num_train_timesteps: int
     residuals: tuple[Residual, ...]
     text_attention_mask: bool = False  # the text encoder config's use_attention_mask (diffusers passes the mask)
+    # SDXL ("text_time" added conditions): each text encoder's width (their penultimate hidden states,
+    # concatenated, are the prompt embedding), the pooled projection's width (the second encoder's
+    # text_embeds) and the number of time ids (original size, crop offsets, target size).
+    text_hidden_sizes: tuple[int, ...] = ()
+    pooled_dim: int = 0
+    time_ids: int = 0
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def sdxl(self) -> bool:
+        """Whether the UNet takes SDXL's added conditions (text_embeds and time_ids)."""
+        return self.pooled_dim > 0
+
+    @property
+    def text_encoders(self) -> int:
+        return max(1, len(self.text_hidden_sizes))
 
     @property
     def size_multiple(self) -> int:
@@ -79,6 +97,7 @@ class ModelInfo:
         data = dict(data)
         data["sample_size"] = tuple(data["sample_size"])
         data["residuals"] = tuple(Residual(**r) for r in data["residuals"])
+        data["text_hidden_sizes"] = tuple(data.get("text_hidden_sizes", ()))
         return cls(**data)
 
 
@@ -163,13 +182,46 @@ def _require_dir(path: Path, what: str) -> Path:
     return path.resolve()
 
 
+def _components(index: dict[str, Any]) -> dict[str, str]:
+    """The components a base folder must have, with their config file names."""
+    sdxl = bool(index.get("text_encoder_2") and index["text_encoder_2"][0] is not None)
+    return {**BASE_COMPONENTS, **(SDXL_COMPONENTS if sdxl else {})}
+
+
 def _check_unsupported(config: dict[str, Any], what: str, keys: tuple[str, ...]) -> None:
     for key in keys:
-        if config.get(key) is not None:
+        value = config.get(key)
+        if value is not None and not (key == "addition_embed_type" and value == "text_time"):
             raise ModelError(
-                f"{what}: {key}={config[key]!r} is set; controlrt supports Stable Diffusion "
-                "1.x/2.x-style models without extra conditioning (not SDXL or LCM variants)"
+                f"{what}: {key}={value!r} is set; controlrt supports Stable Diffusion 1.x/2.x-style models "
+                "and SDXL (addition_embed_type 'text_time'), not LCM-distilled or other conditioned UNets"
             )
+
+
+def _sdxl_conditions(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """ModelInfo's SDXL fields from the configs (empty for a UNet without 'text_time' conditions)."""
+    unet = configs["unet"]
+    if unet.get("addition_embed_type") != "text_time":
+        return {}
+    if "text_encoder_2" not in configs:
+        raise ModelError(
+            "base model: the UNet takes SDXL's added conditions but model_index.json lists no text_encoder_2"
+        )
+    first, second = configs["text_encoder"], configs["text_encoder_2"]
+    pooled = int(second.get("projection_dim") or 0)
+    time_dim = int(unet.get("addition_time_embed_dim") or 0)
+    added = int(unet.get("projection_class_embeddings_input_dim") or 0)
+    if not pooled or not time_dim or (added - pooled) % time_dim or added <= pooled:
+        raise ModelError(
+            f"base model: the UNet's added embedding ({added}) is not text_encoder_2's projection ({pooled}) "
+            f"plus time ids of {time_dim} each"
+        )
+    return {
+        "text_hidden_sizes": (int(first["hidden_size"]), int(second["hidden_size"])),
+        "pooled_dim": pooled,
+        "time_ids": (added - pooled) // time_dim,
+        "force_zeros_for_empty_prompt": bool(configs.get("model_index", {}).get("force_zeros_for_empty_prompt", True)),
+    }
 
 
 def model_info(configs: dict[str, dict[str, Any]]) -> ModelInfo:
@@ -192,10 +244,12 @@ def model_info(configs: dict[str, dict[str, Any]]) -> ModelInfo:
         if len(set(cross)) != 1:
             raise ModelError("base model unet: per-block cross_attention_dim is not supported")
         cross = cross[0]
-    if text.get("hidden_size") != cross:
+    sdxl = _sdxl_conditions(configs)
+    widths = sdxl.get("text_hidden_sizes", (text.get("hidden_size"),))
+    if sum(w or 0 for w in widths) != cross:
         raise ModelError(
-            f"base model: the text encoder's hidden_size {text.get('hidden_size')} does not "
-            f"match the UNet's cross_attention_dim {cross}"
+            f"base model: the text encoders' hidden sizes {list(widths)} do not add up to the UNet's "
+            f"cross_attention_dim {cross}"
         )
     if unet["in_channels"] != vae["latent_channels"]:
         raise ModelError(
@@ -203,20 +257,24 @@ def model_info(configs: dict[str, dict[str, Any]]) -> ModelInfo:
         )
     sample = unet["sample_size"]
     sample = (sample, sample) if isinstance(sample, int) else tuple(sample)
-    max_length = configs["tokenizer"].get("model_max_length", 77)
+    encoders = [text, *([configs["text_encoder_2"]] if sdxl else [])]
+    tokenizers = [configs["tokenizer"], *([configs["tokenizer_2"]] if sdxl else [])]
+    lengths = [int(t.get("model_max_length", 77)) for t in tokenizers]
+    lengths += [int(e["max_position_embeddings"]) for e in encoders]
     return ModelInfo(
         vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
         latent_channels=unet["in_channels"],
         unet_out_channels=unet["out_channels"],
         cross_attention_dim=cross,
-        sequence_length=min(int(max_length), int(text["max_position_embeddings"])),
-        vocab_size=text["vocab_size"],
+        sequence_length=min(lengths),
+        vocab_size=min(int(e["vocab_size"]) for e in encoders),
         sample_size=sample,
         scaling_factor=float(vae.get("scaling_factor", 0.18215)),
         image_channels=vae["out_channels"],
         num_train_timesteps=int(configs["scheduler"].get("num_train_timesteps", 1000)),
         residuals=residual_layout(unet, "base model unet"),
         text_attention_mask=bool(text.get("use_attention_mask", False)),
+        **sdxl,
     )
 
 
@@ -237,8 +295,8 @@ class BaseModel:
                 "point at a folder written by StableDiffusionPipeline.save_pretrained"
             )
         index = _read_json(path / "model_index.json", "base model")
-        configs = {}
-        for component, config_name in BASE_COMPONENTS.items():
+        configs: dict[str, dict[str, Any]] = {"model_index": index}
+        for component, config_name in _components(index).items():
             if not index.get(component) or index[component][0] is None:
                 raise ModelError(f"base model {path}: model_index.json lists no {component}")
             configs[component] = _read_json(path / component / config_name, f"base model {component}")
@@ -253,12 +311,18 @@ class BaseModel:
     def info(self) -> ModelInfo:
         return model_info(self.configs)
 
+    @property
+    def text_encoder_names(self) -> list[str]:
+        """The text encoder components: text_encoder (and text_encoder_2 for SDXL)."""
+        return [c for c in ("text_encoder", "text_encoder_2") if c in self.configs]
+
     def source_record(self) -> dict[str, Any]:
         """Paths, config hashes and weight files' sizes and sha256, for the manifest's staleness checks."""
+        components = _components(self.index)
         return {
             "path": str(self.path),
-            "config_sha256": {c: _config_hash(self.path / c / name) for c, name in BASE_COMPONENTS.items()},
-            "weights": {c: _weight_files(self.path / c) for c in ("unet", "vae", "text_encoder")},
+            "config_sha256": {c: _config_hash(self.path / c / name) for c, name in components.items()},
+            "weights": {c: _weight_files(self.path / c) for c in ("unet", "vae", *self.text_encoder_names)},
         }
 
     # --- loading (weights) -------------------------------------------------------------------
@@ -273,24 +337,24 @@ class BaseModel:
 
         return _load(AutoencoderKL, self.path / "vae", "base model vae")
 
-    def load_text_encoder(self) -> torch.nn.Module:
+    def load_text_encoder(self, component: str = "text_encoder") -> torch.nn.Module:
         import transformers
 
-        _, class_name = self._class("text_encoder")
+        _, class_name = self._class(component)
         cls = getattr(transformers, class_name, None)
         if cls is None:
             raise ModelError(f"base model: unknown text encoder class {class_name}")
-        return _load(cls, self.path / "text_encoder", "base model text encoder")
+        return _load(cls, self.path / component, f"base model {component}")
 
-    def load_tokenizer(self):
+    def load_tokenizer(self, component: str = "tokenizer"):
         import transformers
 
-        _, class_name = self._class("tokenizer")
+        _, class_name = self._class(component)
         cls = getattr(transformers, class_name, None) or transformers.AutoTokenizer
         try:
-            return cls.from_pretrained(self.path / "tokenizer")
+            return cls.from_pretrained(self.path / component)
         except (OSError, ValueError) as exc:
-            raise ModelError(f"base model tokenizer: cannot load {self.path / 'tokenizer'}: {exc}") from None
+            raise ModelError(f"base model {component}: cannot load {self.path / component}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -335,6 +399,18 @@ class ControlNetModelFolder:
             raise ModelError(
                 f"{what}: it takes {config['in_channels']} latent channels, the UNet {info.latent_channels}"
             )
+        takes_sdxl = config.get("addition_embed_type") == "text_time"
+        if takes_sdxl != info.sdxl:
+            made_for, base = ("SDXL", "a Stable Diffusion 1.x/2.x") if takes_sdxl else ("SD 1.x/2.x", "an SDXL")
+            raise ModelError(f"{what}: it is a {made_for} ControlNet and the base is {base} model")
+        if takes_sdxl:
+            added = int(config.get("projection_class_embeddings_input_dim") or 0)
+            time_dim = int(config.get("addition_time_embed_dim") or 0)
+            if added != info.pooled_dim + info.time_ids * time_dim:
+                raise ModelError(
+                    f"{what}: its added embedding takes {added} values, the base gives {info.pooled_dim} pooled "
+                    f"and {info.time_ids} time ids"
+                )
         cross = config["cross_attention_dim"]
         cross = cross[0] if isinstance(cross, list) else cross
         if cross != info.cross_attention_dim:

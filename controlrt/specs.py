@@ -289,9 +289,15 @@ def residual_specs(info: ModelInfo) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
+# SDXL's added conditions, inputs of the UNet and the ControlNets after encoder_hidden_states
+ADDED_CONDITIONS = ("text_embeds", "time_ids")
+
+
 def _denoiser_inputs(info: ModelInfo) -> tuple[TensorSpec, ...]:
+    """sample, timestep, encoder_hidden_states, and for SDXL text_embeds [batch, pooled] (the second
+    text encoder's projection) and time_ids [batch, 6] (original size, crop offsets, target size)."""
     latent = _image_axes(info.vae_scale_factor)
-    return (
+    inputs = [
         TensorSpec("sample", "float32", (BATCH, info.latent_channels, *latent)),
         TensorSpec("timestep", "float32", (BATCH,), (0.0, float(info.num_train_timesteps))),
         TensorSpec(
@@ -299,7 +305,16 @@ def _denoiser_inputs(info: ModelInfo) -> tuple[TensorSpec, ...]:
             "float32",
             (BATCH, info.sequence_length, info.cross_attention_dim),
         ),
-    )
+    ]
+    if info.sdxl:
+        inputs.append(TensorSpec("text_embeds", "float32", (BATCH, info.pooled_dim)))
+        inputs.append(TensorSpec("time_ids", "float32", (BATCH, info.time_ids), (0.0, 2048.0)))
+    return tuple(inputs)
+
+
+def added_condition_names(spec: GraphSpec) -> list[str]:
+    """The SDXL added-condition inputs a UNet or ControlNet graph takes (none for SD 1.x/2.x)."""
+    return [name for name in ADDED_CONDITIONS if name in spec.input_names]
 
 
 def _spec(info: ModelInfo, name: str, kind: GraphKind, inputs, outputs, **attributes) -> GraphSpec:
@@ -314,26 +329,30 @@ def _spec(info: ModelInfo, name: str, kind: GraphKind, inputs, outputs, **attrib
     )
 
 
-def text_encoder_spec(info: ModelInfo) -> GraphSpec:
-    """input_ids int64 [batch, seq] (and attention_mask int64 [batch, seq] of 0/1, for text encoders
-    whose config sets use_attention_mask, as diffusers passes it) -> last_hidden_state float32
-    [batch, seq, dim]."""
+def text_encoder_spec(info: ModelInfo, index: int = 0) -> GraphSpec:
+    """The ``index``-th text encoder: input_ids int64 [batch, seq] (and attention_mask int64 [batch,
+    seq] of 0/1, for text encoders whose config sets use_attention_mask, as diffusers passes it) ->
+
+    - SD 1.x/2.x: last_hidden_state float32 [batch, seq, dim];
+    - SDXL: hidden_states [batch, seq, width], the penultimate layer's, as diffusers takes them, and
+      for the second encoder also text_embeds [batch, pooled], its pooled projection.
+    """
     inputs = [TensorSpec("input_ids", "int64", (BATCH, info.sequence_length), (0, info.vocab_size))]
     if info.text_attention_mask:
         inputs.append(TensorSpec("attention_mask", "int64", (BATCH, info.sequence_length), (1, 2)))
-    return _spec(
-        info,
-        "text_encoder",
-        GraphKind.TEXT_ENCODER,
-        inputs,
-        [
-            TensorSpec(
-                "last_hidden_state",
-                "float32",
-                (BATCH, info.sequence_length, info.cross_attention_dim),
-            )
-        ],
-    )
+    name = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
+    if not info.sdxl:
+        outputs = [TensorSpec("last_hidden_state", "float32", (BATCH, info.sequence_length, info.cross_attention_dim))]
+        return _spec(info, name, GraphKind.TEXT_ENCODER, inputs, outputs, text_encoder_index=index, layer="last")
+    width = info.text_hidden_sizes[index]
+    outputs = [TensorSpec("hidden_states", "float32", (BATCH, info.sequence_length, width))]
+    if index == len(info.text_hidden_sizes) - 1:
+        outputs.append(TensorSpec("text_embeds", "float32", (BATCH, info.pooled_dim)))
+    return _spec(info, name, GraphKind.TEXT_ENCODER, inputs, outputs, text_encoder_index=index, layer="penultimate")
+
+
+def text_encoder_specs(info: ModelInfo) -> list[GraphSpec]:
+    return [text_encoder_spec(info, k) for k in range(info.text_encoders)]
 
 
 def controlnet_spec(info: ModelInfo, index: int, source_name: str, conditioning_channels: int) -> GraphSpec:

@@ -18,7 +18,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 # weight hashes are cached per test session, not in the user's ~/.cache
 os.environ.setdefault("CONTROLRT_CACHE_DIR", tempfile.mkdtemp(prefix="controlrt-cache-"))
 
-from controlrt.builtin import ALTERNATE, TINY, BuiltinModels, write_builtin_models
+from controlrt.builtin import ALTERNATE, TINY, TINY_XL, BuiltinModels, write_builtin_models
 
 ARCHITECTURES = {"tiny": TINY, "other": ALTERNATE}
 
@@ -38,6 +38,21 @@ def builds(models, tmp_path_factory) -> dict[str, Path]:
     for name, m in models.items():
         export_build(m.base, m.controlnets, root / name)
         out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="session")
+def xl_models(tmp_path_factory) -> BuiltinModels:
+    """A small SDXL-shaped set: two text encoders, text_time conditions, two ControlNets."""
+    return write_builtin_models(tmp_path_factory.mktemp("xl") / "models", TINY_XL, seed=7)
+
+
+@pytest.fixture(scope="session")
+def xl_build(xl_models, tmp_path_factory) -> Path:
+    from controlrt.export.build import export_build
+
+    out = tmp_path_factory.mktemp("xl-build") / "build"
+    export_build(xl_models.base, xl_models.controlnets, out)
     return out
 
 

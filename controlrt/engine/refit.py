@@ -152,6 +152,7 @@ def _export_controlnet(build: Build, spec: GraphSpec, folder_path: Path, staging
     from controlrt.models import ControlNetModelFolder
     from controlrt.runtime.ort_backend import OrtSession
     from controlrt.runtime.torch_backend import TorchSession
+    from controlrt.specs import added_condition_names
 
     folder = ControlNetModelFolder.open(folder_path)
     folder.check_fits(build.manifest.info)
@@ -160,7 +161,7 @@ def _export_controlnet(build: Build, spec: GraphSpec, folder_path: Path, staging
         raise InputError(
             f"ControlNet {folder.name} takes {folder.conditioning_channels}-channel controls, the engine {channels}"
         )
-    module = ControlNetGraph(folder.load()).eval()
+    module = ControlNetGraph(folder.load(), tuple(added_condition_names(spec))).eval()
     settings = ExportSettings.from_dict(build.manifest.settings)
     files = export_onnx(module, spec, staging / new_graph_name(spec.name, Precision.FP32), settings)
     with OrtSession(files[0], spec) as candidate:

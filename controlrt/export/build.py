@@ -22,11 +22,12 @@ logger = logging.getLogger(__name__)
 
 
 def _copy_assets(base: BaseModel, staging: Path) -> list[Path]:
-    """The tokenizer and scheduler config the runtime needs, so a build stands on its own."""
+    """The tokenizer(s) and scheduler config the runtime needs, so a build stands on its own."""
     files = []
-    tokenizer = staging / "tokenizer"
-    shutil.copytree(base.path / "tokenizer", tokenizer)
-    files += sorted(p for p in tokenizer.rglob("*") if p.is_file())
+    for name in ["tokenizer", *(["tokenizer_2"] if "tokenizer_2" in base.configs else [])]:
+        tokenizer = staging / name
+        shutil.copytree(base.path / name, tokenizer)
+        files += sorted(p for p in tokenizer.rglob("*") if p.is_file())
     (staging / "scheduler").mkdir()
     shutil.copy2(base.path / "scheduler" / "scheduler_config.json", staging / "scheduler")
     files.append(staging / "scheduler" / "scheduler_config.json")

@@ -78,6 +78,7 @@ def denoise(
     branches: Branches,
     generator: torch.Generator,
     progress: bool = False,
+    added: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the schedule and return the final latents.
 
@@ -94,6 +95,8 @@ def denoise(
             the unconditional half gets zero residuals and the ControlNets run on the other.
         generator: The generator the latents were drawn from (stochastic schedulers continue it).
         progress: Show a progress bar on stderr.
+        added: SDXL's added conditions (text_embeds, time_ids) in prompt_embeds' batch order; the
+            UNet gets them whole, the ControlNets the branches they run on.
     """
     device = unet.device
     cfg = branches.cfg
@@ -110,6 +113,8 @@ def denoise(
     padded = _zero_residuals(unet, batch, latents.shape[2:], device) if cond_slice.start else {}
     extra = step_kwargs(scheduler, generator)
     cn_embeds = prompt_embeds[cond_slice]
+    added = {name: value.to(device) for name, value in (added or {}).items()}
+    cn_added = {name: value[cond_slice] for name, value in added.items()}
     # timesteps as the graphs take them, made on the device once (no host sync per step)
     t_inputs = timesteps.to(device=device, dtype=torch.float32)
     for i, t in enumerate(progress_bar(timesteps, progress, "denoise", "step", lines=False)):
@@ -120,6 +125,7 @@ def denoise(
             "sample": cn_input,
             "timestep": t_inputs[i].repeat(cn_input.shape[0]),
             "encoder_hidden_states": cn_embeds,
+            **cn_added,
         }
         summed = _summed_residuals(controls, i, len(timesteps), cn_feeds, names)
         if summed is None:
@@ -135,6 +141,7 @@ def denoise(
                 "sample": model_input,
                 "timestep": t_inputs[i].repeat(batch),
                 "encoder_hidden_states": prompt_embeds,
+                **added,
                 **residuals,
             }
         )["noise_pred"].to(device)

@@ -52,13 +52,13 @@ class Pipeline:
         build: Build,
         sessions: dict[str, Session],
         options: BackendOptions,
-        tokenizer,
+        tokenizers: Sequence,
         limits: Limits | None = None,
     ) -> None:
         self.build = build
         self.sessions = sessions
         self.options = options
-        self.tokenizer = tokenizer
+        self.tokenizers = list(tokenizers)  # one per text encoder, in order
         manifest = build.manifest
         self.info = manifest.info
         self.limits = limits or Limits.for_model(self.info)
@@ -108,17 +108,17 @@ class Pipeline:
         **options: Any,
     ) -> Pipeline:
         """Like :meth:`load`, for a build that is already open (and checked)."""
-        from transformers import AutoTokenizer
-
         backend_options = BackendOptions(
             backend, tuple(providers) if providers else None, device, Precision.parse(precision), **options
         )
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(build.tokenizer_dir)
-        except (OSError, ValueError) as exc:
-            raise BuildError(f"build {build.path}: cannot load its tokenizer ({exc})") from None
+        tokenizers = load_tokenizers(build)
         sessions = open_sessions(build, backend_options)
-        return cls(build, sessions, backend_options, tokenizer, limits)
+        return cls(build, sessions, backend_options, tokenizers, limits)
+
+    @property
+    def tokenizer(self):
+        """The (first) tokenizer."""
+        return self.tokenizers[0]
 
     @property
     def controlnet_names(self) -> list[str]:
@@ -156,9 +156,8 @@ class Pipeline:
         scheduler = make_scheduler(self.build.scheduler_config, request.scheduler)
         branches = Branches.of(request.guidance, resolved.mode)
 
-        # 1. text: [uncond, cond] for classifier-free guidance
-        texts = [request.negative_prompt or "", request.prompt] if branches.cfg else [request.prompt]
-        embeds, truncated = self._encode(texts)
+        # 1. text: [uncond, cond] for classifier-free guidance (and SDXL's pooled embeddings and time ids)
+        embeds, added, truncated = self._prompt(request, branches.cfg, resolved.height, resolved.width)
         # 2. controls: preprocessed once, at the ControlNets' batch size
         controls = self._plan_controls(resolved, images, branches.per_image(GraphKind.CONTROLNET), device)
         # 3. initial latents, drawn as diffusers draws them
@@ -179,6 +178,7 @@ class Pipeline:
             branches=branches,
             generator=generator,
             progress=progress,
+            added=added,
         )
         if timings is not None:
             if latents.device.type == "cuda":
@@ -195,27 +195,65 @@ class Pipeline:
             settings["truncated"] = truncated
         return GenerationResult(with_settings(image, settings), latents, settings)
 
-    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, list[str]]:
-        """Prompt embeddings, and the text cut off by the tokenizer's limit (warned about, as in diffusers)."""
+    def _prompt(
+        self, request: GenerationRequest, cfg: bool, height: int, width: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str]]:
+        """Prompt embeddings [uncond, cond] (or [cond] without CFG), SDXL's added conditions in the
+        same batch order (empty for SD 1.x/2.x), and the text the tokenizers cut off.
+
+        As diffusers' pipelines do it: the negative prompt is "" when not given, except for SDXL
+        models with force_zeros_for_empty_prompt, whose unconditional embeddings and pooled vector
+        are then zeros; SDXL's time ids are original size, crop offsets and target size, by default
+        (height, width), (0, 0), (height, width), the same for both branches.
+        """
+        info = self.info
+        zeros = cfg and request.negative_prompt is None and info.force_zeros_for_empty_prompt
+        texts = [request.negative_prompt or "", request.prompt] if cfg and not zeros else [request.prompt]
+        outputs, truncated = self._encode(texts)
+        hidden = torch.cat([o[0] for o in outputs], dim=-1)
+        if zeros:
+            hidden = torch.cat([torch.zeros_like(hidden), hidden])
+        if not info.sdxl:
+            return hidden, {}, truncated
+        pooled = outputs[-1][1]
+        if zeros:
+            pooled = torch.cat([torch.zeros_like(pooled), pooled])
+        time_ids = [
+            *(request.original_size or (height, width)),
+            *(request.crops_coords_top_left or (0, 0)),
+            *(request.target_size or (height, width)),
+        ]
+        ids = torch.tensor([time_ids], dtype=torch.float32).repeat(hidden.shape[0], 1)
+        return hidden, {"text_embeds": pooled, "time_ids": ids}, truncated
+
+    def _encode(self, texts: list[str]) -> tuple[list[list[torch.Tensor]], list[str]]:
+        """Each text encoder's outputs for ``texts``, and the text the tokenizers cut off (warned
+        about, as in diffusers)."""
         length = self.info.sequence_length
-        tokens = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        full = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
-        truncated = []
-        if full.shape[-1] > length:
-            for row in range(len(texts)):
-                removed = self.tokenizer.decode(full[row, length - 1 : -1], skip_special_tokens=True).strip()
-                if removed:
+        specs = sorted(
+            (s.spec for s in self.sessions.values() if s.spec.kind is GraphKind.TEXT_ENCODER),
+            key=lambda spec: int(spec.attributes.get("text_encoder_index", 0)),
+        )
+        outputs, truncated = [], []
+        for tokenizer, spec in zip(self.tokenizers, specs, strict=True):
+            tokens = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+            full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+            for row in range(len(texts)) if full.shape[-1] > length else ():
+                removed = tokenizer.decode(full[row, length - 1 : -1], skip_special_tokens=True).strip()
+                if removed and removed not in truncated:
                     truncated.append(removed)
-                if removed and self.warn_truncated:
-                    logger.warning(
-                        "this part of the prompt was cut off because the text encoder takes at most %d tokens: %s",
-                        length,
-                        removed,
-                    )
-        feeds = {"input_ids": tokens.input_ids.to(torch.int64)}
-        if "attention_mask" in self.sessions["text_encoder"].spec.input_names:  # the config asks for it
-            feeds["attention_mask"] = tokens.attention_mask.to(torch.int64)
-        return self.sessions["text_encoder"].infer(feeds)["last_hidden_state"], truncated
+                    if self.warn_truncated:
+                        logger.warning(
+                            "this part of the prompt was cut off because the text encoder takes at most %d tokens: %s",
+                            length,
+                            removed,
+                        )
+            feeds = {"input_ids": tokens.input_ids.to(torch.int64)}
+            if "attention_mask" in spec.input_names:  # the config asks for it
+                feeds["attention_mask"] = tokens.attention_mask.to(torch.int64)
+            result = self.sessions[spec.name].infer(feeds)
+            outputs.append([result[name] for name in spec.output_names])
+        return outputs, truncated
 
     def _plan_controls(
         self, resolved: ResolvedRequest, images: list, batch: int, device: torch.device
@@ -249,3 +287,16 @@ class Pipeline:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def load_tokenizers(build: Build) -> list:
+    """The build's tokenizers, one per text encoder; BuildError if one cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    tokenizers = []
+    for folder in build.tokenizer_dirs:
+        try:
+            tokenizers.append(AutoTokenizer.from_pretrained(folder))
+        except (OSError, ValueError) as exc:
+            raise BuildError(f"build {build.path}: cannot load its tokenizer {folder.name} ({exc})") from None
+    return tokenizers

@@ -45,6 +45,11 @@ class GenerationRequest:
     height: int | None = None
     width: int | None = None
     scheduler: str | None = None
+    # SDXL's micro-conditioning, as diffusers' SDXL pipelines take it: (height, width), (top, left),
+    # (height, width); default the image size, (0, 0), the image size
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
 
     def settings(self) -> dict[str, Any]:
         """The request as plain JSON-able values (for reports and image metadata)."""
@@ -151,6 +156,19 @@ def resolve(
         raise InputError(f"guidance {request.guidance} must be finite and non-negative")
     if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
         raise InputError(f"seed must be a whole number in [0, 2**63), got {request.seed!r}")
+    for label in ("original_size", "crops_coords_top_left", "target_size"):
+        value = getattr(request, label)
+        if value is None:
+            continue
+        if not info.sdxl:
+            raise InputError(f"{label} applies to SDXL models; this build's model is not one")
+        low = 0 if label == "crops_coords_top_left" else 1
+        if (
+            not isinstance(value, (tuple, list))
+            or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= 16384 for v in value)
+        ):
+            raise InputError(f"{label} {value!r} must be two whole numbers from {low} to 16384")
     height, width = image_size(request, info, control_size)
     check_image_size(height, width, info.size_multiple)
     if height * width > limits.max_pixels:

@@ -52,11 +52,9 @@ class TritonSession(Session):
 
 class TritonPythonModel:
     def initialize(self, args):
-        from transformers import AutoTokenizer
-
         from controlrt.manifest import Build
         from controlrt.runtime.backends import BackendOptions
-        from controlrt.runtime.pipeline import Pipeline
+        from controlrt.runtime.pipeline import Pipeline, load_tokenizers
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
@@ -64,7 +62,7 @@ class TritonPythonModel:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         sessions = {name: TritonSession(build.manifest.spec(name), name, device) for name in build.manifest.graphs}
         options = BackendOptions("tensorrt", device=device, precision=params.get("precision", "fp16"))
-        self.pipe = Pipeline(build, sessions, options, AutoTokenizer.from_pretrained(build.tokenizer_dir))
+        self.pipe = Pipeline(build, sessions, options, load_tokenizers(build))
 
     def execute(self, requests):
         from controlrt.runtime.images import encode_png
