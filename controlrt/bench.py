@@ -129,7 +129,7 @@ def _meta_module(build, spec):
     """The graph's module built from its source configs on the meta device (no weights), or None."""
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
-    from controlrt.graphs import ControlNetGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph
+    from controlrt.graphs import ControlNetGraph, TextEncoderGraph, UNetGraph, UnionControlNetGraph, VaeDecoderGraph
     from controlrt.specs import added_condition_names
 
     sources = build.manifest.sources
@@ -142,8 +142,12 @@ def _meta_module(build, spec):
                 config = UNet2DConditionModel.load_config(base / "unet")
                 return UNetGraph(UNet2DConditionModel.from_config(config), added)
             if kind is GraphKind.CONTROLNET:
+                import diffusers
+
                 path = sources["controlnets"][int(spec.attributes["controlnet_index"])]["path"]
-                return ControlNetGraph(ControlNetModel.from_config(ControlNetModel.load_config(path)), added)
+                config = ControlNetModel.load_config(path)
+                model = getattr(diffusers, config["_class_name"]).from_config(config)
+                return (UnionControlNetGraph if spec.attributes.get("union") else ControlNetGraph)(model, added)
             if kind is GraphKind.VAE_DECODER:
                 vae = AutoencoderKL.from_config(AutoencoderKL.load_config(base / "vae"))
                 return VaeDecoderGraph(vae, build.manifest.info.scaling_factor)
@@ -201,7 +205,7 @@ def run_bench(
     from controlrt.errors import InputError
     from controlrt.runtime.control import ControlMode
     from controlrt.runtime.pipeline import Pipeline
-    from controlrt.runtime.request import GenerationRequest
+    from controlrt.runtime.request import GenerationRequest, sample_control_types
 
     if runs < 1 or warmup < 0:
         raise InputError("--runs must be at least 1 and --warmup at least 0")
@@ -212,9 +216,11 @@ def run_bench(
             raise InputError(f"--controls {count}: the build has {len(pipe.controlnet_specs)} ControlNet(s)")
         h, w = height or pipe.info.default_size[0], width or pipe.info.default_size[1]
         pipe.sessions = {name: TimedSession(s, log) for name, s in pipe.sessions.items()}  # type: ignore[misc]
+        types = sample_control_types(pipe.controlnet_specs[:count])
         request = GenerationRequest(
             "a red circle and a blue square",
-            controls=sample_control_images(count, h, w),
+            controls=sample_control_images(len(types), h, w),
+            control_types=types,
             steps=steps,
             guidance=guidance,
             control_mode=control_mode,

@@ -68,6 +68,7 @@ class Architecture:
     text_widths: tuple[int, int] | None = None
     pooled_dim: int = 0
     time_embed_dim: int = 8
+    unions: tuple[str, ...] = ()  # ControlNet-Union models written after the plain ControlNets
 
     @property
     def sdxl(self) -> bool:
@@ -132,6 +133,7 @@ TINY_XL = Architecture(
     time_embed_dim=8,
     scheduler="EulerDiscreteScheduler",
     controlnets=("canny", "depth"),
+    unions=("union",),
 )
 
 # SDXL's shapes (UNet 2.6G parameters: 320/640/1280 channels, 1/2/10 transformer layers, 10
@@ -163,6 +165,7 @@ class BuiltinModels:
 
     base: Path
     controlnets: list[Path] = field(default_factory=list)
+    unions: list[Path] = field(default_factory=list)  # ControlNet-Union models
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -262,6 +265,36 @@ def _controlnets(arch: Architecture, unet, seed: int) -> list:
         _give_zero_convs_weights(controlnet, seed + 20 + k)
         controlnets.append(controlnet)
     return controlnets
+
+
+def _union_controlnet(arch: Architecture, unet, seed: int):
+    """A ControlNet-Union (diffusers' ControlNetUnionModel) made from the UNet as from_unet makes it,
+    its condition transformer as wide as the UNet's first block (from_unet fixes it at SDXL's 320),
+    eight condition types as xinsir's ProMax, and weights in its zero-initialised layers."""
+    import torch
+    from diffusers import ControlNetUnionModel
+
+    torch.manual_seed(seed + 30)
+    template = ControlNetUnionModel.from_unet(
+        unet, conditioning_embedding_out_channels=controlnet_embedding(arch), load_weights_from_unet=False
+    )
+    width = arch.unet_channels[0]
+    config = {k: v for k, v in template.config.items() if k != "_use_default_values"}  # else those stay default
+    config.update(num_control_type=8, num_trans_channel=width, num_proj_channel=width)
+    config["num_trans_head"] = 8 if width % 8 == 0 else 4
+    union = ControlNetUnionModel.from_config(config)
+    union.conv_in.load_state_dict(unet.conv_in.state_dict())
+    union.time_proj.load_state_dict(unet.time_proj.state_dict())
+    union.time_embedding.load_state_dict(unet.time_embedding.state_dict())
+    union.down_blocks.load_state_dict(unet.down_blocks.state_dict(), strict=False)
+    union.mid_block.load_state_dict(unet.mid_block.state_dict(), strict=False)
+    _give_zero_convs_weights(union, seed + 31)
+    generator = torch.Generator("cpu").manual_seed(seed + 32)
+    with torch.no_grad():
+        projection = union.spatial_ch_projs
+        projection.weight.copy_(torch.randn(projection.weight.shape, generator=generator) / width**0.5)
+        projection.bias.copy_(torch.randn(projection.bias.shape, generator=generator) * 0.05)
+    return union
 
 
 def _scheduler(arch: Architecture):
@@ -436,10 +469,12 @@ def write_builtin_models(
         pipe.save_pretrained(staging / "base", safe_serialization=True)
         for name, controlnet in zip(arch.controlnets, controlnets, strict=True):
             controlnet.save_pretrained(staging / name, safe_serialization=True)
+        for k, name in enumerate(arch.unions):
+            _union_controlnet(arch, pipe.unet, seed + k).save_pretrained(staging / name, safe_serialization=True)
         for folder in scratch:
             shutil.rmtree(folder, ignore_errors=True)
     out = output_folder(out_dir)
-    return BuiltinModels(out / "base", [out / name for name in arch.controlnets])
+    return BuiltinModels(out / "base", [out / name for name in arch.controlnets], [out / name for name in arch.unions])
 
 
 def write_trained_models(out_dir: str | Path, force: bool = False) -> BuiltinModels:

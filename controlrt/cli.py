@@ -202,6 +202,14 @@ def _backend_settings(backend: str, cuda_graphs: bool, budget_gb: float | None, 
     metavar="IMAGE",
     help="A control image, or KIND:PHOTO to preprocess (canny:photo.jpg); the k-th goes to the k-th ControlNet.",
 )
+@click.option(
+    "--control-type",
+    "control_types",
+    multiple=True,
+    metavar="TYPE",
+    help="A union ControlNet's condition type for the k-th control: openpose, depth, hed, canny, normal, "
+    "segment, tile, repaint or a number; none for a plain ControlNet's control.",
+)
 @click.option("--scale", "scales", multiple=True, type=float, help="Per control, or one for all (default 1.0).")
 @click.option("--start", "starts", multiple=True, type=float, help="Window start in [0, 1) (default 0).")
 @click.option("--end", "ends", multiple=True, type=float, help="Window end in (0, 1] (default 1).")
@@ -223,6 +231,9 @@ def _backend_settings(backend: str, cuda_graphs: bool, budget_gb: float | None, 
     default=None,
     help="ddim, pndm, euler, euler-ancestral, dpm++, unipc, ... (default: the model's own).",
 )
+@click.option("--original-size", default=None, metavar="HxW", help="SDXL: the original-size condition.")
+@click.option("--crops-top-left", default=None, metavar="TOPxLEFT", help="SDXL: the crop-offset condition.")
+@click.option("--target-size", default=None, metavar="HxW", help="SDXL: the target-size condition.")
 @_backend_options
 @_precision_option
 @_limit_options
@@ -237,6 +248,7 @@ def generate(
     annotators,
     negative_prompt,
     controls,
+    control_types,
     scales,
     starts,
     ends,
@@ -247,6 +259,9 @@ def generate(
     height,
     width,
     scheduler,
+    original_size,
+    crops_top_left,
+    target_size,
     backend,
     providers,
     cuda_graphs,
@@ -296,6 +311,10 @@ def generate(
             height=height,
             width=width,
             scheduler=scheduler,
+            control_types=list(control_types) or None,
+            original_size=_size(original_size),
+            crops_coords_top_left=_size(crops_top_left),
+            target_size=_size(target_size),
         )
         for text in prompts
         for j in range(num_images)
@@ -435,7 +454,7 @@ def calibrate(ctx, build, data_dir, samples, steps, method, calibration, height,
 
 
 def _size(text: str | None) -> tuple[int, int] | None:
-    """HxW or one number for a square, in pixels."""
+    """HxW or one number for a square, in pixels (checked where the value is used)."""
 
     if text is None:
         return None

@@ -18,6 +18,7 @@ from controlrt.specs import (
     controlnet_spec,
     text_encoder_specs,
     unet_spec,
+    union_controlnet_spec,
     vae_decoder_spec,
 )
 
@@ -76,6 +77,84 @@ class ControlNetGraph(nn.Module):
         return (*down, mid)
 
 
+def _attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """``attn(x, x, x)`` of an nn.MultiheadAttention built with batch_first=False, as ControlNet-Union
+    calls it on [B, N + 1, C] (so it attends across the first axis), written out with shapes that
+    stay symbolic in the exported graph (the module's own reshapes trace as constants)."""
+    import torch.nn.functional as F
+
+    width, heads = attn.embed_dim, attn.num_heads
+    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)  # [L, M, width]
+
+    def split(t: torch.Tensor) -> torch.Tensor:  # [L, M, width] -> [M * heads, L, width / heads]
+        return t.reshape(t.shape[0], -1, width // heads).transpose(0, 1)
+
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    out = out.transpose(0, 1).reshape(x.shape[0], -1, width)
+    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+
+
+class UnionControlNetGraph(nn.Module):
+    """A ControlNet-Union (diffusers' ControlNetUnionModel) over any number of condition images.
+
+    diffusers' forward takes its images as a Python list and their types as a list of integers, so
+    a traced graph would be fixed to one set of types. This computes the same thing with tensors:
+    the condition images [B, N, C, H, W] go through the condition encoder as one batch, each type's
+    task embedding is gathered by index, and the per-image scales [N] multiply the feature tokens
+    and the fused conditions exactly where diffusers multiplies them (with one image it passes
+    scale 1 there and scales the outputs: so does the loop). Its transformer layers get the tokens
+    in diffusers' layout [B, N + 1, C] and attend as diffusers' do (across the first axis; see
+    _attention). Returns the residuals, unscaled. Guess-mode weights, like every control weight,
+    are the loop's.
+    """
+
+    def __init__(self, controlnet: nn.Module, added: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.controlnet = controlnet
+        self.added = tuple(added)
+
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        m = self.controlnet
+        *conditions, controlnet_cond, control_type, control_type_idx, conditioning_scale = rest
+        added = _added(self.added, conditions) or {}
+        batch, count = controlnet_cond.shape[0], controlnet_cond.shape[1]
+        # 1. time, added conditions and control types, as ControlNetUnionModel.forward
+        t_emb = m.time_proj(timestep.expand(sample.shape[0])).to(dtype=sample.dtype)
+        emb = m.time_embedding(t_emb, None)
+        if m.config.addition_embed_type == "text_time":
+            time_embeds = m.add_time_proj(added["time_ids"].flatten()).reshape((batch, -1))
+            aug_emb = m.add_embedding(torch.concat([added["text_embeds"], time_embeds], dim=-1).to(emb.dtype))
+        else:
+            aug_emb = None
+        control_embeds = m.control_type_proj(control_type.flatten()).reshape((batch, -1)).to(emb.dtype)
+        emb = emb + m.control_add_embedding(control_embeds)
+        emb = emb + aug_emb if aug_emb is not None else emb
+        # 2. the conditions, fused into the sample
+        sample = m.conv_in(sample)
+        condition = m.controlnet_cond_embedding(controlnet_cond.flatten(0, 1))
+        condition = condition.reshape((batch, count, *condition.shape[1:]))  # [B, N, c, h, w]
+        scale = conditioning_scale.to(sample.dtype)
+        features = (torch.mean(condition, dim=(3, 4)) + m.task_embedding[control_type_idx]) * scale[None, :, None]
+        tokens = torch.cat([features, torch.mean(sample, dim=(2, 3)).unsqueeze(1)], dim=1)
+        for layer in m.transformer_layes:
+            tokens = tokens + _attention(layer.attn, layer.ln_1(tokens))
+            tokens = tokens + layer.mlp(layer.ln_2(tokens))
+        alpha = m.spatial_ch_projs(tokens[:, :count])[..., None, None]  # [B, N, c, 1, 1]
+        weight = scale[None, :, None, None, None]
+        sample = sample + (condition * weight + alpha * weight).sum(dim=1)
+        # 3. down, 4. mid, 5. ControlNet blocks
+        residuals = (sample,)
+        for block in m.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
+            else:
+                sample, res = block(hidden_states=sample, temb=emb)
+            residuals += res
+        sample = m.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
+        down = [block(r) for r, block in zip(residuals, m.controlnet_down_blocks, strict=True)]
+        return (*down, m.controlnet_mid_block(sample))
+
+
 class UNetGraph(nn.Module):
     """The UNet with every control residual as an explicit input (zeros mean no control).
 
@@ -129,7 +208,12 @@ def graph_specs(info: ModelInfo, controlnets: list[ControlNetModelFolder]) -> li
     """Every graph of a build, in export order: text encoder(s), ControlNets, UNet, VAE decoder."""
     return [
         *text_encoder_specs(info),
-        *(controlnet_spec(info, k, cn.name, cn.conditioning_channels) for k, cn in enumerate(controlnets)),
+        *(
+            union_controlnet_spec(info, k, cn.name, cn.conditioning_channels, cn.num_control_type)
+            if cn.union
+            else controlnet_spec(info, k, cn.name, cn.conditioning_channels)
+            for k, cn in enumerate(controlnets)
+        ),
         unet_spec(info),
         vae_decoder_spec(info),
     ]
@@ -149,5 +233,7 @@ def load_graph_module(spec: GraphSpec, base: BaseModel, controlnets: list[Contro
     elif kind is GraphKind.VAE_DECODER:
         module = VaeDecoderGraph(base.load_vae(), base.info().scaling_factor)
     else:
-        module = ControlNetGraph(controlnets[int(spec.attributes["controlnet_index"])].load(), added)
+        folder = controlnets[int(spec.attributes["controlnet_index"])]
+        graph = UnionControlNetGraph if folder.union else ControlNetGraph
+        module = graph(folder.load(), added)
     return module.eval()

@@ -33,6 +33,18 @@ BASE_COMPONENTS = {
 # SDXL's second text encoder and tokenizer, present when model_index.json lists them.
 SDXL_COMPONENTS = {"text_encoder_2": "config.json", "tokenizer_2": "tokenizer_config.json"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+CONTROLNET_CLASSES = ("ControlNetModel", "ControlNetUnionModel")
+# ControlNet-Union's condition types as diffusers takes them (integers) and xinsir's ProMax names them
+UNION_TYPES = {
+    "openpose": 0,
+    "depth": 1,
+    "hed": 2,
+    "canny": 3,
+    "normal": 4,
+    "segment": 5,
+    "tile": 6,
+    "repaint": 7,
+}
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,7 @@ class ModelInfo:
     pooled_dim: int = 0
     time_ids: int = 0
     force_zeros_for_empty_prompt: bool = False
+    vae_force_upcast: bool = False  # SDXL pipelines decode such VAEs in fp32 whatever the rest runs in
 
     @property
     def sdxl(self) -> bool:
@@ -221,6 +234,7 @@ def _sdxl_conditions(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "pooled_dim": pooled,
         "time_ids": (added - pooled) // time_dim,
         "force_zeros_for_empty_prompt": bool(configs.get("model_index", {}).get("force_zeros_for_empty_prompt", True)),
+        "vae_force_upcast": bool(configs["vae"].get("force_upcast", True)),
     }
 
 
@@ -368,10 +382,10 @@ class ControlNetModelFolder:
     def open(cls, path: str | Path) -> ControlNetModelFolder:
         path = _require_dir(Path(path), "ControlNet folder")
         config = _read_json(path / "config.json", f"ControlNet {path}")
-        if config.get("_class_name") != "ControlNetModel":
+        if config.get("_class_name") not in CONTROLNET_CLASSES:
             raise ModelError(
                 f"{path} is not a ControlNet folder (config.json describes a "
-                f"{config.get('_class_name')}, expected ControlNetModel)"
+                f"{config.get('_class_name')}, expected {' or '.join(CONTROLNET_CLASSES)})"
             )
         if not _weight_paths(path):
             raise ModelError(f"ControlNet {path} has no weights (*.safetensors or *.bin)")
@@ -380,6 +394,15 @@ class ControlNetModelFolder:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def union(self) -> bool:
+        """A ControlNet-Union (diffusers' ControlNetUnionModel): one network, several condition types."""
+        return self.config.get("_class_name") == "ControlNetUnionModel"
+
+    @property
+    def num_control_type(self) -> int:
+        return int(self.config.get("num_control_type", 6)) if self.union else 0
 
     @property
     def conditioning_channels(self) -> int:
@@ -441,9 +464,9 @@ class ControlNetModelFolder:
         }
 
     def load(self) -> torch.nn.Module:
-        from diffusers import ControlNetModel
+        import diffusers
 
-        return _load(ControlNetModel, self.path, f"ControlNet {self.name!r}")
+        return _load(getattr(diffusers, self.config["_class_name"]), self.path, f"ControlNet {self.name!r}")
 
 
 def _load(cls, path: Path, what: str):

@@ -150,7 +150,7 @@ def run_parity(
     from controlrt.manifest import Build
     from controlrt.runtime.backends import BackendOptions, SessionFactory
     from controlrt.runtime.pipeline import Pipeline
-    from controlrt.runtime.request import GenerationRequest
+    from controlrt.runtime.request import GenerationRequest, sample_control_types
 
     precision = Precision.parse(precision)
     build = Build.open(build_dir)
@@ -181,10 +181,12 @@ def run_parity(
             tolerance,
         )
     if end_to_end:
+        types = sample_control_types(build.manifest.controlnet_specs)
         request = GenerationRequest(
             prompt="a red circle and a blue square",
             negative_prompt="blurry",
-            controls=sample_control_images(len(build.manifest.controlnet_specs), *size),
+            controls=sample_control_images(len(types), *size),
+            control_types=types,
             steps=steps,
             seed=seed,
             height=size[0],

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from controlrt.models import ModelInfo
 
-SYMBOLS = ("batch", "height", "width")
+SYMBOLS = ("batch", "height", "width", "controls")  # controls: a union ControlNet's condition images
 MID_BLOCK_RESIDUAL = "mid_block_res"
 DOWN_BLOCK_RESIDUAL = "down_block_res_"
 
@@ -161,14 +161,24 @@ class GraphSpec:
             if any(isinstance(d, Axis) for d in t.shape)
         }
 
-    def sizes(self, batch: int, height: int | None = None, width: int | None = None) -> dict:
-        """Symbol sizes for a batch and an image size (default: the native size)."""
+    def sizes(self, batch: int, height: int | None = None, width: int | None = None, controls: int = 2) -> dict:
+        """Symbol sizes for a batch and an image size (default: the native size); ``controls`` is a
+        union ControlNet's number of condition images."""
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
         check_image_size(height, width, self.size_multiple)
         if batch < 1:
             raise InputError(f"batch {batch} must be at least 1")
-        return {"batch": batch, "height": height, "width": width}
+        sizes = {"batch": batch, "height": height, "width": width}
+        if self.uses("controls"):
+            if controls < 1:
+                raise InputError(f"{controls} condition images: a union ControlNet takes at least 1")
+            sizes["controls"] = controls
+        return sizes
+
+    def uses(self, symbol: str) -> bool:
+        """Whether some input has an axis of ``symbol``."""
+        return any(isinstance(d, Axis) and d.symbol == symbol for t in self.inputs for d in t.shape)
 
     def input_shapes(self, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
         return {t.name: t.concrete_shape(sizes) for t in self.inputs}
@@ -375,6 +385,41 @@ def controlnet_spec(info: ModelInfo, index: int, source_name: str, conditioning_
         residual_specs(info),
         controlnet_index=index,
         controlnet_name=source_name,
+    )
+
+
+CONTROLS = Axis("controls")
+
+
+def union_controlnet_spec(
+    info: ModelInfo, index: int, source_name: str, conditioning_channels: int, num_control_type: int
+) -> GraphSpec:
+    """The ``index``-th ControlNet of a build, a ControlNet-Union (diffusers' ControlNetUnionModel).
+
+    Inputs: the denoiser inputs (with SDXL's added conditions), then controlnet_cond [batch,
+    controls, C, height, width] in [0, 1] (one image per condition), control_type [batch, types]
+    (the multi-hot vector of the types given, as diffusers builds it), control_type_idx int64
+    [controls] (each image's type) and conditioning_scale [controls] (with two or more images each
+    image's scale times its window's keep, applied inside the model as diffusers does; with one
+    image 1, the scale applied to the outputs). Outputs: the residuals, as any ControlNet's.
+    """
+    inputs = [
+        *_denoiser_inputs(info),
+        TensorSpec("controlnet_cond", "float32", (BATCH, CONTROLS, conditioning_channels, *_image_axes(1)), (0.0, 1.0)),
+        TensorSpec("control_type", "float32", (BATCH, num_control_type), (0.0, 2.0)),
+        TensorSpec("control_type_idx", "int64", (CONTROLS,), (0, num_control_type)),
+        TensorSpec("conditioning_scale", "float32", (CONTROLS,), (0.0, 2.0)),
+    ]
+    return _spec(
+        info,
+        f"controlnet_{index}",
+        GraphKind.CONTROLNET,
+        inputs,
+        residual_specs(info),
+        controlnet_index=index,
+        controlnet_name=source_name,
+        union=True,
+        num_control_type=num_control_type,
     )
 
 

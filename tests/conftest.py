@@ -43,7 +43,8 @@ def builds(models, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def xl_models(tmp_path_factory) -> BuiltinModels:
-    """A small SDXL-shaped set: two text encoders, text_time conditions, two ControlNets."""
+    """A small SDXL-shaped set: two text encoders, text_time conditions, two ControlNets and a
+    ControlNet-Union."""
     return write_builtin_models(tmp_path_factory.mktemp("xl") / "models", TINY_XL, seed=7)
 
 
@@ -52,7 +53,7 @@ def xl_build(xl_models, tmp_path_factory) -> Path:
     from controlrt.export.build import export_build
 
     out = tmp_path_factory.mktemp("xl-build") / "build"
-    export_build(xl_models.base, xl_models.controlnets, out)
+    export_build(xl_models.base, [*xl_models.controlnets, *xl_models.unions], out)  # two plain, one union
     return out
 
 

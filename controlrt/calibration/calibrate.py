@@ -14,6 +14,7 @@ from controlrt.export.variants import write_variants
 from controlrt.logs import stdout_to_log
 from controlrt.manifest import Build, Manifest
 from controlrt.precision import INT8_KINDS, Precision
+from controlrt.runtime.request import sample_control_types
 from controlrt.specs import GraphSpec
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,11 @@ def held_out_captures(
         HELD_OUT_SEED,
     )
     data = CalibrationData.builtin(
-        HELD_OUT_SAMPLES, len(build.manifest.controlnet_specs), cap.height, cap.width, HELD_OUT_SEED
+        HELD_OUT_SAMPLES,
+        len(sample_control_types(build.manifest.controlnet_specs)),
+        cap.height,
+        cap.width,
+        HELD_OUT_SEED,
     )
     return capture(build, data, cap)
 
@@ -102,7 +107,7 @@ def calibrate_build(
     quantizer = make_quantizer(settings.method, settings.calibration)
     build = Build.open(build_dir)
     cap = _capture_settings(build, settings.steps, settings.height, settings.width, settings.seed)
-    count = len(build.manifest.controlnet_specs)
+    count = len(sample_control_types(build.manifest.controlnet_specs))
     if data_dir is None:
         data = CalibrationData.builtin(settings.samples, count, cap.height, cap.width, settings.seed)
     else:

@@ -84,7 +84,7 @@ def capture(
     Returns graph name -> list of feeds (one per call, in call order).
     """
     from controlrt.runtime.pipeline import Pipeline
-    from controlrt.runtime.request import GenerationRequest
+    from controlrt.runtime.request import GenerationRequest, sample_control_types
 
     names = list(build.manifest.graphs)
     folder = build.path / "calibration" / f"captures-{settings.key(build, data)}"
@@ -101,6 +101,7 @@ def capture(
             request = GenerationRequest(
                 sample.prompt,
                 sample.controls,
+                control_types=sample_control_types(build.manifest.controlnet_specs),
                 steps=settings.steps,
                 guidance=settings.guidance,
                 seed=settings.seed + i,

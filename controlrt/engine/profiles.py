@@ -102,21 +102,25 @@ def derive_profiles(spec: GraphSpec, settings: ProfileSettings) -> list[Profile]
     """The optimization profiles of one graph's engine.
 
     Dynamic: one profile spanning every batch and size the settings allow, tuned at the opt size
-    with CFG (the common case). Static: one fixed profile per graph batch the loop can use.
+    with CFG (the common case); a union ControlNet's number of condition images from 1 to its
+    number of types, tuned at 2. Static: one fixed profile per graph batch the loop can use (and
+    for a union ControlNet per 1 and 2 condition images).
     """
     low, opt, high = settings.sizes(spec)
     b_min, b_opt, b_max = settings.batches()
     branches = Branches.possible(spec.kind)
+    counts = (1, 2, max(2, int(spec.attributes.get("num_control_type", 2))))  # union condition images
     if settings.static:
-        return [_fixed(spec, b_opt * n, opt) for n in branches]
-    lo = spec.sizes(b_min * min(branches), *low)
-    op = spec.sizes(b_opt * max(branches), *opt)
-    hi = spec.sizes(b_max * max(branches), *high)
+        images = counts[:2] if spec.uses("controls") else counts[:1]
+        return [_fixed(spec, b_opt * n, opt, c) for n in branches for c in images]
+    lo = spec.sizes(b_min * min(branches), *low, controls=counts[0])
+    op = spec.sizes(b_opt * max(branches), *opt, controls=counts[1])
+    hi = spec.sizes(b_max * max(branches), *high, controls=counts[2])
     return [{t.name: ShapeRange(t.concrete_shape(lo), t.concrete_shape(op), t.concrete_shape(hi)) for t in spec.inputs}]
 
 
-def _fixed(spec: GraphSpec, batch: int, size: tuple[int, int]) -> Profile:
-    sizes = spec.sizes(batch, *size)
+def _fixed(spec: GraphSpec, batch: int, size: tuple[int, int], controls: int) -> Profile:
+    sizes = spec.sizes(batch, *size, controls=controls)
     return {t.name: ShapeRange(*(t.concrete_shape(sizes),) * 3) for t in spec.inputs}
 
 

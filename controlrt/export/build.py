@@ -68,6 +68,8 @@ def export_build(
     controlnets = [ControlNetModelFolder.open(d) for d in controlnet_dirs]
     for cn in controlnets:
         cn.check_fits(info)
+    if sum(cn.union for cn in controlnets) > 1:
+        raise InputError("give at most one union ControlNet per build (it takes every typed control)")
     with staged_folder(out_dir, "export", force, explain=explain_build, owner=False) as staging:
         (staging / "graphs").mkdir()
         records = {}

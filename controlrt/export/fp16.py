@@ -20,7 +20,7 @@ from controlrt.export.onnx_export import save_onnx
 from controlrt.export.variants import write_variants
 from controlrt.manifest import Build, Manifest
 from controlrt.precision import Precision
-from controlrt.specs import GraphSpec
+from controlrt.specs import GraphKind, GraphSpec
 
 FP16_OP_BLOCK_LIST = (
     "InstanceNormalization",
@@ -99,8 +99,15 @@ def convert_build(
         raise InputError(f"convert makes fp16 graphs; {precision} graphs come from {hint}")
     build = Build.open(build_dir)
 
+    upcast = build.manifest.info.vae_force_upcast
+
     def produce(spec: GraphSpec, target: Path) -> list[Path]:
-        return convert_graph_fp16(build.graph_path(spec.name), target)
+        source = build.graph_path(spec.name)
+        if upcast and spec.kind is GraphKind.VAE_DECODER:  # as diffusers' SDXL pipelines: decoded in fp32
+            import onnx
+
+            return save_onnx(onnx.load(str(source)), target)
+        return convert_graph_fp16(source, target)
 
     def check(spec: GraphSpec, path: Path):
         return compare_in_turn(
@@ -116,5 +123,6 @@ def convert_build(
         "op_block_list": list(FP16_OP_BLOCK_LIST),
         "node_patterns": list(FP16_NODE_PATTERNS),
         "checked_against": "fp32 graph",
+        **({"vae_decoder": "kept in fp32: its config sets force_upcast"} if upcast else {}),
     }
     return write_variants(build, precision, list(build.manifest.graphs), produce, check, settings, progress)

@@ -21,13 +21,16 @@ from controlrt.specs import GraphKind
 
 @dataclass(frozen=True)
 class ControlPlan:
-    """One control as the loop uses it.
+    """One ControlNet's control as the loop uses it.
 
     Attributes:
         session: The ControlNet graph.
-        image: Control image [batch, C, H, W] in [0, 1], already at the ControlNets' batch size.
-        weights: Per-residual weight times the control's scale, float32 [num_residuals].
+        image: Control image [batch, C, H, W] in [0, 1] (a union ControlNet's: [batch, N, C, H, W],
+            one per condition), already at the ControlNets' batch size.
+        weights: Per-residual weight times the control's scale, float32 [num_residuals] (a union
+            ControlNet's with two or more images: without the scales, which it applies inside).
         start, end: Window as fractions of the schedule (diffusers' control_guidance_start/end).
+        union: A union ControlNet's other inputs.
     """
 
     session: Session
@@ -35,6 +38,51 @@ class ControlPlan:
     weights: torch.Tensor
     start: float
     end: float
+    union: UnionInputs | None = None
+
+    def feeds(self, step: int, num_steps: int) -> dict[str, torch.Tensor] | None:
+        """This control's own inputs at ``step``, or None when it does not run then.
+
+        A union ControlNet with two or more images always runs, as in diffusers: an image outside
+        its window gets scale 0 inside the model, which does not switch the model off.
+        """
+        union = self.union
+        if union is None or len(union.scales) == 1:
+            if not control_active(step, num_steps, self.start, self.end):
+                return None
+            if union is None:
+                return {"controlnet_cond": self.image}
+            scales = union.ones
+        else:
+            keeps = [control_active(step, num_steps, a, b) for a, b in union.windows]
+            scales = torch.tensor([s if keep else 0.0 for s, keep in zip(union.scales, keeps, strict=True)])
+        return {
+            "controlnet_cond": self.image,
+            "control_type": union.control_type,
+            "control_type_idx": union.type_idx,
+            "conditioning_scale": scales.to(self.image.device),
+        }
+
+
+@dataclass(frozen=True)
+class UnionInputs:
+    """A union ControlNet's inputs besides its images.
+
+    Attributes:
+        control_type: The multi-hot vector of the types given [batch, types], as diffusers builds it.
+        type_idx: Each image's type, int64 [N].
+        scales: Each image's scale (applied inside the model when N >= 2).
+        windows: Each image's (start, end).
+    """
+
+    control_type: torch.Tensor
+    type_idx: torch.Tensor
+    scales: tuple[float, ...]
+    windows: tuple[tuple[float, float], ...]
+
+    @property
+    def ones(self) -> torch.Tensor:
+        return torch.ones(len(self.scales))
 
 
 def step_kwargs(scheduler, generator: torch.Generator, eta: float = 0.0) -> dict:
@@ -58,9 +106,10 @@ def _summed_residuals(
     """Σ_k w_i * scale_k * residual_{k,i} over the controls active at ``step``; None if none is."""
     total: dict[str, torch.Tensor] | None = None
     for control in controls:
-        if not control_active(step, num_steps, control.start, control.end):
+        own = control.feeds(step, num_steps)
+        if own is None:
             continue
-        out = control.session.infer({**feeds, "controlnet_cond": control.image})
+        out = control.session.infer({**feeds, **own})
         weighted = {name: out[name] * control.weights[i] for i, name in enumerate(names)}
         total = weighted if total is None else {n: total[n] + weighted[n] for n in names}
     return total

@@ -20,7 +20,7 @@ from controlrt.runtime.backends import BackendOptions, open_sessions
 from controlrt.runtime.control import Branches, block_weights, residual_divisors
 from controlrt.runtime.images import peek_size, postprocess, preprocess_control, with_settings
 from controlrt.runtime.limits import Limits
-from controlrt.runtime.loop import ControlPlan, denoise
+from controlrt.runtime.loop import ControlPlan, UnionInputs, denoise
 from controlrt.runtime.request import GenerationRequest, ResolvedRequest, resolve
 from controlrt.runtime.schedulers import make_scheduler
 from controlrt.runtime.session import Session
@@ -133,7 +133,11 @@ class Pipeline:
         """Validate a request against the build and the limits, reading only the first control
         image's header; InputError names the first problem. Nothing is allocated."""
         control_size = peek_size(request.controls[0]) if len(request.controls) else None
-        resolved = resolve(request, len(self.controlnet_specs), self.info, self.limits, control_size)
+        kinds = [
+            int(s.attributes.get("num_control_type", 0)) if s.attributes.get("union") else 0
+            for s in self.controlnet_specs
+        ]
+        resolved = resolve(request, kinds, self.info, self.limits, control_size)
         for control in resolved.controls[1:]:
             peek_size(control)  # each is readable and within bounds
         try:
@@ -258,21 +262,52 @@ class Pipeline:
     def _plan_controls(
         self, resolved: ResolvedRequest, images: list, batch: int, device: torch.device
     ) -> list[ControlPlan]:
+        """One plan per ControlNet given controls (resolved.assignment), at the ControlNets' batch."""
         base = block_weights(resolved.mode, self._divisors)
         plans = []
-        for k, image in enumerate(images):
-            spec = self.controlnet_specs[k]
-            channels = spec.tensor("controlnet_cond").shape[1]
-            tensor = preprocess_control(image, resolved.height, resolved.width, self.info.vae_scale_factor, channels)
-            if batch > 1:
-                tensor = torch.cat([tensor] * batch)
+
+        def prepared(i: int, channels: int) -> torch.Tensor:
+            tensor = preprocess_control(
+                images[i], resolved.height, resolved.width, self.info.vae_scale_factor, channels
+            )
+            return torch.cat([tensor] * batch) if batch > 1 else tensor
+
+        for spec, indices in zip(self.controlnet_specs, resolved.assignment, strict=True):
+            if not indices:
+                continue
+            first = indices[0]
+            if not spec.attributes.get("union"):
+                plans.append(
+                    ControlPlan(
+                        session=self.sessions[spec.name],
+                        image=prepared(first, spec.tensor("controlnet_cond").shape[1]).to(device),
+                        weights=(base * resolved.scales[first]).to(device),
+                        start=resolved.starts[first],
+                        end=resolved.ends[first],
+                    )
+                )
+                continue
+            # a union ControlNet: all its images in one pass; one image is scaled outside as usual,
+            # two or more inside the model (and their windows as scale 0 there), as diffusers does
+            channels = spec.tensor("controlnet_cond").shape[2]
+            image = torch.stack([prepared(i, channels) for i in indices], dim=1)
+            types = [int(resolved.types[i]) for i in indices]  # type: ignore[arg-type]
+            multi_hot = torch.zeros(int(spec.attributes["num_control_type"])).scatter_(0, torch.tensor(types), 1)
+            single = len(indices) == 1
+            union = UnionInputs(
+                control_type=multi_hot.reshape(1, -1).repeat(batch, 1).to(device),
+                type_idx=torch.tensor(types, dtype=torch.int64, device=device),
+                scales=tuple(resolved.scales[i] for i in indices),
+                windows=tuple((resolved.starts[i], resolved.ends[i]) for i in indices),
+            )
             plans.append(
                 ControlPlan(
                     session=self.sessions[spec.name],
-                    image=tensor.to(device),
-                    weights=(base * resolved.scales[k]).to(device),
-                    start=resolved.starts[k],
-                    end=resolved.ends[k],
+                    image=image.to(device),
+                    weights=(base * (resolved.scales[first] if single else 1.0)).to(device),
+                    start=resolved.starts[first] if single else 0.0,
+                    end=resolved.ends[first] if single else 1.0,
+                    union=union,
                 )
             )
         return plans

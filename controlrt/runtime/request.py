@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from controlrt.errors import InputError
+from controlrt.models import UNION_TYPES
 from controlrt.runtime.control import ControlMode
 from controlrt.runtime.images import ControlImage
 from controlrt.runtime.limits import Limits
@@ -50,6 +51,9 @@ class GenerationRequest:
     original_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] | None = None
     target_size: tuple[int, int] | None = None
+    # the k-th control's condition type for a union ControlNet (an integer as diffusers takes it, or
+    # a name: openpose, depth, hed, canny, normal, segment, tile, repaint); None for a plain one's
+    control_types: Sequence[int | str | None] | None = None
 
     def settings(self) -> dict[str, Any]:
         """The request as plain JSON-able values (for reports and image metadata)."""
@@ -72,6 +76,9 @@ class ResolvedRequest:
     height: int
     width: int
     controls: list[ControlImage] = field(default_factory=list)
+    types: list[int | None] = field(default_factory=list)  # per control: a union condition type, or None
+    # per ControlNet of the build, in order: the indices of the controls it takes (plain: at most one)
+    assignment: list[list[int]] = field(default_factory=list)
 
 
 def _per_control(value: FloatOrList, count: int, label: str) -> list[float]:
@@ -118,9 +125,66 @@ def image_size(request: GenerationRequest, info: ModelInfo, control_size: tuple[
     return (rounded[0] if height is None else height, rounded[1] if width is None else width)
 
 
+def control_type(value: int | str | None, num_types: int = len(UNION_TYPES)) -> int | None:
+    """A union ControlNet's condition type from an integer or a name; None (or "none") for none."""
+    if value is None or (isinstance(value, str) and value.lower() in ("", "none")):
+        return None
+    if isinstance(value, str):
+        if value.lower() in UNION_TYPES:
+            return UNION_TYPES[value.lower()]
+        if not value.isdigit():
+            raise InputError(f"unknown control type {value!r}; choose one of {', '.join(UNION_TYPES)} or a number")
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_types:
+        raise InputError(f"control type {value!r} must be a whole number from 0 to {num_types - 1} (or a name)")
+    return value
+
+
+# The condition types a union ControlNet gets in controlrt's own requests (parity, calibration,
+# bench): canny and depth, two images, so that its multi-image path runs.
+UNION_SAMPLE_TYPES = (UNION_TYPES["canny"], UNION_TYPES["depth"])
+
+
+def sample_control_types(controlnet_specs: Sequence) -> list[int | None]:
+    """The control types of a request giving every ControlNet of a build its controls: None (one
+    untyped image) per plain ControlNet, then UNION_SAMPLE_TYPES for a union one."""
+    plain: list[int | None] = [None for s in controlnet_specs if not s.attributes.get("union")]
+    unions = [s for s in controlnet_specs if s.attributes.get("union")]
+    return plain + (list(UNION_SAMPLE_TYPES) if unions else [])
+
+
+def assign_controls(types: list[int | None], controlnets: Sequence[int]) -> list[list[int]]:
+    """Which controls each ControlNet takes: plain ControlNets take the untyped controls, one each in
+    order; the union ControlNet (at most one per build) takes every typed one.
+
+    Args:
+        types: Each control's condition type, None for untyped.
+        controlnets: Per ControlNet, 0 for a plain one, its number of condition types for a union.
+    """
+    plain = [k for k, t in enumerate(controlnets) if not t]
+    unions = [k for k, t in enumerate(controlnets) if t]
+    untyped = [i for i, t in enumerate(types) if t is None]
+    typed = [i for i, t in enumerate(types) if t is not None]
+    if len(untyped) > len(plain):
+        where = f"{len(plain)} plain ControlNet(s)" if plain else "no plain ControlNet"
+        more = "; a union ControlNet's controls need a control type (--control-type)" if unions else ""
+        raise InputError(f"{len(untyped)} control images given but the build has {where}{more}")
+    if typed and not unions:
+        raise InputError("control types are for a union ControlNet, and this build has none")
+    for i in typed:
+        if types[i] >= controlnets[unions[0]]:  # type: ignore[operator]
+            raise InputError(f"control type {types[i]} is not one of the union ControlNet's {controlnets[unions[0]]}")
+    assignment: list[list[int]] = [[] for _ in controlnets]
+    for k, i in zip(plain, untyped, strict=False):
+        assignment[k] = [i]
+    if typed:
+        assignment[unions[0]] = typed
+    return assignment
+
+
 def resolve(
     request: GenerationRequest,
-    num_controlnets: int,
+    controlnets: Sequence[int],
     info: ModelInfo,
     limits: Limits,
     control_size: tuple[int, int] | None = None,
@@ -128,6 +192,8 @@ def resolve(
     """Check a request against a build and its limits; InputError names the first problem.
 
     Args:
+        controlnets: Per ControlNet of the build, 0 for a plain one, its number of condition types
+            for a union one.
         control_size: (height, width) of the first control image, for the default size.
     """
     if not isinstance(request.prompt, str):
@@ -135,8 +201,11 @@ def resolve(
     if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
         raise InputError("negative prompt must be a string")
     controls = list(request.controls)
-    if len(controls) > num_controlnets:
-        raise InputError(f"{len(controls)} control images given but the build has {num_controlnets} ControlNet(s)")
+    given = list(request.control_types or [])
+    if len(given) > len(controls):
+        raise InputError(f"{len(given)} control types given for {len(controls)} control image(s)")
+    types = [control_type(t) for t in given] + [None] * (len(controls) - len(given))
+    assignment = assign_controls(types, controlnets)
     mode = ControlMode.parse(request.control_mode)
     scales = _per_control(request.scales, len(controls), "scale")
     starts = _per_control(request.start, len(controls), "start")
@@ -176,4 +245,4 @@ def resolve(
             f"{height}x{width} is {height * width} pixels; at most {limits.max_pixels} are allowed "
             f"(about {math.isqrt(limits.max_pixels)} px square; --max-pixels raises the limit)"
         )
-    return ResolvedRequest(request, mode, scales, starts, ends, height, width, controls)
+    return ResolvedRequest(request, mode, scales, starts, ends, height, width, controls, types, assignment)

@@ -36,7 +36,12 @@ FIELDS = {
     "height",
     "width",
     "scheduler",
+    "control_types",
+    "original_size",
+    "crops_coords_top_left",
+    "target_size",
 }
+PAIRS = ("original_size", "crops_coords_top_left", "target_size")
 
 
 def decode_control(text: Any, index: int) -> Image.Image:
@@ -93,5 +98,10 @@ def parse_request(body: Any) -> GenerationRequest:
     for key in ("guidance",):
         if key in settings and (isinstance(settings[key], bool) or not isinstance(settings[key], (int, float))):
             raise InputError(f"'{key}' must be a number")
+    for key in PAIRS:
+        if isinstance(settings.get(key), list):
+            settings[key] = tuple(settings[key])
+    if "control_types" in settings and not isinstance(settings["control_types"], list):
+        raise InputError("'control_types' must be a list (one per control: a name, a number or null)")
     images = tuple(decode_control(c, i) for i, c in enumerate(controls))
     return GenerationRequest(body["prompt"], images, **settings)
