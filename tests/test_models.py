@@ -62,8 +62,8 @@ def test_misfit_controlnet_is_refused(tmp_path, controlnet, message):
 @pytest.mark.parametrize(
     ("unet", "message"),
     [
-        ({"addition_embed_type": "text_time"}, "not SDXL"),
-        ({"cross_attention_dim": 1024}, "hidden_size 768"),
+        ({"addition_embed_type": "text_time"}, "lists no text_encoder_2"),
+        ({"cross_attention_dim": 1024}, r"hidden sizes \[768\] do not add up"),
         ({"in_channels": 9}, "latent channels"),
         ({"_class_name": "UNet2DModel"}, "expected UNet2DConditionModel"),
     ],
