@@ -555,18 +555,22 @@ def triton_repo(build_dir, out, precision, instances, force) -> None:
 @click.argument("kind", type=click.Choice(["sd", "controlnet"]))
 @click.argument("checkpoint")
 @click.option("--out", required=True, help="diffusers folder to write.")
-@click.option("--config", default=None, metavar="DIR", help="diffusers configs of the model (default: SD1.5's).")
+@click.option(
+    "--config", default=None, metavar="DIR", help="diffusers configs of the model (default: SD1.5's or SDXL's)."
+)
 @click.option("--tokenizer", default=None, metavar="DIR", help="sd: a CLIP tokenizer folder (not in checkpoints).")
+@click.option("--tokenizer-2", "tokenizer_2", default=None, metavar="DIR", help="sd: SDXL's second tokenizer folder.")
 @click.option("--force", is_flag=True, help="Replace a folder this command wrote before.")
-def convert_checkpoint(kind, checkpoint, out, config, tokenizer, force) -> None:
-    """Convert an original-format SD 1.x or ControlNet 1.x single-file CHECKPOINT to a diffusers folder."""
+def convert_checkpoint(kind, checkpoint, out, config, tokenizer, tokenizer_2, force) -> None:
+    """Convert a single-file CHECKPOINT to a diffusers folder: an original-format SD 1.x or SDXL model, a
+    ControlNet 1.x, or an SDXL ControlNet or ControlNet-Union file in diffusers' names."""
     from controlrt.checkpoints import convert_controlnet_checkpoint, convert_sd_checkpoint
 
     if kind == "sd":
-        path = convert_sd_checkpoint(checkpoint, out, config, tokenizer, force)
+        path = convert_sd_checkpoint(checkpoint, out, config, tokenizer, force, tokenizer_2=tokenizer_2)
     else:
-        if tokenizer is not None:
-            raise InputError("--tokenizer applies to sd checkpoints only")
+        if tokenizer is not None or tokenizer_2 is not None:
+            raise InputError("--tokenizer and --tokenizer-2 apply to sd checkpoints only")
         path = convert_controlnet_checkpoint(checkpoint, out, config, force)
     click.echo(str(path))
 

@@ -51,6 +51,8 @@ def _encoder_blocks(config: dict, with_up: bool) -> list[tuple[str, str]]:
     rules = [
         ("time_embedding.linear_1.", "time_embed.0."),
         ("time_embedding.linear_2.", "time_embed.2."),
+        ("add_embedding.linear_1.", "label_emb.0.0."),  # SDXL's text_time conditions
+        ("add_embedding.linear_2.", "label_emb.0.2."),
         ("conv_in.", "input_blocks.0.0."),
         ("mid_block.resnets.0.", "middle_block.0."),
         ("mid_block.attentions.0.", "middle_block.1."),
@@ -115,8 +117,47 @@ def vae_to_original(state: dict[str, torch.Tensor], config: dict) -> dict[str, t
     return out
 
 
-def text_encoder_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"cond_stage_model.transformer." + k: v for k, v in state.items()}
+def text_encoder_to_original(
+    state: dict[str, torch.Tensor], prefix: str = "cond_stage_model.transformer."
+) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in state.items()}
+
+
+OPEN_CLIP_LAYER = [
+    ("layer_norm1.", "ln_1."),
+    ("layer_norm2.", "ln_2."),
+    ("mlp.fc1.", "mlp.c_fc."),
+    ("mlp.fc2.", "mlp.c_proj."),
+    ("self_attn.out_proj.", "attn.out_proj."),
+]
+
+
+def open_clip_to_original(
+    state: dict[str, torch.Tensor], prefix: str = "conditioner.embedders.1.model."
+) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection in OpenCLIP's names (SDXL's second text encoder): fused q/k/v
+    projections, a transposed text projection."""
+    out = {
+        "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+        "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+        "ln_final.weight": state["text_model.final_layer_norm.weight"],
+        "ln_final.bias": state["text_model.final_layer_norm.bias"],
+        "text_projection": state["text_projection.weight"].T.contiguous(),
+    }
+    layers = {int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers.")}
+    for i in layers:
+        name = f"text_model.encoder.layers.{i}."
+        for part in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{part}"] = torch.cat(
+                [state[f"{name}self_attn.{p}_proj.{part}"] for p in "qkv"]
+            )
+        for key, value in state.items():
+            if key.startswith(name):
+                rest = key[len(name) :]
+                for new, old in OPEN_CLIP_LAYER:
+                    if rest.startswith(new):
+                        out[f"transformer.resblocks.{i}.{old}{rest[len(new) :]}"] = value
+    return {prefix + k: v for k, v in out.items()}
 
 
 def controlnet_to_original(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
