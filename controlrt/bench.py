@@ -255,7 +255,7 @@ def run_bench(
             in_graphs = sum(sum(v) for n, v in log.items() if n == "unet" or n.startswith("controlnet"))
             report.loop_overhead.append(max(0.0, timings["denoise"] - in_graphs) / timings["denoise"])
             per_run.append({n: list(v) for n, v in log.items()})
-        branches = Branches.of(guidance, control_mode)
+        branches = Branches.of(guidance, control_mode, pipe.info.embedded_guidance)
         on_cpu = pipe.sessions["unet"].device.type == "cpu"
         if on_cpu:
             from controlrt import cpu

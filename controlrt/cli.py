@@ -229,7 +229,7 @@ def _backend_settings(backend: str, cuda_graphs: bool, budget_gb: float | None, 
 @click.option(
     "--scheduler",
     default=None,
-    help="ddim, pndm, euler, euler-ancestral, dpm++, unipc, ... (default: the model's own).",
+    help="ddim, pndm, euler, euler-ancestral, dpm++, unipc, lcm, tcd, ... (default: the model's own).",
 )
 @click.option("--original-size", default=None, metavar="HxW", help="SDXL: the original-size condition.")
 @click.option("--crops-top-left", default=None, metavar="TOPxLEFT", help="SDXL: the crop-offset condition.")

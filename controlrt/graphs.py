@@ -12,6 +12,7 @@ from torch import nn
 
 from controlrt.models import BaseModel, ControlNetModelFolder, ModelInfo
 from controlrt.specs import (
+    GUIDANCE_EMBEDDING,
     GraphKind,
     GraphSpec,
     added_condition_names,
@@ -159,20 +160,24 @@ class UNetGraph(nn.Module):
     """The UNet with every control residual as an explicit input (zeros mean no control).
 
     Inputs: sample, timestep, encoder_hidden_states, the added conditions ``added`` names (SDXL:
-    text_embeds, time_ids), then the residuals.
+    text_embeds, time_ids), with ``guidance_embedding`` the guidance embedding (timestep_cond, for
+    LCM-distilled UNets), then the residuals.
     """
 
-    def __init__(self, unet: nn.Module, added: tuple[str, ...] = ()) -> None:
+    def __init__(self, unet: nn.Module, added: tuple[str, ...] = (), guidance_embedding: bool = False) -> None:
         super().__init__()
         self.unet = unet
         self.added = tuple(added)
+        self.guidance_embedding = guidance_embedding
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
-        conditions, residuals = rest[: len(self.added)], rest[len(self.added) :]
+        conditions, rest = rest[: len(self.added)], rest[len(self.added) :]
+        timestep_cond, residuals = (rest[0], rest[1:]) if self.guidance_embedding else (None, rest)
         return self.unet(
             sample,
             timestep,
             encoder_hidden_states=encoder_hidden_states,
+            timestep_cond=timestep_cond,
             down_block_additional_residuals=residuals[:-1],
             mid_block_additional_residual=residuals[-1],
             added_cond_kwargs=_added(self.added, conditions),
@@ -229,7 +234,7 @@ def load_graph_module(spec: GraphSpec, base: BaseModel, controlnets: list[Contro
         pooled = "text_embeds" in spec.output_names
         module: nn.Module = TextEncoderGraph(base.load_text_encoder(component), layer, pooled)
     elif kind is GraphKind.UNET:
-        module = UNetGraph(base.load_unet(), added)
+        module = UNetGraph(base.load_unet(), added, GUIDANCE_EMBEDDING in spec.input_names)
     elif kind is GraphKind.VAE_DECODER:
         module = VaeDecoderGraph(base.load_vae(), base.info().scaling_factor)
     else:

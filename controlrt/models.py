@@ -79,11 +79,19 @@ class ModelInfo:
     time_ids: int = 0
     force_zeros_for_empty_prompt: bool = False
     vae_force_upcast: bool = False  # SDXL pipelines decode such VAEs in fp32 whatever the rest runs in
+    # LCM-distilled UNets (time_cond_proj_dim): the width of the guidance embedding they take as
+    # timestep_cond; guidance is then this embedding, not a classifier-free-guidance batch.
+    guidance_embedding_dim: int = 0
 
     @property
     def sdxl(self) -> bool:
         """Whether the UNet takes SDXL's added conditions (text_embeds and time_ids)."""
         return self.pooled_dim > 0
+
+    @property
+    def embedded_guidance(self) -> bool:
+        """Whether the UNet takes guidance as an embedding (LCM-distilled): no CFG batch."""
+        return self.guidance_embedding_dim > 0
 
     @property
     def text_encoders(self) -> int:
@@ -207,7 +215,7 @@ def _check_unsupported(config: dict[str, Any], what: str, keys: tuple[str, ...])
         if value is not None and not (key == "addition_embed_type" and value == "text_time"):
             raise ModelError(
                 f"{what}: {key}={value!r} is set; controlrt supports Stable Diffusion 1.x/2.x-style models "
-                "and SDXL (addition_embed_type 'text_time'), not LCM-distilled or other conditioned UNets"
+                "and SDXL (addition_embed_type 'text_time'), not UNets with other added conditions"
             )
 
 
@@ -247,7 +255,7 @@ def model_info(configs: dict[str, dict[str, Any]]) -> ModelInfo:
     _check_unsupported(
         unet,
         "base model unet",
-        ("addition_embed_type", "class_embed_type", "time_cond_proj_dim", "encoder_hid_dim_type"),
+        ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type"),
     )
     if unet.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None:
         raise ModelError("base model unet has no mid block; ControlNet needs one")
@@ -288,6 +296,7 @@ def model_info(configs: dict[str, dict[str, Any]]) -> ModelInfo:
         num_train_timesteps=int(configs["scheduler"].get("num_train_timesteps", 1000)),
         residuals=residual_layout(unet, "base model unet"),
         text_attention_mask=bool(text.get("use_attention_mask", False)),
+        guidance_embedding_dim=int(unet.get("time_cond_proj_dim") or 0),
         **sdxl,
     )
 

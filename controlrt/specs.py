@@ -301,6 +301,7 @@ def residual_specs(info: ModelInfo) -> tuple[TensorSpec, ...]:
 
 # SDXL's added conditions, inputs of the UNet and the ControlNets after encoder_hidden_states
 ADDED_CONDITIONS = ("text_embeds", "time_ids")
+GUIDANCE_EMBEDDING = "timestep_cond"  # the UNet's only: ControlNets never take it
 
 
 def _denoiser_inputs(info: ModelInfo) -> tuple[TensorSpec, ...]:
@@ -424,17 +425,23 @@ def union_controlnet_spec(
 
 
 def unet_spec(info: ModelInfo) -> GraphSpec:
-    """sample, timestep, encoder_hidden_states and every control residual -> noise_pred."""
+    """sample, timestep, encoder_hidden_states (SDXL: text_embeds, time_ids; LCM-distilled UNets:
+    timestep_cond [batch, dim], the guidance embedding) and every control residual -> noise_pred."""
     out = TensorSpec(
         "noise_pred",
         "float32",
         (BATCH, info.unet_out_channels, *_image_axes(info.vae_scale_factor)),
     )
+    guidance = (
+        [TensorSpec(GUIDANCE_EMBEDDING, "float32", (BATCH, info.guidance_embedding_dim), (-1.0, 1.0))]
+        if info.embedded_guidance
+        else []
+    )
     return _spec(
         info,
         "unet",
         GraphKind.UNET,
-        [*_denoiser_inputs(info), *residual_specs(info)],
+        [*_denoiser_inputs(info), *guidance, *residual_specs(info)],
         [out],
     )
 

@@ -63,8 +63,12 @@ class Branches:
     conditional_only: bool = False
 
     @classmethod
-    def of(cls, guidance: float, mode: ControlMode | str = ControlMode.UNIFORM) -> Branches:
-        cfg = guidance > 1.0
+    def of(
+        cls, guidance: float, mode: ControlMode | str = ControlMode.UNIFORM, embedded_guidance: bool = False
+    ) -> Branches:
+        """``embedded_guidance``: the UNet takes guidance as an embedding (LCM-distilled), so there is
+        no CFG batch whatever the scale, as in diffusers."""
+        cfg = guidance > 1.0 and not embedded_guidance
         return cls(cfg, cfg and ControlMode.parse(mode).conditional_only)
 
     def per_image(self, kind: GraphKind) -> int:
@@ -78,6 +82,17 @@ class Branches:
         """Every per-image batch the graph may run with, over all guidance settings and modes."""
         plans = (Branches(False), Branches(True), Branches(True, True))
         return tuple(sorted({b.per_image(kind) for b in plans}))
+
+
+def guidance_embedding(guidance: float, dim: int, batch: int = 1) -> torch.Tensor:
+    """An LCM-distilled UNet's timestep_cond [batch, dim]: sin/cos of (guidance - 1) * 1000 at
+    log-spaced frequencies, as diffusers' get_guidance_scale_embedding computes it."""
+    w = torch.full((batch,), float(guidance) - 1.0) * 1000.0
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = w[:, None] * frequencies[None, :]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(embedding, (0, 1)) if dim % 2 else embedding
 
 
 def residual_divisors(unet: GraphSpec) -> list[int]:

@@ -128,6 +128,7 @@ def denoise(
     generator: torch.Generator,
     progress: bool = False,
     added: dict[str, torch.Tensor] | None = None,
+    unet_only: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the schedule and return the final latents.
 
@@ -146,6 +147,8 @@ def denoise(
         progress: Show a progress bar on stderr.
         added: SDXL's added conditions (text_embeds, time_ids) in prompt_embeds' batch order; the
             UNet gets them whole, the ControlNets the branches they run on.
+        unet_only: Inputs of the UNet alone, constant over the steps (an LCM-distilled UNet's
+            guidance embedding, timestep_cond), at the UNet's batch.
     """
     device = unet.device
     cfg = branches.cfg
@@ -164,6 +167,7 @@ def denoise(
     cn_embeds = prompt_embeds[cond_slice]
     added = {name: value.to(device) for name, value in (added or {}).items()}
     cn_added = {name: value[cond_slice] for name, value in added.items()}
+    unet_only = {name: value.to(device) for name, value in (unet_only or {}).items()}
     # timesteps as the graphs take them, made on the device once (no host sync per step)
     t_inputs = timesteps.to(device=device, dtype=torch.float32)
     for i, t in enumerate(progress_bar(timesteps, progress, "denoise", "step", lines=False)):
@@ -191,6 +195,7 @@ def denoise(
                 "timestep": t_inputs[i].repeat(batch),
                 "encoder_hidden_states": prompt_embeds,
                 **added,
+                **unet_only,
                 **residuals,
             }
         )["noise_pred"].to(device)

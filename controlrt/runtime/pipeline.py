@@ -17,14 +17,14 @@ from controlrt.manifest import Build
 from controlrt.precision import Precision
 from controlrt.preprocess import load_control
 from controlrt.runtime.backends import BackendOptions, open_sessions
-from controlrt.runtime.control import Branches, block_weights, residual_divisors
+from controlrt.runtime.control import Branches, block_weights, guidance_embedding, residual_divisors
 from controlrt.runtime.images import peek_size, postprocess, preprocess_control, with_settings
 from controlrt.runtime.limits import Limits
 from controlrt.runtime.loop import ControlPlan, UnionInputs, denoise
 from controlrt.runtime.request import GenerationRequest, ResolvedRequest, resolve
 from controlrt.runtime.schedulers import make_scheduler
 from controlrt.runtime.session import Session
-from controlrt.specs import GraphKind
+from controlrt.specs import GUIDANCE_EMBEDDING, GraphKind
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class Pipeline:
         # read (and preprocess, for KIND:PATH controls) every image before any work
         images = [load_control(c, self.annotators) for c in resolved.controls]
         scheduler = make_scheduler(self.build.scheduler_config, request.scheduler)
-        branches = Branches.of(request.guidance, resolved.mode)
+        branches = Branches.of(request.guidance, resolved.mode, self.info.embedded_guidance)
 
         # 1. text: [uncond, cond] for classifier-free guidance (and SDXL's pooled embeddings and time ids)
         embeds, added, truncated = self._prompt(request, branches.cfg, resolved.height, resolved.width)
@@ -169,6 +169,10 @@ class Pipeline:
         f = self.info.vae_scale_factor
         shape = (1, self.info.latent_channels, resolved.height // f, resolved.width // f)
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        # an LCM-distilled UNet takes guidance as an embedding instead of a CFG batch
+        unet_only = {}
+        if self.info.embedded_guidance:
+            unet_only[GUIDANCE_EMBEDDING] = guidance_embedding(request.guidance, self.info.guidance_embedding_dim)
         # 4. denoise
         start = time.perf_counter()
         latents = denoise(
@@ -183,6 +187,7 @@ class Pipeline:
             generator=generator,
             progress=progress,
             added=added,
+            unet_only=unet_only,
         )
         if timings is not None:
             if latents.device.type == "cuda":

@@ -16,6 +16,8 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
     "deis": "DEISMultistepScheduler",
+    "lcm": "LCMScheduler",
+    "tcd": "TCDScheduler",
 }
 
 
