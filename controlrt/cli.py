@@ -95,15 +95,30 @@ main = cli
     help="Force weights into (or out of) .onnx.data files; default: by size (>1.5 GiB).",
 )
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime check of each graph.")
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="PATH[:SCALE]",
+    help="A LoRA fused into the UNet and text encoders at SCALE (default 1); repeat for several.",
+)
 @click.pass_context
-def export(ctx, base_dir, controlnets, out, opset, force, external_data, no_validate) -> None:
+def export(ctx, base_dir, controlnets, out, opset, force, external_data, no_validate, loras) -> None:
     """Export BASE_DIR's text encoder, UNet, VAE decoder and each ControlNet to ONNX."""
     from controlrt.export.build import export_build
     from controlrt.export.onnx_export import DEFAULT_OPSET, ExportSettings
+    from controlrt.lora import Lora
 
     settings = ExportSettings(opset=DEFAULT_OPSET if opset is None else opset, external_data=external_data)
     manifest = export_build(
-        base_dir, controlnets, out, settings, force=force, validate=not no_validate, progress=ctx.obj["progress"]
+        base_dir,
+        controlnets,
+        out,
+        settings,
+        force=force,
+        validate=not no_validate,
+        progress=ctx.obj["progress"],
+        loras=[Lora.parse(text) for text in loras],
     )
     click.echo(str(Path(out).resolve()))
     logger.info("graphs: %s", ", ".join(manifest.graphs))
@@ -629,7 +644,9 @@ def preprocess_cmd(kind, image, out, low, high, min_length, thickness, annotator
 @click.option("--max-batch", type=int, default=1, show_default=True, help="Most images per request.")
 @click.option("--static", is_flag=True, help="Fixed shapes (opt size and batch): fastest, allows CUDA graphs.")
 @click.option("--timing-cache", default=None, metavar="PATH", help="Timing cache file (default: in BUILD/engines).")
-@click.option("--refittable", is_flag=True, help="ControlNet engines take new weights later (controlrt refit).")
+@click.option(
+    "--refittable", is_flag=True, help="ControlNet, UNet and text encoder engines take new weights (refit, lora)."
+)
 @click.option("--weight-stripped", is_flag=True, help="Plans without weights, refitted from the ONNX at load.")
 @click.option("--weight-streaming", is_flag=True, help="Allow a weight streaming budget at load (small GPUs).")
 @click.option("--optimization-level", type=int, default=3, show_default=True, help="Builder optimization level 0-5.")
@@ -685,6 +702,23 @@ def refit(build_dir, controlnet, source) -> None:
 
     for line in refit_controlnet(build_dir, controlnet, source):
         click.echo(f"refitted {line}")
+
+
+@cli.command()
+@click.argument("build_dir", metavar="BUILD")
+@click.option("--set", "loras", multiple=True, metavar="PATH[:SCALE]", help="A LoRA to fuse; repeat for several.")
+@click.option("--clear", is_flag=True, help="Remove every LoRA: the base model's own weights.")
+@click.pass_context
+def lora(ctx, build_dir, loras, clear) -> None:
+    """Change the LoRAs fused into BUILD's UNet and text encoders; its ControlNets stay as they are."""
+    from controlrt.export.loras import set_loras
+    from controlrt.lora import Lora
+
+    if bool(loras) == clear:
+        raise InputError("give the LoRAs with --set PATH[:SCALE] (repeatable), or --clear to remove them all")
+    change = set_loras(build_dir, [Lora.parse(text) for text in loras], progress=ctx.obj["progress"])
+    for line in change.summary():
+        click.echo(line)
 
 
 @cli.command()

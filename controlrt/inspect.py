@@ -97,6 +97,10 @@ def inspect_build(build_dir: str | Path) -> dict[str, Any]:
         "sources": {
             "base": m.sources["base"]["path"],
             "controlnets": [s["path"] for s in m.sources["controlnets"]],
+            "loras": [
+                {"path": r["path"], "sha256": r["sha256"], "scale": r["scale"]}
+                for r in m.sources["base"].get("loras", [])
+            ],
         },
         "tools": m.tools,
     }
@@ -131,4 +135,6 @@ def format_inspection(info: dict[str, Any]) -> str:
     lines.append(f"\nsources: base {info['sources']['base']}")
     for k, path in enumerate(info["sources"]["controlnets"]):
         lines.append(f"         controlnet_{k} {path}")
+    for lora in info["sources"]["loras"]:
+        lines.append(f"         LoRA {lora['path']} at scale {lora['scale']:g} (sha256 {lora['sha256'][:12]})")
     return "\n".join(lines)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,8 @@ from controlrt.errors import ModelError
 
 if TYPE_CHECKING:
     import torch
+
+    from controlrt.lora import Lora
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +194,10 @@ def source_differences(recorded: dict[str, Any], current: dict[str, Any]) -> lis
             same = then == now["bytes"] if isinstance(then, int) else then.get("sha256") == now["sha256"]
             if not same:
                 reasons.append(f"{component}/{name}")
+    if [(r["sha256"], r["scale"]) for r in recorded.get("loras", [])] != [
+        (r["sha256"], r["scale"]) for r in current.get("loras", [])
+    ]:
+        reasons.append("LoRAs")
     return reasons
 
 
@@ -303,11 +310,28 @@ def model_info(configs: dict[str, dict[str, Any]]) -> ModelInfo:
 
 @dataclass(frozen=True)
 class BaseModel:
-    """A Stable Diffusion pipeline folder, opened and checked, with no weights loaded."""
+    """A Stable Diffusion pipeline folder, opened and checked, with no weights loaded.
+
+    ``loras`` are fused into the UNet and text encoders whenever they are loaded, so that export,
+    the torch reference and calibration all see the same weights.
+    """
 
     path: Path
     index: dict[str, Any]
     configs: dict[str, dict[str, Any]]
+    loras: tuple[Lora, ...] = ()
+
+    def with_loras(self, loras: Sequence[Lora]) -> BaseModel:
+        """This model with ``loras`` fused in at load; ModelError if one does not fit it."""
+        from controlrt.lora import check_loras, read_lora
+
+        loras = tuple(check_loras(list(loras)))
+        sdxl = self.info().sdxl
+        for lora in loras:
+            missing = set(read_lora(lora, sdxl)) - {"unet", *self.text_encoder_names}
+            if missing:
+                raise ModelError(f"LoRA {lora.path} adapts {sorted(missing)[0]}, which the base model does not have")
+        return replace(self, loras=loras)
 
     @classmethod
     def open(cls, path: str | Path) -> BaseModel:
@@ -346,6 +370,7 @@ class BaseModel:
             "path": str(self.path),
             "config_sha256": {c: _config_hash(self.path / c / name) for c, name in components.items()},
             "weights": {c: _weight_files(self.path / c) for c in ("unet", "vae", *self.text_encoder_names)},
+            **({"loras": self._lora_records()} if self.loras else {}),
         }
 
     # --- loading (weights) -------------------------------------------------------------------
@@ -353,7 +378,20 @@ class BaseModel:
     def load_unet(self) -> torch.nn.Module:
         from diffusers import UNet2DConditionModel
 
-        return _load(UNet2DConditionModel, self.path / "unet", "base model unet")
+        return self._fused(_load(UNet2DConditionModel, self.path / "unet", "base model unet"), "unet")
+
+    def _lora_records(self) -> list[dict[str, Any]]:
+        from controlrt.lora import adapted_components
+
+        sdxl = self.info().sdxl
+        return [{**lora.record(), "components": sorted(adapted_components([lora], sdxl))} for lora in self.loras]
+
+    def _fused(self, module: torch.nn.Module, component: str) -> torch.nn.Module:
+        if not self.loras:
+            return module
+        from controlrt.lora import fuse_into
+
+        return fuse_into(module, component, list(self.loras), self.info().sdxl)
 
     def load_vae(self) -> torch.nn.Module:
         from diffusers import AutoencoderKL
@@ -367,7 +405,7 @@ class BaseModel:
         cls = getattr(transformers, class_name, None)
         if cls is None:
             raise ModelError(f"base model: unknown text encoder class {class_name}")
-        return _load(cls, self.path / component, f"base model {component}")
+        return self._fused(_load(cls, self.path / component, f"base model {component}"), component)
 
     def load_tokenizer(self, component: str = "tokenizer"):
         import transformers

@@ -6,8 +6,10 @@ the Q/DQ graphs of ``controlrt calibrate``; networks are parsed strongly typed o
 11 alike. In an int8 build the text encoder and VAE decoder use their fp16 (else fp32) graphs.
 
 Refittable engines (``--refittable``) apply to the ControlNets, whose weights are meant to be
-swapped; weight-stripped plans (``--weight-stripped``) apply to every graph and are refitted from
-the build's ONNX when loaded (REFIT_IDENTICAL: the same weights they were built with).
+swapped (``controlrt refit``), and to the UNet and text encoders, whose weights change with the
+build's LoRAs (``controlrt lora``); not to the VAE decoder. Weight-stripped plans
+(``--weight-stripped``) apply to every graph and are refitted from the build's ONNX when loaded
+(REFIT_IDENTICAL: the same weights they were built with).
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ class EngineResult:
 
 
 def options_for(spec: GraphSpec, options: BuildOptions) -> BuildOptions:
-    """The build options one graph gets: only ControlNets are built refittable."""
-    if spec.kind is not GraphKind.CONTROLNET and options.refittable:
+    """The build options one graph gets: the VAE decoder, whose weights nothing changes, is never
+    built refittable."""
+    if spec.kind is GraphKind.VAE_DECODER and options.refittable:
         return replace(options, refittable=False)
     return options
 

@@ -190,6 +190,52 @@ def check_refitted(spec: GraphSpec, precision: Precision, plan: bytes, profiles,
     )
 
 
+def refit_engines(
+    build: Build,
+    graph: str,
+    records: dict[Precision, EngineRecord],
+    new_onnx: dict[Precision, Path],
+    device: str = "cuda",
+) -> dict[Precision, bytes]:
+    """Each engine in ``records`` with the weights of its new graph, checked against that graph on
+    onnxruntime; touches nothing on disk. The weights come whole from the new graph, so an engine
+    never carries a blend of old and new weights."""
+    from controlrt.engine.trt import import_tensorrt, require_cuda
+    from controlrt.runtime.trt_backend import refit_from_onnx
+
+    import_tensorrt()
+    require_cuda()
+    import tensorrt as trt
+
+    version, gpu = str(trt.__version__), Gpu.current()
+    store = EngineStore(build)
+    spec = build.manifest.spec(graph)
+    plans = {}
+    for precision, record in records.items():
+        store.check_runnable(graph, precision, version, gpu)  # only current engines are refitted
+        trt_logger = trt.Logger(trt.Logger.WARNING)
+        engine = trt.Runtime(trt_logger).deserialize_cuda_engine(store.read_plan(record))
+        if engine is None:
+            raise BuildError(f"TensorRT could not deserialize the {precision} {graph} engine")
+        refit_from_onnx(engine, new_onnx[precision], trt_logger)
+        plans[precision] = bytes(engine.serialize())
+        check_refitted(spec, precision, plans[precision], record.key.profiles, new_onnx[precision], device)
+    return plans
+
+
+def write_refitted(
+    new_build: Build, refitted: dict[str, tuple[dict[Precision, EngineRecord], dict[Precision, bytes]]]
+) -> None:
+    """Write refitted engines with records naming the graphs of ``new_build`` (under its lock)."""
+    store = EngineStore(new_build)
+    for graph, (records, plans) in refitted.items():
+        for precision, data in plans.items():
+            record = records[precision]
+            files = new_build.variant(graph, precision).files
+            key = replace(record.key, onnx=tuple((f.path, f.sha256) for f in files))
+            store.write(key, data, refitted_from=record.key.onnx)
+
+
 def refit_controlnet(build_dir: str | Path, controlnet: str, source: str | Path, device: str = "cuda") -> list[str]:
     """Refit the ControlNet's engines with the weights of ``source``; returns what was refitted.
 
@@ -198,33 +244,14 @@ def refit_controlnet(build_dir: str | Path, controlnet: str, source: str | Path,
     move in, the manifest is written, the engines and their records are replaced, and the old
     graphs are deleted last.
     """
-    from controlrt.engine.trt import import_tensorrt, require_cuda
     from controlrt.export.variants import commit_graphs
-    from controlrt.runtime.trt_backend import refit_from_onnx
 
     build = Build.open(build_dir)
     staging = Path(tempfile.mkdtemp(prefix=".refit-", dir=build.path))
     try:
         plan = plan_refit(build, controlnet, source, staging)
-        import_tensorrt()
-        require_cuda()
-        import tensorrt as trt
-
-        version, gpu = str(trt.__version__), Gpu.current()
-        store = EngineStore(build)
-        spec = build.manifest.spec(plan.graph)
-        plans = {}
-        for precision, record in plan.records.items():
-            store.check_runnable(plan.graph, precision, version, gpu)  # only current engines are refitted
-            trt_logger = trt.Logger(trt.Logger.WARNING)
-            engine = trt.Runtime(trt_logger).deserialize_cuda_engine(store.read_plan(record))
-            if engine is None:
-                raise BuildError(f"TensorRT could not deserialize the {precision} {plan.graph} engine")
-            refit_from_onnx(engine, plan.new_graphs[precision][0], trt_logger)
-            plans[precision] = bytes(engine.serialize())
-            check_refitted(
-                spec, precision, plans[precision], record.key.profiles, plan.new_graphs[precision][0], device
-            )
+        new_onnx = {p: files[0] for p, files in plan.new_graphs.items()}
+        plans = refit_engines(build, plan.graph, plan.records, new_onnx, device)
         old = tuple((f.path, f.sha256) for f in build.variant(plan.graph, Precision.FP32).files)
         made = {
             (plan.graph, str(p)): (
@@ -245,15 +272,8 @@ def refit_controlnet(build_dir: str | Path, controlnet: str, source: str | Path,
                 sources={**manifest.sources, "controlnets": controlnets},
             )
 
-        def write_engines(new_build: Build) -> None:
-            new_store = EngineStore(new_build)
-            for precision, data in plans.items():
-                record = plan.records[precision]
-                files = new_build.variant(plan.graph, precision).files
-                key = replace(record.key, onnx=tuple((f.path, f.sha256) for f in files))
-                new_store.write(key, data, refitted_from=record.key.onnx)
-
-        commit_graphs(build.path, made, {plan.graph: old}, update, write_engines)
+        refitted = {plan.graph: (plan.records, plans)}
+        commit_graphs(build.path, made, {plan.graph: old}, update, lambda b: write_refitted(b, refitted))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("refitted %s with %s; dropped variants: %s", plan.graph, plan.source["path"], plan.dropped or "none")

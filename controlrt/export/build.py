@@ -14,6 +14,7 @@ from controlrt.errors import InputError
 from controlrt.export.onnx_export import ExportSettings, export_onnx
 from controlrt.graphs import graph_specs, load_graph_module
 from controlrt.io import output_folder, staged_folder
+from controlrt.lora import Lora
 from controlrt.manifest import FileRecord, GraphRecord, Manifest, Variant, explain_build
 from controlrt.models import BaseModel, ControlNetModelFolder
 from controlrt.progress import progress_bar
@@ -42,6 +43,7 @@ def export_build(
     force: bool = False,
     validate: bool = True,
     progress: bool = False,
+    loras: Sequence[Lora] = (),
 ) -> Manifest:
     """Export the text encoder, each ControlNet, the UNet and the VAE decoder to ONNX.
 
@@ -63,7 +65,7 @@ def export_build(
     settings = settings or ExportSettings()
     if not controlnet_dirs:
         raise InputError("give at least one ControlNet folder (--controlnet)")
-    base = BaseModel.open(base_dir)
+    base = BaseModel.open(base_dir).with_loras(loras)
     info = base.info()
     controlnets = [ControlNetModelFolder.open(d) for d in controlnet_dirs]
     for cn in controlnets:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from controlrt.errors import BuildError, InputError, ModelError
+from controlrt.lora import Lora
 from controlrt.manifest import Build, Manifest
 from controlrt.models import BaseModel, ControlNetModelFolder, source_differences
 from controlrt.precision import Precision, variant_for
@@ -85,8 +86,9 @@ def open_sources(manifest: Manifest) -> tuple[BaseModel, list[ControlNetModelFol
         )
     try:
         base = BaseModel.open(sources["base"]["path"])
+        base = base.with_loras([Lora.from_record(r) for r in sources["base"].get("loras", [])])
         controlnets = [ControlNetModelFolder.open(s["path"]) for s in sources["controlnets"]]
-    except ModelError as exc:
+    except (ModelError, InputError) as exc:
         raise BuildError(f"the torch reference needs the build's source models: {exc}") from None
     for folder, recorded in ((base, sources["base"]), *zip(controlnets, sources["controlnets"], strict=True)):
         changed = source_differences(recorded, folder.source_record())

@@ -72,7 +72,8 @@ def test_build_then_keep_current_engines(fake_trt, build):
         "current",
     }
     refit = builder.build_engines(build, "fp32", ProfileSettings(max_batch=2), BuildOptions(refittable=True))
-    assert {r.graph for r in refit if r.status == "built"} == {"controlnet_0", "controlnet_1"}
+    rebuilt = {"controlnet_0", "controlnet_1", "unet", "text_encoder"}  # the VAE is never refittable
+    assert {r.graph for r in refit if r.status == "built"} == rebuilt
 
 
 def test_missing_precision_names_the_command(fake_trt, build):
@@ -142,10 +143,12 @@ def test_a_users_timing_cache_is_never_deleted_or_replaced(fake_trt, build, tmp_
 
 def test_builder_configuration(fake_trt, build):
     options = BuildOptions(refittable=True, optimization_level=5, workspace_gb=0.5)
-    builder.build_engines(build, "fp32", ProfileSettings(max_batch=2), options, graphs=["controlnet_0", "unet"])
-    controlnet, unet = fake_tensorrt.Builder.builds
+    graphs = ["controlnet_0", "unet", "vae_decoder"]
+    builder.build_engines(build, "fp32", ProfileSettings(max_batch=2), options, graphs=graphs)
+    controlnet, unet, vae = fake_tensorrt.Builder.builds
     assert "TF32" not in controlnet["flags"] and "FP16" not in controlnet["flags"]  # precision is in the ONNX
-    assert "REFIT" in controlnet["flags"] and "REFIT" not in unet["flags"]  # only ControlNets are refittable
+    # ControlNets (refit) and the UNet (lora) take new weights; nothing changes the VAE's
+    assert "REFIT" in controlnet["flags"] and "REFIT" in unet["flags"] and "REFIT" not in vae["flags"]
     assert controlnet["optimization_level"] == 5 and controlnet["pools"] == {"WORKSPACE": 1 << 29}
     spec = Build.open(build).manifest.spec("unet")
     (profile,) = unet["profiles"]
@@ -392,3 +395,29 @@ def test_the_fake_replays_the_addresses_it_captured_as_a_gpu_does(fake_trt, buil
     graph.replay()
     assert other["image"].abs().max() == 0  # the newly bound buffer is untouched
     assert captured["image"].abs().max() > 0  # the captured one got the output
+
+
+def test_lora_change_refits_the_engines_from_the_new_graphs(fake_trt, build, tiny_models, tmp_path):
+    """controlrt lora refits refittable engines with base + new LoRA weights, checked, never blended."""
+    from lora_files import write_diffusers_lora
+
+    from controlrt.export.loras import set_loras
+    from controlrt.lora import Lora
+    from controlrt.runtime.pipeline import Pipeline
+
+    builder.build_engines(build, "fp32", options=BuildOptions(refittable=True))
+    lora = write_diffusers_lora(tiny_models.base, tmp_path / "lora", seed=2)
+    change = set_loras(build, [Lora(lora, 0.7)], device="cpu")
+    assert set(change.refitted) == {"unet fp32", "text_encoder fp32"} and not change.stale, change
+    record = EngineStore(Build.open(build)).record("unet", Precision.FP32)
+    assert record.refitted_from and record.key.onnx != record.refitted_from
+    settings = {"controls": sample_control_images(2, 64, 64), "steps": 3, "seed": 1}
+    with Pipeline.load(build, backend="tensorrt", device="cpu") as pipe:
+        refitted = np.asarray(pipe("a house", **settings))
+    with Pipeline.load(build, backend="onnxruntime") as pipe:
+        expected = np.asarray(pipe("a house", **settings))
+    assert psnr(expected, refitted) >= 60
+    # a second change refits from the base weights plus the new LoRA, not on top of the first
+    set_loras(build, [], device="cpu")
+    with Pipeline.load(build, backend="tensorrt", device="cpu") as pipe, Pipeline.load(build) as reference:
+        assert psnr(np.asarray(reference("a house", **settings)), np.asarray(pipe("a house", **settings))) >= 60

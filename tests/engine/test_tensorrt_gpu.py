@@ -84,6 +84,28 @@ def test_refit_swaps_the_controlnet(gpu_build, tmp_path):
         assert psnr(np.asarray(ref("a house", **settings)), np.asarray(trt("a house", **settings))) >= 40
 
 
+def test_lora_change_refits_unet_and_text_encoder(gpu_build, tiny_models, tmp_path):
+    """controlrt lora on real engines: base + LoRA A, then base + LoRA B (never A and B blended)."""
+    from lora_files import write_diffusers_lora
+
+    from controlrt.compare import psnr
+    from controlrt.engine.builder import build_engines
+    from controlrt.engine.cache import BuildOptions
+    from controlrt.export.loras import set_loras
+    from controlrt.lora import Lora
+    from controlrt.runtime.pipeline import Pipeline
+
+    build = shutil.copytree(gpu_build, tmp_path / "build")
+    build_engines(build, "fp32", options=BuildOptions(refittable=True))
+    settings = {"controls": sample_control_images(2, 64, 64), "steps": 4, "seed": 1}
+    for seed in (1, 2):
+        lora = write_diffusers_lora(tiny_models.base, tmp_path / f"lora{seed}", seed=seed)
+        change = set_loras(build, [Lora(lora, 0.8)])
+        assert {"unet fp32", "text_encoder fp32"} <= set(change.refitted)
+        with Pipeline.load(build, backend="tensorrt") as trt, Pipeline.load(build, backend="torch") as ref:
+            assert psnr(np.asarray(ref("a house", **settings)), np.asarray(trt("a house", **settings))) >= 40
+
+
 def test_weight_streaming_budget(gpu_build):
     from controlrt.engine.builder import build_engines
     from controlrt.engine.cache import BuildOptions
