@@ -66,3 +66,24 @@ def write_kohya_lora(base: Path, out: Path, seed: int, rank: int = 4, alpha: flo
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, out)
     return out
+
+
+def write_sdxl_lora(base: Path, out: Path, seed: int) -> Path:
+    """An SDXL LoRA for the UNet and both text encoders, as StableDiffusionXLPipeline saves it."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    unet, unet_meta = _adapted(UNet2DConditionModel.from_pretrained(base / "unet"), UNET_TARGETS, 4, 8.0, seed)
+    first, first_meta = _adapted(CLIPTextModel.from_pretrained(base / "text_encoder"), TEXT_TARGETS, 2, 2.0, seed + 1)
+    second_model = CLIPTextModelWithProjection.from_pretrained(base / "text_encoder_2")
+    second, second_meta = _adapted(second_model, TEXT_TARGETS, 2, 4.0, seed + 2)
+    StableDiffusionXLPipeline.save_lora_weights(
+        out,
+        unet_lora_layers=unet,
+        text_encoder_lora_layers=first,
+        text_encoder_2_lora_layers=second,
+        unet_lora_adapter_metadata=unet_meta,
+        text_encoder_lora_adapter_metadata=first_meta,
+        text_encoder_2_lora_adapter_metadata=second_meta,
+    )
+    return out / "pytorch_lora_weights.safetensors"

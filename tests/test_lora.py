@@ -92,7 +92,7 @@ def lora_build(tiny_models, loras, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
 def test_two_loras_match_diffusers(tiny_models, loras, lora_build, backend, tiny_build):
     from controlrt.runtime.pipeline import Pipeline
 
@@ -233,3 +233,22 @@ def test_bad_loras(tiny_models, loras, tmp_path, lora_build):
         assert len(result.output.strip().splitlines()) == 1
     result = runner.invoke(cli, ["lora", str(lora_build), "--set", str(tmp_path / "missing.safetensors")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_sdxl_lora_on_the_unet_and_both_text_encoders(xl_models, tmp_path):
+    """SDXL: the UNet and both text encoders fused as StableDiffusionXLPipeline fuses them."""
+    from diffusers import StableDiffusionXLPipeline
+    from lora_files import write_sdxl_lora
+
+    lora = write_sdxl_lora(xl_models.base, tmp_path / "xl-lora", seed=3)
+    base = BaseModel.open(xl_models.base).with_loras([Lora(lora, 0.7)])
+    assert set(read_lora(Lora(lora), sdxl=True)) == {"unet", "text_encoder", "text_encoder_2"}
+    reference = StableDiffusionXLPipeline.from_pretrained(xl_models.base)
+    reference.load_lora_weights(str(lora))
+    reference.fuse_lora(lora_scale=0.7, components=["unet", "text_encoder", "text_encoder_2"])
+    reference.unload_lora_weights()
+    assert _max_difference(base.load_unet(), reference.unet) < 1e-5
+    for name in ("text_encoder", "text_encoder_2"):
+        fused = base.load_text_encoder(name)
+        assert _max_difference(fused, getattr(reference, name)) < 1e-5
+        assert _max_difference(fused, BaseModel.open(xl_models.base).load_text_encoder(name)) > 1e-2

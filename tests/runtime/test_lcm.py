@@ -65,7 +65,7 @@ def lcm(tiny_models, tmp_path_factory):
         base, controlnet=nets, safety_checker=None, requires_safety_checker=False
     )
     reference.set_progress_bar_config(disable=True)
-    pipes = {b: Pipeline.load(root / "build", backend=b) for b in ("torch", "onnxruntime")}
+    pipes = {b: Pipeline.load(root / "build", backend=b) for b in ("torch", "onnxruntime", "openvino")}
     yield {"root": root, "reference": reference, "pipes": pipes}
     for pipe in pipes.values():
         pipe.close()
@@ -90,7 +90,7 @@ def test_the_unet_graph_takes_the_embedding(lcm):
     assert controlnets and all("timestep_cond" not in s.input_names for s in controlnets)
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
 @pytest.mark.parametrize(
     ("scheduler", "guidance", "scales"),
     [("LCMScheduler", 1.5, [1.0, 0.6]), ("LCMScheduler", 8.0, [0.7, 1.0]), ("TCDScheduler", 2.0, [1.0, 1.0])],
