@@ -28,7 +28,8 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
 
 
 def make_builds(arch_name: str, root: Path, reuse: bool) -> tuple[Path, Path, Path, Path, Path]:
-    """(base folder, ControlNet folder, plain build, LCM-LoRA build, the LoRA file)."""
+    """(base folder, ControlNet folder, plain build, LCM-LoRA build, the LoRA file); with ``reuse``,
+    what ROOT already holds is kept."""
     from controlrt import builtin
     from controlrt.export.build import export_build
     from controlrt.export.loras import set_loras
@@ -36,19 +37,22 @@ def make_builds(arch_name: str, root: Path, reuse: bool) -> tuple[Path, Path, Pa
 
     models, build, lcm = root / "models", root / "build", root / "build-lcm"
     lora = root / "lcm-lora" / "pytorch_lora_weights.safetensors"
-    if reuse and (lcm / "manifest.json").is_file():
-        manifest = json.loads((build / "manifest.json").read_text())
-        sources = manifest["sources"]
-        return Path(sources["base"]["path"]), Path(sources["controlnets"][0]["path"]), build, lcm, lora
-    arch = {"alternate": builtin.ALTERNATE, "sd15": builtin.SD15, "tiny": builtin.TINY}[arch_name]
-    written = builtin.write_builtin_models(models, arch, seed=0, force=True)
-    export_build(written.base, written.controlnets[:1], build, force=True)
-    write_lora(written.base, lora.parent)
-    if lcm.exists():
-        shutil.rmtree(lcm)
-    shutil.copytree(build, lcm)
-    set_loras(lcm, [Lora(lora, 1.0)])
-    return written.base, written.controlnets[0], build, lcm, lora
+    if reuse and (build / "manifest.json").is_file():
+        sources = json.loads((build / "manifest.json").read_text())["sources"]
+        base, controlnet = Path(sources["base"]["path"]), Path(sources["controlnets"][0]["path"])
+    else:
+        arch = {"alternate": builtin.ALTERNATE, "sd15": builtin.SD15, "tiny": builtin.TINY}[arch_name]
+        written = builtin.write_builtin_models(models, arch, seed=0, force=True)
+        base, controlnet = written.base, written.controlnets[0]
+        export_build(base, [controlnet], build, force=True)
+    if not (reuse and lora.is_file()):
+        write_lora(base, lora.parent)
+    if not (reuse and (lcm / "manifest.json").is_file()):
+        if lcm.exists():
+            shutil.rmtree(lcm)
+        shutil.copytree(build, lcm)
+        set_loras(lcm, [Lora(lora, 1.0)])
+    return base, controlnet, build, lcm, lora
 
 
 def write_lora(base: Path, out: Path, rank: int = 64) -> None:

@@ -1,7 +1,8 @@
 """Test helper: LoRA files made in code, in diffusers' format and in kohya's.
 
-Adapters are peft LoRA layers with non-zero (seeded) weights on the UNet's attention and
-feed-forward projections and on every linear layer of the text encoder, saved as diffusers saves
+Adapters are peft LoRA layers with non-zero (seeded) weights on the UNet's attention, feed-forward
+and transformer projections, resnet and sampler convolutions, and on every linear layer of the text
+encoder, saved as diffusers saves
 them (``pytorch_lora_weights.safetensors``, with the adapter metadata that keeps alpha != rank), or
 renamed into kohya's layout (``lora_unet_*`` / ``lora_te_*`` with ``.alpha`` tensors).
 """
@@ -12,7 +13,12 @@ from pathlib import Path
 
 import torch
 
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"]
+# attention, feed-forward and transformer projections (linear, or 1x1 convolutions in SD1.5's
+# proj_in/out), resnet 3x3 convolutions and time projections, down/upsampler convolutions (LoCon)
+UNET_TARGETS = [
+    *("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),
+    *("conv1", "conv2", "time_emb_proj", "conv_shortcut", "conv"),
+]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 

@@ -145,3 +145,39 @@ def test_no_cfg_batch_and_the_negative_prompt_is_unused(lcm):
         unet.infer = original
     assert set(calls) == {1}
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_parity_on_an_lcm_build(lcm):
+    from controlrt.parity import run_parity
+
+    report = run_parity(lcm["root"] / "build", backend="onnxruntime", steps=2)
+    assert report.passed, report.table()
+
+
+def test_sdxl_lcm_unet_matches_diffusers(xl_models, tmp_path):
+    """An LCM-distilled SDXL UNet: the embedding beside text_embeds and time_ids, no CFG batch."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    from controlrt.export.build import export_build
+    from controlrt.runtime.pipeline import Pipeline
+
+    base = make_lcm_base(xl_models.base, tmp_path / "base", dim=16)
+    export_build(base, xl_models.controlnets[:1], tmp_path / "build")
+    net = ControlNetModel.from_pretrained(xl_models.controlnets[0])
+    reference = StableDiffusionXLControlNetPipeline.from_pretrained(base, controlnet=net)
+    reference.set_progress_bar_config(disable=True)
+    image = sample_control_images(1, 64, 64)[0]
+    expected = reference(
+        PROMPT,
+        image=image,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        generator=torch.Generator("cpu").manual_seed(2),
+        height=64,
+        width=64,
+    ).images[0]
+    with Pipeline.load(tmp_path / "build", backend="onnxruntime") as pipe:
+        got = pipe(PROMPT, controls=[image], steps=3, guidance=3.0, seed=2, scheduler="lcm")
+    expected = np.asarray(expected)
+    assert expected.std() > 5
+    assert psnr(expected, np.asarray(got)) >= GATE
