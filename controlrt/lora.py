@@ -113,13 +113,13 @@ class LoraLayer:
     def delta(self, shape: torch.Size) -> torch.Tensor:
         """alpha / rank * (B @ A), shaped as the layer's weight."""
         factor = self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
-        product = self.up.flatten(1).double() @ self.down.flatten(1).double()
-        if product.numel() != math.prod(shape):
+        up, down = self.up.flatten(1), self.down.flatten(1)
+        if up.shape[0] != shape[0] or down.shape[1] != math.prod(shape[1:]) or up.shape[1] != down.shape[0]:
             raise ModelError(
                 f"a LoRA layer of {tuple(self.up.shape[:1])}x{tuple(self.down.shape[1:])} does not fit a weight "
                 f"of {tuple(shape)}"
             )
-        return (factor * product).reshape(shape)
+        return (factor * (up.double() @ down.double())).reshape(shape)
 
 
 def read_lora(lora: Lora, sdxl: bool) -> dict[str, dict[str, LoraLayer]]:
@@ -268,7 +268,11 @@ def fuse_into(module: torch.nn.Module, component: str, loras: list[Lora], sdxl: 
                         f"LoRA {lora.path} adapts {component}.{name}, which the base model's {component} does not have"
                     )
                 weight = target.weight
-                weight.copy_((weight.double() + lora.scale * layer.delta(weight.shape)).to(weight.dtype))
+                try:
+                    delta = layer.delta(weight.shape)
+                except ModelError as exc:
+                    raise ModelError(f"LoRA {lora.path}: {component}.{name}: {exc}; is it for another model?") from None
+                weight.copy_((weight.double() + lora.scale * delta).to(weight.dtype))
     return module
 
 
