@@ -146,12 +146,11 @@ def _copy_onnx(source: Path, target: Path) -> list[Path]:
 
 def _export_controlnet(build: Build, spec: GraphSpec, folder_path: Path, staging: Path):
     """Export and validate the ControlNet in ``folder_path`` as ``spec``'s graph (fp32)."""
-    from controlrt.compare import compare_graph, raise_on_failures
+    from controlrt.compare import raise_on_failures
+    from controlrt.export.build import check_in_turn
     from controlrt.export.onnx_export import ExportSettings, export_onnx
     from controlrt.graphs import ControlNetGraph
     from controlrt.models import ControlNetModelFolder
-    from controlrt.runtime.ort_backend import OrtSession
-    from controlrt.runtime.torch_backend import TorchSession
     from controlrt.specs import added_condition_names
 
     folder = ControlNetModelFolder.open(folder_path)
@@ -164,8 +163,9 @@ def _export_controlnet(build: Build, spec: GraphSpec, folder_path: Path, staging
     module = ControlNetGraph(folder.load(), tuple(added_condition_names(spec))).eval()
     settings = ExportSettings.from_dict(build.manifest.settings)
     files = export_onnx(module, spec, staging / new_graph_name(spec.name, Precision.FP32), settings)
-    with OrtSession(files[0], spec) as candidate:
-        rows = compare_graph(TorchSession(module, spec), candidate)
+    owner = [module]
+    del module
+    rows = check_in_turn(owner, spec, files[0])
     raise_on_failures(rows, f"{folder.name} does not reproduce PyTorch on onnxruntime")
     return folder, files
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from controlrt.compare import compare_graph, raise_on_failures
+from controlrt.compare import Comparison, compare_in_turn, raise_on_failures, seeded_cases, tolerance_for
 from controlrt.errors import InputError
 from controlrt.export.onnx_export import ExportSettings, export_onnx
 from controlrt.graphs import graph_specs, load_graph_module
@@ -17,7 +17,9 @@ from controlrt.io import output_folder, staged_folder
 from controlrt.lora import Lora
 from controlrt.manifest import FileRecord, GraphRecord, Manifest, Variant, explain_build
 from controlrt.models import BaseModel, ControlNetModelFolder
+from controlrt.precision import Precision
 from controlrt.progress import progress_bar
+from controlrt.specs import GraphSpec
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,20 @@ def _copy_assets(base: BaseModel, staging: Path) -> list[Path]:
     shutil.copy2(base.path / "scheduler" / "scheduler_config.json", staging / "scheduler")
     files.append(staging / "scheduler" / "scheduler_config.json")
     return files
+
+
+def check_in_turn(owner: list, spec: GraphSpec, onnx_path: Path) -> list[Comparison]:
+    """The exported graph against its module at fp32 tolerances, never holding both: the module
+    (the only reference, in ``owner``) runs every case and is let go before onnxruntime loads."""
+    from controlrt.runtime.ort_backend import OrtSession
+    from controlrt.runtime.torch_backend import TorchSession
+
+    return compare_in_turn(
+        lambda: TorchSession(owner.pop(), spec),
+        lambda: OrtSession(onnx_path, spec),
+        seeded_cases(spec),
+        tolerance_for(Precision.FP32, spec.kind),
+    )
 
 
 def export_build(
@@ -59,9 +75,6 @@ def export_build(
         InputError: ``out_dir`` exists (and ``force`` is off, or it is not controlrt's).
         ExportError / ValidationError: A graph failed to export or to reproduce PyTorch.
     """
-    from controlrt.runtime.ort_backend import OrtSession
-    from controlrt.runtime.torch_backend import TorchSession
-
     settings = settings or ExportSettings()
     if not controlnet_dirs:
         raise InputError("give at least one ControlNet folder (--controlnet)")
@@ -80,10 +93,13 @@ def export_build(
             logger.info("exporting %s", spec.name)
             module = load_graph_module(spec, base, controlnets)
             files = export_onnx(module, spec, staging / "graphs" / f"{spec.name}.onnx", settings)
+            owner = [module]  # the session below takes the only reference, and drops it when closed
+            del module
             rows = []
             if validate:
-                with OrtSession(files[0], spec) as candidate:
-                    rows = compare_graph(TorchSession(module, spec), candidate)
+                # PyTorch runs every case and lets the module go before onnxruntime loads the graph,
+                # so that a full-size UNet and its session need not fit in memory together
+                rows = check_in_turn(owner, spec, files[0])
                 raise_on_failures(rows, f"{spec.name} does not reproduce PyTorch on onnxruntime")
             variant = Variant(
                 tuple(FileRecord.of(staging, f) for f in files),
@@ -91,7 +107,7 @@ def export_build(
                 {"exporter": settings.to_dict()},
             )
             records[spec.name] = GraphRecord(spec, {"fp32": variant})
-            del module
+            owner.clear()
             gc.collect()
         assets = [FileRecord.of(staging, f) for f in _copy_assets(base, staging)]
         manifest = Manifest(

@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from controlrt.compare import compare_graph, compare_in_turn, raise_on_failures, seeded_cases, tolerance_for
+from controlrt.compare import compare_in_turn, raise_on_failures, seeded_cases, tolerance_for
 from controlrt.errors import BackendError, BuildError
 from controlrt.export.variants import commit_graphs, new_graph_name
 from controlrt.lora import Lora, adapted_components, check_loras
@@ -69,11 +69,11 @@ def component_of(spec: GraphSpec, base: BaseModel) -> str | None:
 def set_loras(build_dir: str | Path, loras: list[Lora], progress: bool = False, device: str = "cuda") -> LoraChange:
     """Fuse ``loras`` (none: the base as it is) into the build's UNet and text encoder graphs."""
     from controlrt.engine.cache import EngineStore
+    from controlrt.export.build import check_in_turn
     from controlrt.export.fp16 import convert_graph_fp16
     from controlrt.export.onnx_export import ExportSettings, export_onnx
     from controlrt.graphs import load_graph_module
     from controlrt.runtime.ort_backend import OrtSession
-    from controlrt.runtime.torch_backend import TorchSession
 
     loras = check_loras(loras)
     build = Build.open(build_dir)
@@ -107,10 +107,10 @@ def set_loras(build_dir: str | Path, loras: list[Lora], progress: bool = False, 
             logger.info("exporting %s with the new LoRAs", spec.name)
             module = load_graph_module(spec, new_base, [])
             files = export_onnx(module, spec, staging / new_graph_name(spec.name, Precision.FP32), settings)
-            with OrtSession(files[0], spec) as candidate:
-                rows = compare_graph(TorchSession(module, spec), candidate)
-            raise_on_failures(rows, f"{spec.name} with the new LoRAs does not reproduce PyTorch on onnxruntime")
+            owner = [module]
             del module
+            rows = check_in_turn(owner, spec, files[0])
+            raise_on_failures(rows, f"{spec.name} with the new LoRAs does not reproduce PyTorch on onnxruntime")
             old = manifest.graphs[spec.name]
             made[spec.name, "fp32"] = (files, Variant((), [asdict(r) for r in rows], old.variants["fp32"].settings))
             sources[spec.name] = tuple((f.path, f.sha256) for f in build.variant(spec.name).files)

@@ -71,7 +71,6 @@ def export_onnx(module: nn.Module, spec: GraphSpec, path: Path, settings: Export
 
     Returns the files written. Raises ExportError if the exporter fails.
     """
-    import onnx
 
     feeds = spec.dummy_inputs(spec.sizes(batch=settings.trace_batch), seed=0)
     args = tuple(feeds[name] for name in spec.input_names)
@@ -94,9 +93,53 @@ def export_onnx(module: nn.Module, spec: GraphSpec, path: Path, settings: Export
         except Exception as exc:  # the exporter raises many types
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ExportError(f"{spec.name}: ONNX export at opset {settings.opset} failed: {first}") from exc
-        files = save_onnx(onnx.load(str(raw), load_external_data=True), path, settings.external_data)
+        files = _rewrite(raw, path, settings.external_data)
     logger.info("exported %s (%d file(s))", spec.name, len(files))
     return files
+
+
+def _rewrite(raw: Path, path: Path, external: bool | None) -> list[Path]:
+    """The exporter's output as ``path`` (+ one ``path.data``), its weights streamed, not held.
+
+    For graphs over 2 GiB the exporter writes one file per weight; loading them into one protobuf
+    to save them again would hold the weights a second time beside the module. Instead the graph is
+    read without its weights and each weight is copied, one at a time, into the single data file.
+    """
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    model = onnx.load(str(raw), load_external_data=False)
+    tensors = list(_get_all_tensors(model))
+    stored = [t for t in tensors if uses_external_data(t)]
+    if external is None:
+        external = bool(stored) or is_large(model)
+    if not external:
+        return save_onnx(onnx.load(str(raw), load_external_data=True), path, False)
+    data_name = path.name + ".data"
+    data_path = path.parent / data_name
+    offset = 0
+    with open(data_path, "wb") as out:
+        for tensor in tensors:
+            if uses_external_data(tensor):
+                info = ExternalDataInfo(tensor)
+                with open(raw.parent / info.location, "rb") as source:
+                    source.seek(info.offset or 0)
+                    blob = source.read(info.length) if info.length else source.read()
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                blob = tensor.raw_data
+            else:
+                continue  # small tensors stay in the graph, as onnx.save_model keeps them
+            out.write(blob)
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(blob)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.ClearField("raw_data")
+            offset += len(blob)
+            del blob
+    onnx.save_model(model, str(path))
+    return [path, data_path] if offset else [path]
 
 
 def is_large(model) -> bool:

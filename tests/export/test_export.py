@@ -221,3 +221,36 @@ def test_a_fine_tuned_source_is_a_changed_source(tiny_models, tmp_path):
     assert weights.stat().st_size == size
     with pytest.raises(BuildError, match="changed since it was exported"):
         open_sources(Build.open(build).manifest)
+
+
+def test_weights_stored_one_file_each_are_streamed_into_one(tmp_path):
+    """Over 2 GiB, the exporter writes one file per weight: they are copied one at a time into a
+    single .data file (never all held in memory), and the graph computes what it computed."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from controlrt.export.onnx_export import _rewrite
+
+    rng = np.random.default_rng(0)
+    weight, bias = rng.standard_normal((64, 48)).astype(np.float32), rng.standard_normal(48).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 48])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    raw = tmp_path / "raw" / "raw.onnx"
+    raw.parent.mkdir()
+    onnx.save_model(model, str(raw), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list(raw.parent.iterdir())) == 3  # the graph and one file per weight
+    files = _rewrite(raw, tmp_path / "out.onnx", external=None)
+    assert [f.name for f in files] == ["out.onnx", "out.onnx.data"]
+    assert os.path.getsize(files[1]) == weight.nbytes + bias.nbytes
+    stored = onnx.load(str(files[0]), load_external_data=False)
+    locations = {e.value for t in stored.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"out.onnx.data"}
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    got = ort.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ weight + bias, rtol=1e-5, atol=1e-5)
