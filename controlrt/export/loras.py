@@ -174,14 +174,15 @@ def _remake_fp16(spec: GraphSpec, fp32: Path, staging: Path, convert, session) -
 
 
 def _refit(build: Build, refittable: dict, device: str, stale: list[str]) -> dict:
-    """Refit what can be refitted here; engines that cannot (no TensorRT or GPU) are left stale."""
+    """Refit what can be refitted here; engines that cannot (no TensorRT or GPU, or built for another
+    TensorRT or GPU) are left stale. A refit that does not reproduce its new graph raises."""
     from controlrt.engine.refit import refit_engines
 
     refitted = {}
     for graph, (records, new_onnx) in refittable.items():
         try:
             refitted[graph] = (records, refit_engines(build, graph, records, new_onnx, device))
-        except BackendError as exc:
+        except (BackendError, BuildError) as exc:  # no TensorRT or GPU here, or engines already stale
             logger.warning("cannot refit the %s engines here (%s); they are left stale", graph, exc)
             stale.extend(f"{graph} {p}" for p in records)
     return refitted
