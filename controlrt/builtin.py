@@ -69,6 +69,9 @@ class Architecture:
     pooled_dim: int = 0
     time_embed_dim: int = 8
     unions: tuple[str, ...] = ()  # ControlNet-Union models written after the plain ControlNets
+    # the second text encoder's depth and MLP width, where they differ from the first's (SDXL's bigG)
+    text_layers_2: int | None = None
+    text_intermediate_2: int | None = None
 
     @property
     def sdxl(self) -> bool:
@@ -137,8 +140,8 @@ TINY_XL = Architecture(
 )
 
 # SDXL's shapes (UNet 2.6G parameters: 320/640/1280 channels, 1/2/10 transformer layers, 10
-# residuals; CLIP ViT-L and bigG text widths 768 + 1280, pooled 1280, time ids of 256), for slow
-# full-size checks.
+# residuals; CLIP ViT-L (12 layers) and OpenCLIP bigG (32 layers, MLP 5120) text encoders 768 + 1280
+# wide, pooled 1280, time ids of 256; full-size ControlNets), for slow full-size checks.
 SDXL = Architecture(
     unet_channels=(320, 640, 1280),
     layers_per_block=2,
@@ -156,6 +159,8 @@ SDXL = Architecture(
     time_embed_dim=256,
     scheduler="EulerDiscreteScheduler",
     controlnets=("canny", "depth"),
+    text_layers_2=32,
+    text_intermediate_2=5120,
 )
 
 
@@ -371,9 +376,10 @@ def build_sdxl_modules(arch: Architecture, tokenizer_dirs: tuple[Path, Path], se
         config = CLIPTextConfig(
             vocab_size=vocab,
             hidden_size=width,
-            intermediate_size=arch.text_intermediate or width * 2,
+            intermediate_size=(k == 1 and arch.text_intermediate_2) or arch.text_intermediate or width * 2,
             projection_dim=arch.pooled_dim if k == 1 else width,
-            num_hidden_layers=arch.text_layers,
+            num_hidden_layers=(k == 1 and arch.text_layers_2) or arch.text_layers,
+            hidden_act="gelu" if full and k == 1 else "quick_gelu",  # OpenCLIP bigG's, as SDXL's config
             num_attention_heads=width // 64 if full else arch.text_heads,
             max_position_embeddings=arch.sequence_length,
             bos_token_id=vocab - 2,

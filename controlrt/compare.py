@@ -10,6 +10,7 @@ all zeros (a vacuous comparison) or anything is non-finite.
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -65,10 +66,15 @@ _FP16 = {
 }
 GATES: dict[tuple[Precision, str | None], Gate] = {
     (Precision.FP32, None): Gate(
-        dict.fromkeys(GraphKind, Tolerance(rel_l2=1e-4, max_rel=3e-4)),
+        {
+            **dict.fromkeys(GraphKind, Tolerance(rel_l2=1e-4, max_rel=3e-4)),
+            # fp32 sums over a 1024-px image: SDXL's VAE decoder differs more than any other graph
+            GraphKind.VAE_DECODER: Tolerance(rel_l2=5e-4, max_rel=6e-4),
+        },
         psnr_db=75.0,
-        measured="rel L2 <= 1.9e-6 (small models), 3.2e-5 (SD1.5's VAE decoder at 384x640); max_rel <= 2.9e-5; "
-        "images identical, 86.0 dB, 79.3 dB (SD1.5 at 512 px); against diffusers >= 84 dB",
+        measured="rel L2 <= 1.9e-6 (small models), 3.2e-5 (SD1.5's VAE decoder at 384x640), 2.4e-4 (SDXL's VAE "
+        "decoder at 2x768x1280; 1.5e-4 at 1024 px); max_rel <= 2.9e-5, 2.1e-4 (SDXL's VAE); images identical, "
+        "86.0 dB, 79.3 dB (SD1.5 at 512 px); against diffusers >= 84 dB",
     ),
     (Precision.FP16, None): Gate(
         _FP16,
@@ -264,6 +270,8 @@ def compare_in_turn(
     with open_reference() as reference:
         spec = reference.spec
         expected = [reference.infer(feeds) for _, feeds in cases]
+    del reference
+    gc.collect()  # the reference's weights go before the candidate's arrive
     rows = []
     with open_candidate() as candidate:
         for (label, feeds), want in zip(cases, expected, strict=True):
