@@ -15,7 +15,6 @@ LoRAs touch the UNet and the text encoders, never the ControlNets or the VAE.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import re
@@ -142,20 +141,19 @@ def _read_lora(path: Path, size: int, mtime_ns: int, sdxl: bool) -> dict[str, di
 
     from controlrt.checkpoints import read_checkpoint
 
-    lora = Lora(path)
     loader = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    raw = read_checkpoint(lora.path)
+    raw = read_checkpoint(path)
     try:
         state, alphas = loader.lora_state_dict(dict(raw))
     except (ValueError, KeyError, RuntimeError, IndexError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"LoRA {lora.path}: diffusers cannot read it ({first})") from None
-    metadata = _metadata(lora.path)
+        raise InputError(f"LoRA {path}: diffusers cannot read it ({first})") from None
+    metadata = _metadata(path)
     layers: dict[str, dict[str, LoraLayer]] = {}
     for component in sorted({key.split(".", 1)[0] for key in state}):
         if component not in COMPONENTS:
             raise ModelError(
-                f"LoRA {lora.path} adapts {component!r}; controlrt fuses LoRAs into the UNet and text encoders only"
+                f"LoRA {path} adapts {component!r}; controlrt fuses LoRAs into the UNet and text encoders only"
             )
         own = {k[len(component) + 1 :]: v for k, v in state.items() if k.startswith(component + ".")}
         own_alphas = {
@@ -163,9 +161,9 @@ def _read_lora(path: Path, size: int, mtime_ns: int, sdxl: bool) -> dict[str, di
             for k, v in (alphas or {}).items()
             if k.startswith(component + ".")
         }
-        layers[component] = _component_layers(lora.path, component, own, own_alphas, _prefixed(metadata, component))
+        layers[component] = _component_layers(path, component, own, own_alphas, _prefixed(metadata, component))
     if not any(layers.values()):
-        raise InputError(f"LoRA {lora.path} holds no LoRA layers")
+        raise InputError(f"LoRA {path} holds no LoRA layers")
     return layers
 
 
@@ -289,9 +287,3 @@ def _submodule(module: torch.nn.Module, name: str) -> torch.nn.Module | None:
 def adapted_components(loras: list[Lora], sdxl: bool) -> set[str]:
     """The components the LoRAs change (their graphs need re-exporting when the LoRAs change)."""
     return {component for lora in loras for component, layers in read_lora(lora, sdxl).items() if layers}
-
-
-def digest(loras: list[Lora]) -> str:
-    """A short key for a set of LoRAs and scales (for caches keyed by weights)."""
-    text = json.dumps([[sha256_of(lora.path), lora.scale] for lora in loras])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

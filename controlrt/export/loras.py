@@ -70,10 +70,8 @@ def set_loras(build_dir: str | Path, loras: list[Lora], progress: bool = False, 
     """Fuse ``loras`` (none: the base as it is) into the build's UNet and text encoder graphs."""
     from controlrt.engine.cache import EngineStore
     from controlrt.export.build import check_in_turn
-    from controlrt.export.fp16 import convert_graph_fp16
     from controlrt.export.onnx_export import ExportSettings, export_onnx
     from controlrt.graphs import load_graph_module
-    from controlrt.runtime.ort_backend import OrtSession
 
     loras = check_loras(loras)
     build = Build.open(build_dir)
@@ -117,7 +115,7 @@ def set_loras(build_dir: str | Path, loras: list[Lora], progress: bool = False, 
             new_onnx = {Precision.FP32: files[0]}
             for precision in old.variants:
                 if precision == "fp16":
-                    fp16 = _remake_fp16(spec, files[0], staging, convert_graph_fp16, OrtSession)
+                    fp16 = _remake_fp16(spec, files[0], staging)
                     made[spec.name, "fp16"] = (fp16[0], Variant((), fp16[1], old.variants["fp16"].settings))
                     new_onnx[Precision.FP16] = fp16[0][0]
                     remade.append(f"{spec.name} fp16")
@@ -160,12 +158,15 @@ def set_loras(build_dir: str | Path, loras: list[Lora], progress: bool = False, 
     return LoraChange(tuple(s.name for s in specs), tuple(remade), tuple(dropped), engines, tuple(stale))
 
 
-def _remake_fp16(spec: GraphSpec, fp32: Path, staging: Path, convert, session) -> tuple[list[Path], list[dict]]:
+def _remake_fp16(spec: GraphSpec, fp32: Path, staging: Path) -> tuple[list[Path], list[dict]]:
     """The fp16 variant of a new fp32 graph, checked against it as ``controlrt convert`` checks."""
-    files = convert(fp32, staging / new_graph_name(spec.name, Precision.FP16))
+    from controlrt.export.fp16 import convert_graph_fp16
+    from controlrt.runtime.ort_backend import OrtSession
+
+    files = convert_graph_fp16(fp32, staging / new_graph_name(spec.name, Precision.FP16))
     rows = compare_in_turn(
-        lambda: session(fp32, spec),
-        lambda: session(files[0], spec),
+        lambda: OrtSession(fp32, spec),
+        lambda: OrtSession(files[0], spec),
         seeded_cases(spec),
         tolerance_for(Precision.FP16, spec.kind),
     )
