@@ -4,18 +4,27 @@
     python benchmarks/vs_diffusers.py --arch alternate      # small, a minute
     python benchmarks/vs_diffusers.py --root /tmp/pbench/sd15 --reuse   # an existing models/ + build/
     python benchmarks/vs_diffusers.py --reuse --variants openvino:bf16:uniform,openvino:int8:uniform
+    python benchmarks/vs_diffusers.py --arch sdxl --size 512 --variants onnxruntime:fp32:uniform,openvino:fp32:uniform
 
 Builds (or reuses, with --reuse) a model set of the chosen architecture with random weights under
 ROOT/models (nothing is downloaded) and its export under ROOT/build; int8 variants need int8 graphs
 (controlrt calibrate), fp16 ones fp16 graphs (controlrt convert). Then times, warm and interleaved
 (each round runs every baseline and every variant of the group once, in turn), diffusers' pipeline in
 fp32 and, on a CPU with bf16 instructions, with ``torch_dtype=torch.bfloat16`` (what a diffusers user
-on such a CPU picks), against controlrt's variants (BACKEND:PRECISION:MODE). Two ControlNets, CFG 7.5,
+on such a CPU picks), against controlrt's variants (BACKEND:PRECISION:MODE; with @BUILD, from another
+build of the same models, such as a copy calibrated by another quantizer). Two ControlNets, CFG 7.5,
 DDIM, 256 px, 4 steps by default. Prints the CPU with its features and matrix-multiply peaks, then per
 variant the median seconds per image with the min-max spread, the speed-up over each diffusers
 baseline, and the final image's PSNR against diffusers fp32 (uniform variants only: the
 conditional-only modes are other math). One controlrt pipeline is loaded at a time besides
 diffusers', to fit in memory.
+
+``--arch sdxl`` (SDXL base 1.0's shapes, one full-size ControlNet, StableDiffusionXLControlNetPipeline)
+does not fit twice in 24 GB (diffusers' pipeline is about 19 GB in fp32, controlrt's sessions about as
+much), so there every pipeline is loaded alone, warmed, timed ``--runs`` times and released before the
+next loads (``--in-turn``, the default for sdxl): not interleaved, so the spread is printed with each
+median. The export alone takes about 30 minutes and 40 GB of disk; ``--reuse`` takes an existing
+ROOT/build (or any build: its manifest names its sources).
 """
 
 from __future__ import annotations
@@ -34,11 +43,18 @@ DEFAULT_VARIANTS = (
 
 
 def make_models(arch_name: str, root: Path, reuse: bool) -> tuple[Path, list[Path], Path]:
+    from dataclasses import replace
+
     from controlrt import builtin
     from controlrt.export.build import export_build
 
     models, build = root / "models", root / "build"
-    arch = {"alternate": builtin.ALTERNATE, "sd15": builtin.SD15, "tiny": builtin.TINY}[arch_name]
+    arch = {
+        "alternate": builtin.ALTERNATE,
+        "sd15": builtin.SD15,
+        "tiny": builtin.TINY,
+        "sdxl": replace(builtin.SDXL, controlnets=builtin.SDXL.controlnets[:1]),  # two do not fit 24 GB
+    }[arch_name]
     if reuse and (build / "manifest.json").is_file():
         manifest = json.loads((build / "manifest.json").read_text())
         base = Path(manifest["sources"]["base"]["path"])
@@ -49,12 +65,20 @@ def make_models(arch_name: str, root: Path, reuse: bool) -> tuple[Path, list[Pat
 
 
 def diffusers_pipeline(base: Path, controlnets: list[Path], dtype):
-    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
+    from diffusers import (
+        ControlNetModel,
+        DDIMScheduler,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionXLControlNetPipeline,
+    )
 
     nets = [ControlNetModel.from_pretrained(p, torch_dtype=dtype) for p in controlnets]
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(
-        base, controlnet=nets, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
-    )
+    if (base / "text_encoder_2").is_dir():
+        pipe = StableDiffusionXLControlNetPipeline.from_pretrained(base, controlnet=nets, torch_dtype=dtype)
+    else:
+        pipe = StableDiffusionControlNetPipeline.from_pretrained(
+            base, controlnet=nets, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
+        )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -70,16 +94,27 @@ def main() -> None:
     from controlrt.runtime.pipeline import Pipeline
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["tiny", "alternate", "sd15"], default="sd15")
+    parser.add_argument("--arch", choices=["tiny", "alternate", "sd15", "sdxl"], default="sd15")
     parser.add_argument("--root", default="vs-diffusers")
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="BACKEND:PRECISION:MODE, comma-separated")
+    parser.add_argument(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help="BACKEND:PRECISION:MODE[@BUILD], comma-separated (@BUILD: another build of the same models, "
+        "e.g. one calibrated by another quantizer)",
+    )
     parser.add_argument("--no-bf16-baseline", action="store_true", help="time diffusers in fp32 only")
+    parser.add_argument(
+        "--in-turn",
+        action="store_true",
+        help="load, warm, time and release each pipeline alone (the default for sdxl)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    in_turn = args.in_turn or args.arch == "sdxl"
 
     root = Path(args.root)
     base, controlnets, build = make_models(args.arch, root, args.reuse)
@@ -92,9 +127,9 @@ def main() -> None:
     print("matrix-multiply peak (torch, GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items() if v))
     print(f"torch threads {torch.get_num_threads()}, {args.arch}, {args.size} px, {args.steps} DDIM steps", flush=True)
 
-    baselines = {"diffusers fp32": diffusers_pipeline(base, controlnets, torch.float32)}
+    dtypes = {"diffusers fp32": torch.float32}
     if cpu.has_bf16() and not args.no_bf16_baseline:
-        baselines["diffusers bf16"] = diffusers_pipeline(base, controlnets, torch.bfloat16)
+        dtypes["diffusers bf16"] = torch.bfloat16
 
     def run_diffusers(pipe):
         generator = torch.Generator("cpu").manual_seed(0)
@@ -109,20 +144,32 @@ def main() -> None:
             width=args.size,
         ).images[0]
 
+    baselines = {} if in_turn else {name: diffusers_pipeline(base, controlnets, d) for name, d in dtypes.items()}
+    base_times: dict[str, list[float]] = {name: [] for name in dtypes}
     reference_images = {}
-    for name, pipe in baselines.items():
+    for name, dtype in dtypes.items():
+        pipe = baselines[name] if name in baselines else diffusers_pipeline(base, controlnets, dtype)
         run_diffusers(pipe)  # warm
-        reference_images[name] = np.asarray(run_diffusers(pipe))
+        for _ in range(args.runs if in_turn else 1):  # interleaved: timed below, with the variants
+            start = time.perf_counter()
+            reference_images[name] = np.asarray(run_diffusers(pipe))
+            if in_turn:
+                base_times[name].append(time.perf_counter() - start)
+        if in_turn:
+            print(f"{name}: {', '.join(f'{t:.1f}' for t in base_times[name])} s", flush=True)
+            del pipe
+            gc.collect()
     reference = reference_images["diffusers fp32"]
-    groups: dict[tuple[str, str], list[str]] = {}
+    groups: dict[tuple[str, str, str], list[str]] = {}
     for text in args.variants.split(","):
-        backend, precision, mode = text.split(":")
-        groups.setdefault((backend, precision), []).append(mode)
+        variant, _, other = text.partition("@")
+        backend, precision, mode = variant.split(":")
+        groups.setdefault((backend, precision, other), []).append(mode)
 
     results: dict[str, dict] = {}
-    base_times: dict[str, list[float]] = {name: [] for name in baselines}
-    for (backend, precision), modes in groups.items():
-        with Pipeline.load(build, backend=backend, precision=precision) as pipe:
+    for (backend, precision, other), modes in groups.items():
+        label = f"{backend} {precision}" + (f" @{Path(other).name}" if other else "")
+        with Pipeline.load(other or build, backend=backend, precision=precision) as pipe:
 
             def run_controlrt(mode: str, pipe=pipe):
                 return pipe(
@@ -142,7 +189,7 @@ def main() -> None:
                 run_controlrt(mode)  # warm
             times: dict[str, list[float]] = {mode: [] for mode in modes}
             last = {}
-            for _ in range(args.runs):  # interleaved: the baselines, then each variant, every round
+            for _ in range(args.runs):  # the baselines (unless in turn), then each variant, every round
                 for name, baseline in baselines.items():
                     start = time.perf_counter()
                     run_diffusers(baseline)
@@ -152,25 +199,26 @@ def main() -> None:
                     last[mode] = np.asarray(run_controlrt(mode))
                     times[mode].append(time.perf_counter() - start)
             for mode in modes:
-                results[f"controlrt {backend} {precision} {mode}"] = {
-                    "times": times[mode],
-                    "psnr_vs_diffusers_fp32": psnr(reference, last[mode]) if mode == "uniform" else None,
-                }
+                quality = psnr(reference, last[mode]) if mode == "uniform" else None
+                if in_turn:
+                    seconds = ", ".join(f"{t:.1f}" for t in times[mode])
+                    print(f"{label} {mode}: {seconds} s" + (f", {quality:.1f} dB" if quality else ""), flush=True)
+                results[f"controlrt {label} {mode}"] = {"times": times[mode], "psnr_vs_diffusers_fp32": quality}
         gc.collect()
 
     medians = {name: statistics.median(t) for name, t in base_times.items()}
     columns = "".join(f" {'vs ' + name.removeprefix('diffusers '):>9}" for name in medians)
-    print(f"\n{'variant':<40} {'s/image':>8} {'min':>7} {'max':>7}{columns} {'PSNR':>8}")
+    print(f"\n{'variant':<48} {'s/image':>8} {'min':>7} {'max':>7}{columns} {'PSNR':>8}")
     for name, t in base_times.items():
         ratios = "".join(f" {medians[other] / medians[name]:>8.2f}x" for other in medians)
         quality = "" if name == "diffusers fp32" else f"{psnr(reference, reference_images[name]):.1f}"
-        print(f"{name:<40} {medians[name]:>8.2f} {min(t):>7.2f} {max(t):>7.2f}{ratios} {quality:>8}")
+        print(f"{name:<48} {medians[name]:>8.2f} {min(t):>7.2f} {max(t):>7.2f}{ratios} {quality:>8}")
     for name, r in results.items():
         t = statistics.median(r["times"])
         r.update(median=t, speedups={other: medians[other] / t for other in medians})
         ratios = "".join(f" {medians[other] / t:>8.2f}x" for other in medians)
         quality = "" if r["psnr_vs_diffusers_fp32"] is None else f"{r['psnr_vs_diffusers_fp32']:.1f}"
-        print(f"{name:<40} {t:>8.2f} {min(r['times']):>7.2f} {max(r['times']):>7.2f}{ratios} {quality:>8}")
+        print(f"{name:<48} {t:>8.2f} {min(r['times']):>7.2f} {max(r['times']):>7.2f}{ratios} {quality:>8}")
     print("PSNR: the final image against diffusers fp32 at the same seed (uniform variants; dB)")
     if args.json:
         data = {

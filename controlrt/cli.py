@@ -448,22 +448,34 @@ def convert(ctx, build, precision) -> None:
 )
 @click.option("--samples", type=int, default=8, show_default=True, help="Generations to capture.")
 @click.option("--steps", type=int, default=4, show_default=True, help="Denoising steps per generation.")
-@click.option("--method", type=click.Choice(["modelopt", "onnxruntime"]), default="modelopt", show_default=True)
+@click.option(
+    "--method",
+    type=click.Choice(["modelopt", "onnxruntime", "nncf"]),
+    default="modelopt",
+    show_default=True,
+    help="Quantizer: NVIDIA ModelOpt, onnxruntime's quantize_static, or NNCF (OpenVINO's; its graphs run "
+    "fastest on --backend openvino).",
+)
 @click.option(
     "--calibration",
     default=None,
     help="Activation ranges: modelopt percentile (default) or max; onnxruntime percentile (default), "
-    "entropy or minmax.",
+    "entropy or minmax; nncf minmax.",
 )
 @click.option("--height", type=int, default=None, help="Capture size (default: native).")
 @click.option("--width", type=int, default=None, help="Capture size (default: native).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--vae",
+    is_flag=True,
+    help="Quantize the VAE decoder too (else it runs fp16, or fp32, in int8 pipelines).",
+)
 @click.pass_context
-def calibrate(ctx, build, data_dir, samples, steps, method, calibration, height, width, seed) -> None:
+def calibrate(ctx, build, data_dir, samples, steps, method, calibration, height, width, seed, vae) -> None:
     """Capture the UNet's and ControlNets' inputs over real generations; write int8 (Q/DQ) graphs."""
     from controlrt.calibration.calibrate import CalibrationSettings, calibrate_build
 
-    settings = CalibrationSettings(method, calibration, samples, steps, height, width, seed)
+    settings = CalibrationSettings(method, calibration, samples, steps, height, width, seed, vae)
     manifest = calibrate_build(build, data_dir, settings, progress=ctx.obj["progress"])
     click.echo(" ".join(f"{n}.int8" for n, g in manifest.graphs.items() if "int8" in g.variants))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
@@ -155,6 +156,15 @@ class Manifest:
         """
         graphs = {
             name: GraphRecord(g.spec, {**g.variants, **({precision: variants[name]} if name in variants else {})})
+            for name, g in self.graphs.items()
+        }
+        return replace(self, graphs=graphs)
+
+    def without_variant(self, precision: str, names: Iterable[str]) -> Manifest:
+        """A copy in which the graphs ``names`` no longer list a ``precision`` variant."""
+        drop = set(names)
+        graphs = {
+            name: GraphRecord(g.spec, {p: v for p, v in g.variants.items() if not (name in drop and p == precision)})
             for name, g in self.graphs.items()
         }
         return replace(self, graphs=graphs)

@@ -44,10 +44,14 @@ class Precision(StrEnum):
 
 
 INT8_KINDS = frozenset({GraphKind.UNET, GraphKind.CONTROLNET})
+# Quantized only when asked (controlrt calibrate --vae); otherwise fp16 (or fp32) in an int8 pipeline.
+OPTIONAL_INT8_KINDS = frozenset({GraphKind.VAE_DECODER})
 
 
 def variant_for(kind: GraphKind, precision: Precision, available: set[str]) -> Precision:
     """The variant a graph of ``kind`` runs in a ``precision`` pipeline, given those it has."""
     if precision is Precision.INT8 and kind not in INT8_KINDS:
+        if kind in OPTIONAL_INT8_KINDS and Precision.INT8 in available:
+            return Precision.INT8
         return Precision.FP16 if Precision.FP16 in available else Precision.FP32
     return precision.graphs

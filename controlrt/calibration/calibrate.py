@@ -13,7 +13,7 @@ from controlrt.errors import InputError
 from controlrt.export.variants import write_variants
 from controlrt.logs import stdout_to_log
 from controlrt.manifest import Build, Manifest
-from controlrt.precision import INT8_KINDS, Precision
+from controlrt.precision import INT8_KINDS, OPTIONAL_INT8_KINDS, Precision
 from controlrt.runtime.request import sample_control_types
 from controlrt.specs import GraphSpec
 
@@ -30,13 +30,15 @@ class CalibrationSettings:
     """How int8 graphs are made.
 
     Attributes:
-        method: "onnxruntime" (quantize_static) or "modelopt" (NVIDIA ModelOpt).
+        method: "onnxruntime" (quantize_static), "modelopt" (NVIDIA ModelOpt) or "nncf" (OpenVINO's NNCF).
         calibration: Activation range method: "percentile", "entropy" or "minmax"
-            (onnxruntime); "percentile" or "max" (modelopt).
+            (onnxruntime); "percentile" or "max" (modelopt); "minmax" (nncf).
         samples: Generations captured for calibration.
         steps: Denoising steps per generation (every step is captured).
         height, width: Image size of the captured generations (default: native).
         seed: Seed of the built-in data and of the generations.
+        vae: Quantize the VAE decoder too (one captured call per generation); otherwise it runs
+            fp16 (or fp32) in int8 pipelines.
     """
 
     method: str = "modelopt"
@@ -46,6 +48,7 @@ class CalibrationSettings:
     height: int | None = None
     width: int | None = None
     seed: int = 0
+    vae: bool = False
 
     def check(self) -> None:
         if self.samples < 1:
@@ -94,7 +97,8 @@ def calibrate_build(
     settings: CalibrationSettings | None = None,
     progress: bool = False,
 ) -> Manifest:
-    """Capture loop inputs, quantize the UNet and every ControlNet to int8, check, record.
+    """Capture loop inputs, quantize the UNet and every ControlNet (and the VAE decoder if asked) to
+    int8, check, record.
 
     Each int8 graph is checked against the fp32 graph on held-out captured inputs with the
     quantizer's int8 tolerances (controlrt.compare) before it is recorded.
@@ -115,7 +119,8 @@ def calibrate_build(
     logger.info("capturing %d generations x %d steps", len(data), cap.steps)
     calibration = capture(build, data, cap, progress)
     held_out = held_out_captures(build, cap.steps, cap.height, cap.width)
-    names = [n for n, g in build.manifest.graphs.items() if g.spec.kind in INT8_KINDS]
+    kinds = INT8_KINDS | OPTIONAL_INT8_KINDS if settings.vae else INT8_KINDS
+    names = [n for n, g in build.manifest.graphs.items() if g.spec.kind in kinds]
 
     def module(spec: GraphSpec):
         from controlrt.graphs import load_graph_module
@@ -143,4 +148,8 @@ def calibrate_build(
         "capture": asdict(cap),
         "checked_against": "fp32 graph on held-out captured inputs",
     }
-    return write_variants(build, Precision.INT8, names, produce, check, recorded, progress)
+    # An int8 VAE decoder from an earlier calibrate --vae is not left beside other graphs' new int8.
+    stale = [n for n, g in build.manifest.graphs.items() if n not in names and Precision.INT8 in g.variants]
+    for name in stale:
+        logger.info("%s.int8 dropped: this calibration leaves it in float (calibrate --vae quantizes it)", name)
+    return write_variants(build, Precision.INT8, names, produce, check, recorded, progress, drop=stale)

@@ -1,7 +1,7 @@
-"""int8 quantizers behind one interface; both write explicit, symmetric int8 Q/DQ graphs.
+"""int8 quantizers behind one interface; all write explicit, symmetric int8 Q/DQ graphs.
 
 TensorRT 10/11 builds int8 from QuantizeLinear/DequantizeLinear pairs in the ONNX file (its
-implicit calibrators are gone), so both quantizers produce symmetric int8 Q/DQ (zero point 0),
+implicit calibrators are gone), so every quantizer produces symmetric int8 Q/DQ (zero point 0),
 per-channel for weights, per-tensor for activations. Layers that are sensitive and cheap stay
 unquantized (EXCLUDE_PATTERNS): the timestep embedding and its per-block projections, the first
 and last convolutions, shortcut convolutions and the attention blocks' output projections.
@@ -32,7 +32,7 @@ EXCLUDE_PATTERNS = (
     "proj_out",
 )
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
-METHODS = ("onnxruntime", "modelopt")
+METHODS = ("onnxruntime", "modelopt", "nncf")
 
 
 def excluded(name: str) -> bool:
@@ -157,4 +157,8 @@ def make_quantizer(method: str, calibration: str | None = None) -> Quantizer:
         from controlrt.calibration.modelopt_quantizer import ModelOptQuantizer
 
         return ModelOptQuantizer(calibration or "percentile")
+    if method == "nncf":
+        from controlrt.calibration.nncf_quantizer import NncfQuantizer
+
+        return NncfQuantizer(calibration or "minmax")
     raise InputError(f"unknown quantizer {method!r}; choose one of {', '.join(METHODS)}")

@@ -25,7 +25,7 @@ from controlrt.compare import compare_in_turn, raise_on_failures, seeded_cases, 
 from controlrt.errors import BackendError, BuildError
 from controlrt.export.variants import commit_graphs, new_graph_name
 from controlrt.lora import Lora, adapted_components, check_loras
-from controlrt.manifest import Build, GraphRecord, Manifest, Variant
+from controlrt.manifest import Build, Manifest, Variant
 from controlrt.models import BaseModel, source_differences
 from controlrt.precision import Precision
 from controlrt.progress import progress_bar
@@ -135,15 +135,13 @@ def set_loras(build_dir: str | Path, loras: list[Lora], progress: bool = False, 
         refitted = _refit(build, refittable, device, stale)
 
         def update(current: Manifest) -> Manifest:
-            graphs = dict(current.graphs)
             for item in dropped:
                 name, precision = item.split()
-                graph = graphs[name]
-                graphs[name] = GraphRecord(graph.spec, {p: v for p, v in graph.variants.items() if p != precision})
+                current = current.without_variant(precision, [name])
             base_record = {k: v for k, v in current.sources["base"].items() if k != "loras"}
             if loras:
                 base_record["loras"] = new_base.source_record()["loras"]
-            return replace(current, graphs=graphs, sources={**current.sources, "base": base_record})
+            return replace(current, sources={**current.sources, "base": base_record})
 
         def after(new_build: Build) -> None:
             if refitted:

@@ -99,6 +99,7 @@ def write_variants(
     check: Check,
     settings: dict[str, Any],
     progress: bool = False,
+    drop: Sequence[str] = (),
 ) -> Manifest:
     """Make, check and record the ``precision`` variant of each graph in ``names``.
 
@@ -107,6 +108,8 @@ def write_variants(
         check: (spec, new .onnx path) -> comparisons; any failure raises ValidationError and the
             build stays as it was.
         settings: How the variant was made, recorded in the manifest (with the tool versions).
+        drop: Graphs whose ``precision`` variant the new set replaces by none (their files are
+            deleted after the manifest is written).
     """
     staging = Path(tempfile.mkdtemp(prefix=f".{precision}-partial-", dir=build.path))
     settings = {**settings, "tools": tool_versions()}
@@ -121,6 +124,7 @@ def write_variants(
             raise_on_failures(rows, f"the {precision} {name} graph is out of tolerance")
             made[name, str(precision)] = (files, Variant((), [asdict(r) for r in rows], settings))
             sources[name] = tuple((f.path, f.sha256) for f in build.variant(name, Precision.FP32).files)
-        return commit_graphs(build.path, made, sources)
+        update = (lambda m: m.without_variant(str(precision), drop)) if drop else None
+        return commit_graphs(build.path, made, sources, update)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -41,6 +41,14 @@ def ort_int8(tiny_build, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def nncf_int8(tiny_build, tmp_path_factory):
+    path = tmp_path_factory.mktemp("nncf") / "build"
+    shutil.copytree(tiny_build, path)
+    calibrate_build(path, settings=CalibrationSettings(method="nncf", **FAST))
+    return path
+
+
 def _producers(model):
     return {out: node for node in model.graph.node for out in node.output}
 
@@ -71,7 +79,7 @@ def test_fp16_graphs(precise):
     assert sin and all("/time_proj/" in n.name for n in sin)
 
 
-@pytest.mark.parametrize("fixture", ["precise", "ort_int8"])
+@pytest.mark.parametrize("fixture", ["precise", "ort_int8", "nncf_int8"])
 def test_int8_graphs_are_symmetric_qdq_around_conv_and_matmul(fixture, request):
     build = Build.open(request.getfixturevalue(fixture))
     for name in ("unet", "controlnet_0", "controlnet_1"):
@@ -118,6 +126,42 @@ def test_int8_settings_recorded(precise):
     assert variant.settings["samples"] == 2 and variant.settings["capture"]["steps"] == 2
     assert len(variant.settings["data_sha256"]) == 64
     assert variant.validation and all(r["passed"] for r in variant.validation)
+
+
+def test_nncf_int8_passes_parity_on_onnxruntime_and_openvino(nncf_int8):
+    variant = Build.open(nncf_int8).manifest.graphs["unet"].variants["int8"]
+    assert variant.settings["quantizer"] == "nncf"
+    assert variant.validation and all(r["passed"] for r in variant.validation)
+    for backend in ("onnxruntime", "openvino"):
+        report = run_parity(nncf_int8, backend=backend, precision="int8", steps=3)
+        assert report.passed, report.table()
+        assert all(c.ref_max_abs > 0 for c in report.graphs)
+
+
+def test_int8_vae_decoder_on_request(tiny_build, tmp_path):
+    from controlrt.precision import Precision
+    from controlrt.runtime.backends import BackendOptions, SessionFactory
+
+    path = shutil.copytree(tiny_build, tmp_path / "build")
+    calibrate_build(path, settings=CalibrationSettings("onnxruntime", "minmax", vae=True, **FAST))
+    build = Build.open(path)
+    vae = build.manifest.graphs["vae_decoder"].variants["int8"]
+    assert vae.validation and all(r["passed"] for r in vae.validation)
+    model = onnx.load(str(build.graph_path("vae_decoder", "int8")))
+    assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) > 10
+    assert "int8" not in build.manifest.graphs["text_encoder"].variants
+    sessions = SessionFactory(build, BackendOptions("onnxruntime", precision=Precision.INT8))
+    assert sessions.computes("vae_decoder") is Precision.INT8
+    assert sessions.computes("text_encoder") is Precision.FP32  # no fp16 graphs in this build
+    report = run_parity(path, precision="int8", steps=3)
+    assert report.passed, report.table()
+    assert any(c.graph == "vae_decoder" and c.ref_max_abs > 0 for c in report.graphs)
+
+    # a calibration without --vae replaces the whole int8 set: the VAE decoder goes back to float
+    old = build.graph_path("vae_decoder", "int8")
+    calibrate_build(path, settings=CalibrationSettings("onnxruntime", "minmax", **FAST))
+    assert "int8" not in Build.open(path).manifest.graphs["vae_decoder"].variants
+    assert not old.exists()
 
 
 def test_damaged_int8_graph_fails_parity(precise, tmp_path):
