@@ -49,10 +49,11 @@ def test_gates_per_precision_and_quantizer():
     assert gate("int8") is GATES[Precision.INT8, "modelopt"]  # the default quantizer's
     for (precision, _), g in GATES.items():
         assert g.measured, f"the {precision} gate must say what it was set from"
-        if precision is Precision.INT8:  # text encoder and VAE run fp16 in an int8 pipeline
+        if precision is Precision.INT8:  # the text encoder runs fp16 in an int8 pipeline
             fp16 = gate("fp16").tolerances
             assert g.tolerances[GraphKind.TEXT_ENCODER] == fp16[GraphKind.TEXT_ENCODER]
-            assert g.tolerances[GraphKind.VAE_DECODER] == fp16[GraphKind.VAE_DECODER]
+            # the VAE decoder's bound is for an int8 one (calibrate --vae); an fp16 one is judged by fp16's
+            assert g.tolerances[GraphKind.VAE_DECODER].rel_l2 > fp16[GraphKind.VAE_DECODER].rel_l2
     assert tolerance_for("fp16", GraphKind.UNET).rel_l2 < 2e-2  # the old gate let a 20 dB regression pass
 
 
