@@ -125,15 +125,15 @@ def main() -> None:
     from controlrt.precision import INT8_KINDS, Precision
     from controlrt.specs import GraphKind
 
+    quantized = INT8_KINDS | ({GraphKind.VAE_DECODER} if args.vae else set())  # the rest run fp16 in int8
     print(f"\n{'variant':<26} {'kind':<13} {'where':<7} {'rel_l2':>9} {'gate':>8} {'max_rel':>9} {'gate':>8}")
     for key, r in results.items():
         arch, precision, *method = key.split()
         for where in ("kinds", "check"):
             for kind, worst in r[where].items():
                 computes = Precision(precision)
-                quantized = INT8_KINDS | ({GraphKind.VAE_DECODER} if args.vae else set())
                 if computes is Precision.INT8 and GraphKind(kind) not in quantized:
-                    computes = Precision.FP16  # the float graphs of an int8 pipeline
+                    computes = Precision.FP16
                 tol = tolerance_for(computes, GraphKind(kind), method[0] if computes is Precision.INT8 else None)
                 print(
                     f"{key:<26} {kind:<13} {'parity' if where == 'kinds' else 'check':<7} {worst['rel_l2']:>9.2e} "

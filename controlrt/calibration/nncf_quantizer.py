@@ -3,21 +3,18 @@
 ``nncf.quantize`` on the fp32 ONNX graph, as OpenVINO's Stable Diffusion notebooks quantize their
 UNets: the transformer model type (SmoothQuant on the MatMuls, NNCF's patterns that keep softmax
 and normalisation paths in float), the CPU target (Q/DQ where OpenVINO's CPU plugin fuses them into
-int8 kernels), bias correction off. The performance preset makes every quantizer symmetric int8 (zero point 0),
-the same Q/DQ form the other quantizers write and TensorRT builds from; the layers in
-EXCLUDE_PATTERNS stay unquantized by name.
+int8 kernels), bias correction off. The performance preset makes every quantizer symmetric int8
+(zero point 0), the same Q/DQ form the other quantizers write and TensorRT builds from; the layers
+in EXCLUDE_PATTERNS stay unquantized by name.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 from controlrt.calibration.quantize import EXCLUDE_PATTERNS, QUANTIZED_OPS, Quantizer, excluded
 from controlrt.errors import BackendError, InputError
-
-logger = logging.getLogger(__name__)
 
 SUBSET_SIZE = 300  # NNCF's default; the captures hold fewer calls, so every one is used
 
