@@ -9,6 +9,7 @@ from pathlib import Path
 from controlrt.calibration.capture import CaptureSettings, Feeds, capture
 from controlrt.calibration.data import CalibrationData
 from controlrt.calibration.quantize import make_quantizer
+from controlrt.calibration.sensitivity import LayerShare
 from controlrt.errors import InputError
 from controlrt.export.variants import write_variants
 from controlrt.logs import stdout_to_log
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 HELD_OUT_SEED = 1_000_003
 HELD_OUT_SAMPLES = 2
 DEFAULT_STEPS = 4
+MAX_FLOAT_LAYERS = 64
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class CalibrationSettings:
         seed: Seed of the built-in data and of the generations.
         vae: Quantize the VAE decoder too (one captured call per generation); otherwise it runs
             fp16 (or fp32) in int8 pipelines.
+        float_layers: In each graph, keep this many more layers float: those whose int8 error
+            reaches the output most, measured on the captures (calibration/sensitivity.py).
     """
 
     method: str = "modelopt"
@@ -49,12 +53,15 @@ class CalibrationSettings:
     width: int | None = None
     seed: int = 0
     vae: bool = False
+    float_layers: int = 0
 
     def check(self) -> None:
         if self.samples < 1:
             raise InputError(f"--samples must be at least 1, got {self.samples}")
         if self.steps < 1:
             raise InputError(f"--steps must be at least 1, got {self.steps}")
+        if not 0 <= self.float_layers <= MAX_FLOAT_LAYERS:
+            raise InputError(f"--float-layers must be 0 to {MAX_FLOAT_LAYERS}, got {self.float_layers}")
 
 
 def _capture_settings(build: Build, steps: int, height: int | None, width: int | None, seed: int) -> CaptureSettings:
@@ -89,6 +96,27 @@ def held_out_captures(
         HELD_OUT_SEED,
     )
     return capture(build, data, cap)
+
+
+def _float_layers(names, build: Build, calibration, module, count: int) -> dict[str, list[LayerShare]]:
+    """Per graph, the ``count`` layers with the largest share of the int8 output error."""
+    from controlrt.calibration.sensitivity import error_shares
+
+    kept = {}
+    for name in names:
+        spec = build.manifest.spec(name)
+        shares = [s for s in error_shares(module(spec)(), spec.input_names, calibration[name]) if s.share > 0]
+        kept[name] = shares[:count]
+        total = sum(s.share for s in shares) or 1.0
+        logger.info(
+            "%s: %d layers kept float carry %.0f%% of the int8 output error (%.2f GFLOP a call): %s",
+            name,
+            len(kept[name]),
+            100 * sum(s.share for s in kept[name]) / total,
+            sum(s.gflop for s in kept[name]),
+            ", ".join(s.layer for s in kept[name]),
+        )
+    return kept
 
 
 def calibrate_build(
@@ -128,9 +156,14 @@ def calibrate_build(
 
         return lambda: load_graph_module(spec, *open_sources(build.manifest))
 
+    kept = _float_layers(names, build, calibration, module, settings.float_layers) if settings.float_layers else {}
+
     def produce(spec: GraphSpec, target: Path) -> list[Path]:
+        layers = [s.layer for s in kept.get(spec.name, [])]
         with stdout_to_log(logger, logging.INFO):  # ModelOpt prints its progress
-            return quantizer.quantize(spec, build.graph_path(spec.name), calibration[spec.name], target, module(spec))
+            return quantizer.quantize(
+                spec, build.graph_path(spec.name), calibration[spec.name], target, module(spec), layers
+            )
 
     def check(spec: GraphSpec, path: Path):
         return compare_in_turn(
@@ -148,6 +181,8 @@ def calibrate_build(
         "capture": asdict(cap),
         "checked_against": "fp32 graph on held-out captured inputs",
     }
+    if kept:
+        recorded["float_layers"] = {n: [asdict(s) for s in shares] for n, shares in kept.items()}
     # An int8 VAE decoder from an earlier calibrate --vae is not left beside other graphs' new int8.
     stale = [n for n, g in build.manifest.graphs.items() if n not in names and Precision.INT8 in g.variants]
     for name in stale:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +39,15 @@ def _modelopt():
     return mtq
 
 
-def _config(mtq) -> dict[str, Any]:
+def _config(mtq, float_layers: Sequence[str] = ()) -> dict[str, Any]:
     config = copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG)
     config["algorithm"] = {"method": "smoothquant", "alpha": SMOOTHQUANT_ALPHA}
     rules = config["quant_cfg"]
+    patterns = [f"*{p}*" for p in EXCLUDE_PATTERNS] + [f"{layer}.*" for layer in float_layers]
     if isinstance(rules, list):  # ModelOpt >= 0.40: a list of rules, later ones win
-        rules += [{"quantizer_name": f"*{p}*", "enable": False} for p in EXCLUDE_PATTERNS]
+        rules += [{"quantizer_name": p, "enable": False} for p in patterns]
     else:  # older releases: a dict of wildcard -> settings
-        rules.update({f"*{p}*": {"enable": False} for p in EXCLUDE_PATTERNS})
+        rules.update({p: {"enable": False} for p in patterns})
     return config
 
 
@@ -77,13 +79,16 @@ class ModelOptQuantizer(Quantizer):
             "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
         }
 
-    def quantize(self, spec, fp32_onnx, samples, target, module=None) -> list[Path]:
+    def quantize(self, spec, fp32_onnx, samples, target, module=None, float_layers=()) -> list[Path]:
         from controlrt.export.onnx_export import ExportSettings, export_onnx
 
         if module is None:
             raise InputError("the modelopt quantizer needs the graph's torch module (the build's sources)")
         mtq = _modelopt()
         model = module()
+        missing = set(float_layers) - {name for name, _ in model.named_modules()}
+        if missing:
+            raise BackendError(f"the graph has no layer {sorted(missing)[0]}; it cannot be kept float")
         names = spec.input_names
 
         def forward_loop(m) -> None:
@@ -93,7 +98,7 @@ class ModelOptQuantizer(Quantizer):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # per-layer notes about excluded layers
-            model = mtq.quantize(model, _config(mtq), forward_loop=forward_loop)
+            model = mtq.quantize(model, _config(mtq, float_layers), forward_loop=forward_loop)
         if self.calibration == "percentile":
             self._percentile_conv_inputs(model, forward_loop)
         return export_onnx(model, spec, target, ExportSettings())

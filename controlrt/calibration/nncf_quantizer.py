@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from controlrt.calibration.quantize import EXCLUDE_PATTERNS, QUANTIZED_OPS, Quantizer, excluded
+from controlrt.calibration.quantize import EXCLUDE_PATTERNS, Quantizer, excluded_nodes
 from controlrt.errors import BackendError, InputError
 
 SUBSET_SIZE = 300  # NNCF's default; the captures hold fewer calls, so every one is used
@@ -47,7 +47,7 @@ class NncfQuantizer(Quantizer):
             "excluded": list(EXCLUDE_PATTERNS),
         }
 
-    def quantize(self, spec, fp32_onnx, samples, target, module=None) -> list[Path]:
+    def quantize(self, spec, fp32_onnx, samples, target, module=None, float_layers=()) -> list[Path]:
         import onnx
 
         nncf = _nncf()
@@ -56,7 +56,7 @@ class NncfQuantizer(Quantizer):
 
         model = onnx.load(str(fp32_onnx), load_external_data=False)
         large = fp32_onnx.with_name(fp32_onnx.name + ".data").exists()
-        skip = [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS and excluded(n.name)]
+        skip = excluded_nodes(model, float_layers)
         quantized = nncf.quantize(
             model,
             nncf.Dataset(list(samples)),

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from controlrt.errors import InputError
+from controlrt.errors import BackendError, InputError
 from controlrt.specs import GraphSpec
 
 logger = logging.getLogger(__name__)
@@ -35,9 +35,31 @@ QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 METHODS = ("onnxruntime", "modelopt", "nncf")
 
 
-def excluded(name: str) -> bool:
-    """Whether a layer (module path or ONNX node name) stays unquantized."""
-    return any(p in name for p in EXCLUDE_PATTERNS)
+def excluded(name: str, float_layers: Sequence[str] = ()) -> bool:
+    """Whether a layer (module path or ONNX node name) stays unquantized.
+
+    ``float_layers`` are module paths (``unet.up_blocks.3.resnets.2.conv1``), matched against module
+    paths and against the scope of ONNX node names (``/unet/up_blocks.3/resnets.2/conv1/Conv``), which
+    lack the graph wrapper's attribute where the wrapper calls a method of it (the VAE's
+    ``/post_quant_conv/Conv`` for ``vae.post_quant_conv``).
+    """
+    if any(p in name for p in EXCLUDE_PATTERNS):
+        return True
+    path = name.strip("/").replace("/", ".") + "."
+    return any(path.startswith(layer + ".") or path.startswith(layer.partition(".")[2] + ".") for layer in float_layers)
+
+
+def excluded_nodes(model, float_layers: Sequence[str]) -> list[str]:
+    """Names of the ONNX graph's Conv/MatMul/Gemm nodes that stay float.
+
+    Raises BackendError if a layer of ``float_layers`` names no node (the graph's node names do
+    not carry module scopes, so it could not be kept float).
+    """
+    nodes = [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS]
+    for layer in float_layers:
+        if not any(excluded(n, [layer]) and not excluded(n) for n in nodes):
+            raise BackendError(f"no node of the ONNX graph belongs to layer {layer}; it cannot be kept float")
+    return [n for n in nodes if excluded(n, float_layers)]
 
 
 class Quantizer(ABC):
@@ -57,6 +79,7 @@ class Quantizer(ABC):
         samples: Sequence[dict[str, np.ndarray]],
         target: Path,
         module=None,
+        float_layers: Sequence[str] = (),
     ) -> list[Path]:
         """Write the int8 graph to ``target``; return the files written, the .onnx first.
 
@@ -66,6 +89,7 @@ class Quantizer(ABC):
             samples: Captured feeds, one dict per call.
             target: Where to write the int8 .onnx.
             module: A callable returning the graph's torch module (for quantizers that need it).
+            float_layers: Module paths left unquantized besides EXCLUDE_PATTERNS (sensitivity.py).
         """
 
 
@@ -92,7 +116,7 @@ class OnnxRuntimeQuantizer(Quantizer):
             "excluded": list(EXCLUDE_PATTERNS),
         }
 
-    def quantize(self, spec, fp32_onnx, samples, target, module=None) -> list[Path]:
+    def quantize(self, spec, fp32_onnx, samples, target, module=None, float_layers=()) -> list[Path]:
         import onnx
         from onnxruntime.quantization import (
             CalibrationDataReader,
@@ -119,7 +143,7 @@ class OnnxRuntimeQuantizer(Quantizer):
 
         model = onnx.load(str(fp32_onnx), load_external_data=False)
         large = fp32_onnx.with_name(fp32_onnx.name + ".data").exists()
-        skip = [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS and excluded(n.name)]
+        skip = excluded_nodes(model, float_layers)
         method = {
             "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile,
