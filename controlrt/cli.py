@@ -473,20 +473,29 @@ def convert(ctx, build, precision) -> None:
 @click.option(
     "--float-layers",
     type=int,
-    default=0,
-    show_default=True,
+    default=None,
     metavar="N",
     help="In each graph keep N more layers float (0-64): those whose int8 error reaches the output most, "
     "measured on the captures. Better images, slower int8 graphs.",
 )
+@click.option(
+    "--float-budget",
+    type=float,
+    default=None,
+    metavar="PERCENT",
+    help="In each graph keep float at most PERCENT of the quantized layers' compute, taking the layers "
+    "that remove the most int8 error per GFLOP (with --float-layers: at most N of them).",
+)
 @click.pass_context
 def calibrate(
-    ctx, build, data_dir, samples, steps, method, calibration, height, width, seed, vae, float_layers
+    ctx, build, data_dir, samples, steps, method, calibration, height, width, seed, vae, float_layers, float_budget
 ) -> None:
     """Capture the UNet's and ControlNets' inputs over real generations; write int8 (Q/DQ) graphs."""
     from controlrt.calibration.calibrate import CalibrationSettings, calibrate_build
 
-    settings = CalibrationSettings(method, calibration, samples, steps, height, width, seed, vae, float_layers)
+    settings = CalibrationSettings(
+        method, calibration, samples, steps, height, width, seed, vae, float_layers, float_budget
+    )
     manifest = calibrate_build(build, data_dir, settings, progress=ctx.obj["progress"])
     click.echo(" ".join(f"{n}.int8" for n, g in manifest.graphs.items() if "int8" in g.variants))
 

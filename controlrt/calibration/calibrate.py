@@ -9,7 +9,6 @@ from pathlib import Path
 from controlrt.calibration.capture import CaptureSettings, Feeds, capture
 from controlrt.calibration.data import CalibrationData
 from controlrt.calibration.quantize import make_quantizer
-from controlrt.calibration.sensitivity import LayerShare
 from controlrt.errors import InputError
 from controlrt.export.variants import write_variants
 from controlrt.logs import stdout_to_log
@@ -41,8 +40,10 @@ class CalibrationSettings:
         seed: Seed of the built-in data and of the generations.
         vae: Quantize the VAE decoder too (one captured call per generation); otherwise it runs
             fp16 (or fp32) in int8 pipelines.
-        float_layers: In each graph, keep this many more layers float: those whose int8 error
-            reaches the output most, measured on the captures (calibration/sensitivity.py).
+        float_layers: In each graph, keep at most this many more layers float: those whose int8
+            error reaches the output most, measured on the captures (calibration/sensitivity.py).
+        float_budget: In each graph, keep float at most this percentage of the quantizable layers'
+            GFLOP, taking layers by error removed per GFLOP (with float_layers: also at most that many).
     """
 
     method: str = "modelopt"
@@ -53,15 +54,18 @@ class CalibrationSettings:
     width: int | None = None
     seed: int = 0
     vae: bool = False
-    float_layers: int = 0
+    float_layers: int | None = None
+    float_budget: float | None = None
 
     def check(self) -> None:
         if self.samples < 1:
             raise InputError(f"--samples must be at least 1, got {self.samples}")
         if self.steps < 1:
             raise InputError(f"--steps must be at least 1, got {self.steps}")
-        if not 0 <= self.float_layers <= MAX_FLOAT_LAYERS:
+        if self.float_layers is not None and not 0 <= self.float_layers <= MAX_FLOAT_LAYERS:
             raise InputError(f"--float-layers must be 0 to {MAX_FLOAT_LAYERS}, got {self.float_layers}")
+        if self.float_budget is not None and not 0 < self.float_budget <= 100:
+            raise InputError(f"--float-budget must be a percentage above 0 and at most 100, got {self.float_budget}")
 
 
 def _capture_settings(build: Build, steps: int, height: int | None, width: int | None, seed: int) -> CaptureSettings:
@@ -98,22 +102,21 @@ def held_out_captures(
     return capture(build, data, cap)
 
 
-def _float_layers(names, build: Build, calibration, module, count: int) -> dict[str, list[LayerShare]]:
-    """Per graph, the ``count`` layers with the largest share of the int8 output error."""
-    from controlrt.calibration.sensitivity import error_shares
+def _float_layers(names, build: Build, calibration, module, settings: CalibrationSettings) -> dict[str, list]:
+    """Per graph, the layers kept float: those with the largest share of the int8 output error."""
+    from controlrt.calibration.sensitivity import choose_float_layers, error_shares
 
     kept = {}
     for name in names:
         spec = build.manifest.spec(name)
-        shares = [s for s in error_shares(module(spec)(), spec.input_names, calibration[name]) if s.share > 0]
-        kept[name] = shares[:count]
-        total = sum(s.share for s in shares) or 1.0
+        shares = error_shares(module(spec)(), spec.input_names, calibration[name])
+        kept[name] = choose_float_layers(shares, settings.float_layers, settings.float_budget)
         logger.info(
-            "%s: %d layers kept float carry %.0f%% of the int8 output error (%.2f GFLOP a call): %s",
+            "%s: %d layers kept float carry %.0f%% of the int8 output error, %.0f%% of the GFLOP: %s",
             name,
             len(kept[name]),
-            100 * sum(s.share for s in kept[name]) / total,
-            sum(s.gflop for s in kept[name]),
+            100 * sum(s.share for s in kept[name]) / (sum(s.share for s in shares if s.share > 0) or 1.0),
+            100 * sum(s.gflop for s in kept[name]) / (sum(s.gflop for s in shares) or 1.0),
             ", ".join(s.layer for s in kept[name]),
         )
     return kept
@@ -156,7 +159,8 @@ def calibrate_build(
 
         return lambda: load_graph_module(spec, *open_sources(build.manifest))
 
-    kept = _float_layers(names, build, calibration, module, settings.float_layers) if settings.float_layers else {}
+    measure = settings.float_layers or settings.float_budget
+    kept = _float_layers(names, build, calibration, module, settings) if measure else {}
 
     def produce(spec: GraphSpec, target: Path) -> list[Path]:
         layers = [s.layer for s in kept.get(spec.name, [])]
@@ -183,6 +187,7 @@ def calibrate_build(
     }
     if kept:
         recorded["float_layers"] = {n: [asdict(s) for s in shares] for n, shares in kept.items()}
+        recorded["float_choice"] = {"count": settings.float_layers, "budget_percent": settings.float_budget}
     # An int8 VAE decoder from an earlier calibrate --vae is not left beside other graphs' new int8.
     stale = [n for n, g in build.manifest.graphs.items() if n not in names and Precision.INT8 in g.variants]
     for name in stale:

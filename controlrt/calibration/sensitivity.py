@@ -201,3 +201,25 @@ def error_shares(
     """Every quantizable layer's share of the int8 output error, largest first (see Int8Simulation)."""
     with Int8Simulation(module, input_names, calls, max_calls) as simulation:
         return simulation.shares()
+
+
+def choose_float_layers(shares: Sequence[LayerShare], count: int | None, budget: float | None) -> list[LayerShare]:
+    """The layers to keep float, from ``shares`` (largest first).
+
+    Args:
+        count: At most this many layers.
+        budget: At most this percentage of the quantizable layers' GFLOP in float; then layers are
+            taken by share per GFLOP (most error removed per unit of float compute), skipping those
+            that do not fit. Without it, by share.
+    """
+    positive = [s for s in shares if s.share > 0]
+    limit = len(positive) if count is None else count
+    if budget is None:
+        return positive[:limit]
+    allowed = budget / 100 * sum(s.gflop for s in shares)
+    chosen, used = [], 0.0
+    for s in sorted(positive, key=lambda s: -s.share / max(s.gflop, 1e-9)):
+        if len(chosen) < limit and used + s.gflop <= allowed:
+            chosen.append(s)
+            used += s.gflop
+    return chosen

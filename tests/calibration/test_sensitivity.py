@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from controlrt.calibration.calibrate import CalibrationSettings, calibrate_build, held_out_captures
 from controlrt.calibration.quantize import excluded
-from controlrt.calibration.sensitivity import Int8Simulation
+from controlrt.calibration.sensitivity import Int8Simulation, LayerShare, choose_float_layers
 from controlrt.cli import cli
 from controlrt.errors import InputError
 from controlrt.graphs import load_graph_module
@@ -116,6 +116,31 @@ def test_float_layers_lower_the_held_out_error(float_int8, tiny_build, tmp_path)
         assert 0 < with_float[name] < without[name], (name, with_float, without)
     report = run_parity(float_int8, precision="int8", steps=3)
     assert report.passed, report.table()
+
+
+def test_choice_by_count_and_by_compute_budget():
+    shares = [
+        LayerShare("big", 5e-4, 40.0),
+        LayerShare("cheap", 2e-4, 1.0),
+        LayerShare("mid", 1e-4, 10.0),
+        LayerShare("tiny", 1e-5, 0.5),
+        LayerShare("harmless", -1e-6, 48.5),
+    ]  # 100 GFLOP in all
+    names = lambda chosen: [s.layer for s in chosen]  # noqa: E731
+    assert names(choose_float_layers(shares, 2, None)) == ["big", "cheap"]
+    assert names(choose_float_layers(shares, None, None)) == ["big", "cheap", "mid", "tiny"]  # positive only
+    # by share per GFLOP, within 12% of the compute: "big" does not fit, "mid" does after "cheap"
+    assert names(choose_float_layers(shares, None, 12)) == ["cheap", "tiny", "mid"]
+    assert names(choose_float_layers(shares, 1, 12)) == ["cheap"]
+    assert names(choose_float_layers(shares, None, 100)) == ["cheap", "tiny", "big", "mid"]
+
+
+@pytest.mark.parametrize("option", [["--float-budget", "0"], ["--float-budget", "nan"], ["--float-budget", "101"]])
+def test_float_budget_out_of_range_is_one_line(tiny_build, option):
+    result = CliRunner().invoke(cli, ["calibrate", str(tiny_build), *option])
+    assert result.exit_code == 2
+    assert "--float-budget must be a percentage above 0 and at most 100" in result.output
+    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("value", ["-1", "65"])
