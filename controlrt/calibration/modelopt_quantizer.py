@@ -22,13 +22,12 @@ import numpy as np
 import torch
 
 from controlrt.calibration.quantize import EXCLUDE_PATTERNS, Quantizer, excluded
+from controlrt.calibration.sensitivity import PERCENTILE, abs_percentile
 from controlrt.errors import BackendError, InputError
 
 logger = logging.getLogger(__name__)
 
 SMOOTHQUANT_ALPHA = 0.8
-PERCENTILE = 99.99
-_SAMPLE = 1 << 20  # elements per call the percentile is estimated from
 
 
 def _modelopt():
@@ -49,13 +48,6 @@ def _config(mtq, float_layers: Sequence[str] = ()) -> dict[str, Any]:
     else:  # older releases: a dict of wildcard -> settings
         rules.update({p: {"enable": False} for p in patterns})
     return config
-
-
-def _percentile_of(x: torch.Tensor) -> float:
-    flat = x.detach().abs().flatten().float()
-    if flat.numel() > _SAMPLE:
-        flat = flat[:: flat.numel() // _SAMPLE + 1]
-    return float(torch.quantile(flat, PERCENTILE / 100))
 
 
 class ModelOptQuantizer(Quantizer):
@@ -114,7 +106,7 @@ class ModelOptQuantizer(Quantizer):
                     continue
                 values = per_call.setdefault(name, [])
                 hooks.append(
-                    layer.register_forward_pre_hook(lambda _m, args, v=values: v.append(_percentile_of(args[0])))
+                    layer.register_forward_pre_hook(lambda _m, args, v=values: v.append(abs_percentile(args[0])))
                 )
         try:
             forward_loop(model)

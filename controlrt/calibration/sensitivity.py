@@ -77,7 +77,8 @@ def _fake_input(x: torch.Tensor, amax: float) -> torch.Tensor:
     return torch.clamp(torch.round(x / scale), -128, 127) * scale
 
 
-def _percentile(x: torch.Tensor) -> float:
+def abs_percentile(x: torch.Tensor) -> float:
+    """The PERCENTILE-th percentile of |x|, estimated from at most 2^20 evenly strided elements."""
     flat = x.detach().abs().flatten().float()
     if flat.numel() > _SAMPLE:
         flat = flat[:: flat.numel() // _SAMPLE + 1]
@@ -146,7 +147,7 @@ class Int8Simulation:
                 return self._int8_forward(name, layer, x)
             y = self._originals[name](x)
             if self._mode == "ranges":
-                self._percentiles[name].append(_percentile(x))
+                self._percentiles[name].append(abs_percentile(x))
                 self.gflop[name] = 2 * y.numel() * layer.weight[0].numel() / 1e9
             elif self._mode == "shares":
                 with torch.no_grad():
