@@ -4,7 +4,9 @@ Warm, repeated generations with the built-in sample controls. Reported: the medi
 graph per call, its FLOPs per call (counted by torch's FlopCounterMode on the source architecture,
 built on the meta device, so no weights are loaded), its achieved GFLOP/s and, on the CPU, that
 rate as a share of this CPU's matrix-multiply peak in the precision the graph computes in
-(measured here: fp32, bf16, int8); per denoising step and end to end (median, min and max over the
+(measured here: fp32, bf16, int8; measured before the timed generations and after each, the best
+kept, so that a peak caught at a slow moment of a shared host does not inflate the shares); per
+denoising step and end to end (median, min and max over the
 runs); the loop overhead, the share of the denoise loop spent outside the graph sessions (residual
 sums, guidance, the scheduler, feeding); peak memory; the CPU's name and instruction features.
 """
@@ -117,7 +119,7 @@ class BenchReport:
             lines.append(f"CPU: {self.cpu['name']}, {self.cpu['cores']} cores, {' '.join(self.cpu['features'])}")
         if self.matmul_peaks:
             peaks = ", ".join(f"{k} {v:.0f}" for k, v in self.matmul_peaks.items() if v)
-            lines.append(f"matrix-multiply peak on this CPU (torch, GFLOP/s): {peaks}")
+            lines.append(f"matrix-multiply peak on this CPU (torch, GFLOP/s, best between the runs): {peaks}")
         memory = f"peak memory: {self.peak_rss_mib:.0f} MiB resident"
         if self.peak_cuda_mib is not None:
             memory += f", {self.peak_cuda_mib:.0f} MiB CUDA"
@@ -243,6 +245,16 @@ def run_bench(
         report = BenchReport(pipe.options.backend, str(pipe.options.precision), settings)
         for _ in range(warmup):
             pipe.generate(request)
+        on_cpu = pipe.sessions["unet"].device.type == "cpu"
+        peaks: list[dict[str, float | None]] = []
+
+        def measure_peaks() -> None:  # between generations: the best the CPU did while they ran
+            if on_cpu:
+                from controlrt import cpu
+
+                peaks.append(cpu.matmul_peaks(threads=backend_options.get("threads")))
+
+        measure_peaks()
         per_run: list[dict[str, list[float]]] = []
         for _ in range(runs):
             log.clear()
@@ -255,13 +267,13 @@ def run_bench(
             in_graphs = sum(sum(v) for n, v in log.items() if n == "unet" or n.startswith("controlnet"))
             report.loop_overhead.append(max(0.0, timings["denoise"] - in_graphs) / timings["denoise"])
             per_run.append({n: list(v) for n, v in log.items()})
+            measure_peaks()
         branches = Branches.of(guidance, control_mode, pipe.info.embedded_guidance)
-        on_cpu = pipe.sessions["unet"].device.type == "cpu"
         if on_cpu:
             from controlrt import cpu
 
             report.cpu = cpu.describe()
-            report.matmul_peaks = cpu.matmul_peaks(threads=backend_options.get("threads"))
+            report.matmul_peaks = {k: max((p[k] for p in peaks if p[k]), default=None) for k in peaks[0]}
         factory = SessionFactory(pipe.build, pipe.options)
         for name in pipe.sessions:
             calls = [c for run in per_run for c in run.get(name, [])]

@@ -43,3 +43,15 @@ def test_bench_reports_the_cpu_its_peaks_and_each_graphs_share_of_them(tiny_buil
     assert unet["peak_share"] == unet["gflops_per_s"] / report.matmul_peaks["fp32"]
     table = report.table()
     assert "CPU: " in table and "of peak" in table and "matrix-multiply peak" in table
+
+
+def test_bench_keeps_the_best_peak_measured_between_the_runs(tiny_build, monkeypatch):
+    from controlrt import cpu
+
+    measured = iter([100.0, 300.0, 200.0])  # before the runs, after the first, after the second
+    monkeypatch.setattr(cpu, "matmul_peaks", lambda threads=None: {"fp32": next(measured), "bf16": None, "int8": 900.0})
+    report = run_bench(tiny_build, backend="onnxruntime", steps=2, runs=2, warmup=0)
+    assert report.matmul_peaks == {"fp32": 300.0, "bf16": None, "int8": 900.0}
+    assert next(measured, None) is None
+    unet = report.graphs_ms["unet"]
+    assert unet["peak_share"] == unet["gflops_per_s"] / 300.0
