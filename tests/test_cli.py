@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+import controlrt
 from controlrt.builtin import sample_control_images
 from controlrt.cli import cli
 
@@ -399,3 +402,10 @@ def test_calibrate_reports_progress_off_a_terminal_and_keeps_stdout_for_results(
     assert result.stdout.split() == ["controlnet_0.int8", "controlnet_1.int8", "unet.int8"]
     assert "calibrate: capture: 1/1 generation" in result.stderr
     assert "int8: 3/3 graphs" in result.stderr
+
+
+def test_version_matches_the_package_metadata():
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert controlrt.__version__ == pyproject["project"]["version"]
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and controlrt.__version__ in result.output
