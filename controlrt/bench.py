@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from controlrt import cpu
 from controlrt.precision import Precision
 from controlrt.runtime.backends import SessionFactory
 from controlrt.runtime.control import Branches
@@ -250,8 +251,6 @@ def run_bench(
 
         def measure_peaks() -> None:  # between generations: the best the CPU did while they ran
             if on_cpu:
-                from controlrt import cpu
-
                 peaks.append(cpu.matmul_peaks(threads=backend_options.get("threads")))
 
         measure_peaks()
@@ -270,8 +269,6 @@ def run_bench(
             measure_peaks()
         branches = Branches.of(guidance, control_mode, pipe.info.embedded_guidance)
         if on_cpu:
-            from controlrt import cpu
-
             report.cpu = cpu.describe()
             report.matmul_peaks = {k: max((p[k] for p in peaks if p[k]), default=None) for k in peaks[0]}
         factory = SessionFactory(pipe.build, pipe.options)

@@ -17,7 +17,6 @@ UNet the two agree on the top layers, and keeping the top 5 / 10 / 20 float cuts
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,8 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from controlrt.calibration.quantize import excluded
-
-logger = logging.getLogger(__name__)
 
 PERCENTILE = 99.99
 MAX_CALLS = 4  # calls measured, spread over the captures (steps and samples)
