@@ -31,6 +31,8 @@ from controlrt.runtime.control import Branches
 from controlrt.runtime.session import Session
 from controlrt.specs import GraphKind
 
+MAX_RUNS = 100  # timed (and warm-up) generations per bench
+
 # The matrix-multiply peak a graph's achieved rate is compared with, by the precision it computes in
 # (fp16 graphs compute in fp32 on the CPU backends).
 PEAK_OF = {Precision.BF16: "bf16", Precision.INT8: "int8"}
@@ -210,8 +212,8 @@ def run_bench(
     from controlrt.runtime.pipeline import Pipeline
     from controlrt.runtime.request import GenerationRequest, sample_control_types
 
-    if runs < 1 or warmup < 0:
-        raise InputError("--runs must be at least 1 and --warmup at least 0")
+    if not (1 <= runs <= MAX_RUNS and 0 <= warmup <= MAX_RUNS):
+        raise InputError(f"--runs must be 1 to {MAX_RUNS} and --warmup 0 to {MAX_RUNS}, got {runs} and {warmup}")
     log: dict[str, list[float]] = defaultdict(list)
     with Pipeline.load(build_dir, backend, providers, None, True, precision, **backend_options) as pipe:
         count = len(pipe.controlnet_specs) if controls is None else controls

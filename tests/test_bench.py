@@ -30,6 +30,9 @@ def test_bench_command_writes_json(tiny_build, tmp_path):
     assert data["step"]["median"] > 0 and data["gflops_per_s"] > 0
     bad = CliRunner().invoke(cli, ["bench", str(tiny_build), "--controls", "5"])
     assert bad.exit_code == 2 and bad.output.startswith("error: ")
+    for option in (["--runs", "0"], ["--runs", "1000000"], ["--warmup", "-1"]):
+        bad = CliRunner().invoke(cli, ["bench", str(tiny_build), *option])
+        assert bad.exit_code == 2 and bad.output.startswith("error: ") and len(bad.output.splitlines()) == 1
 
 
 def test_bench_reports_the_cpu_its_peaks_and_each_graphs_share_of_them(tiny_build):
