@@ -35,6 +35,9 @@ class _CleanGroup(click.Group):
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
+        except click.exceptions.NoArgsIsHelpError as exc:  # a bare command: its help, as --help shows it
+            click.echo(exc.ctx.get_help() if exc.ctx else self.get_help(click.Context(self)))
+            sys.exit(0)
         except click.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code)
         except click.exceptions.Abort as exc:  # click turns Ctrl-C into Abort
@@ -186,6 +189,35 @@ def _providers(text: str | None) -> list[str] | None:
     return [p.strip() for p in text.split(",") if p.strip()] if text else None
 
 
+def _force_option(f):
+    return click.option("--force", is_flag=True, help="Replace the --json file if it exists.")(f)
+
+
+def _json_output(json_path: str | None, force: bool, build: str) -> Path | None:
+    """The --json file, checked before the work: never over a file without --force, never over
+    one of the build's own files."""
+    from controlrt.io import check_output_file
+
+    if json_path is None:
+        return None
+    return check_output_file(json_path, force, _build_files(build), what="--json file")
+
+
+def _build_files(build: str) -> list[Path]:
+    """The files of a build folder that controlrt wrote: a command's inputs, never its outputs."""
+    from controlrt.manifest import explain_build
+
+    root = Path(build).expanduser()
+    return [root / f for f in explain_build(root) or ()] if root.is_dir() else []
+
+
+def _write_json(path: Path | None, text: str, force: bool) -> None:
+    from controlrt.io import write_output_file
+
+    if path is not None:
+        write_output_file(path, text.encode("utf-8"), force)
+
+
 def _backend_settings(backend: str, cuda_graphs: bool, budget_gb: float | None, threads: int | None) -> dict:
     """The backend-specific Pipeline options, refused with a backend they do not apply to."""
     options: dict = {}
@@ -253,6 +285,7 @@ def _backend_settings(backend: str, cuda_graphs: bool, budget_gb: float | None, 
 @_precision_option
 @_limit_options
 @click.option("--out", required=True, help="Image file to write (.png or .jpg), or a folder for several images.")
+@click.option("--force", is_flag=True, help="Replace images that exist (never one of the command's inputs).")
 @click.pass_context
 def generate(
     ctx,
@@ -286,15 +319,18 @@ def generate(
     max_pixels,
     max_images,
     out,
+    force,
 ) -> None:
     """Generate images from prompts and control images with BUILD.
 
     One image goes to --out FILE; with --num-images N or --prompts FILE, --out is a folder and the
     images are named NNNN-seedS.png. Every image carries its settings: PNGs in a "controlrt" text
-    chunk, JPEGs in a comment. Every request is checked before anything runs.
+    chunk, JPEGs in a comment. Every request is checked before anything runs, and no image is
+    written over an existing file without --force.
     """
-    from controlrt.io import check_writable
+    from controlrt.io import check_output_file, check_output_folder
     from controlrt.manifest import Build
+    from controlrt.preprocess import split_control
     from controlrt.runtime.images import check_image_path, save_image
     from controlrt.runtime.limits import Limits
     from controlrt.runtime.pipeline import Pipeline
@@ -308,9 +344,15 @@ def generate(
     prompts = _prompts(prompt, prompts_file, limits.max_images)
     limits.check_images(len(prompts) * num_images)
     many = num_images > 1 or prompts_file is not None
-    if not many:
+    inputs = [split_control(c)[1] for c in controls] + ([prompts_file] if prompts_file else []) + _build_files(build)
+    if many:
+        folder = check_output_folder(out)
+        count = len(prompts) * num_images
+        paths = [folder / f"{index:04d}-seed{seed + index % num_images}.png" for index in range(count)]
+    else:
         check_image_path(Path(out))
-    out_path = check_writable(out, folder=many)
+        paths = [Path(out)]
+    paths = [check_output_file(path, force, inputs) for path in paths]
     requests = [
         GenerationRequest(
             prompt=text,
@@ -341,10 +383,9 @@ def generate(
         pipe.annotators = annotators
         for request in requests:
             pipe.check(request)
-        for index, request in enumerate(requests):
+        for request, path in zip(requests, paths, strict=True):
             result = pipe.generate(request, progress=ctx.obj["progress"])
-            path = out_path / f"{index:04d}-seed{request.seed}.png" if many else out_path
-            save_image(result.image, path, result.settings)
+            save_image(result.image, path, result.settings, force=force)
             click.echo(str(path))
 
 
@@ -376,6 +417,7 @@ def _prompts(prompt: str | None, prompts_file: str | None, max_prompts: int) -> 
 @_backend_options
 @_precision_option
 @click.option("--json", "json_path", default=None, metavar="FILE", help="Also write the report as JSON.")
+@_force_option
 @click.option("--steps", type=int, default=4, show_default=True, help="Steps of the end-to-end run.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--height", type=int, default=None, help="End-to-end image height (default: native).")
@@ -390,6 +432,7 @@ def parity(
     threads,
     precision,
     json_path,
+    force,
     steps,
     seed,
     height,
@@ -401,11 +444,9 @@ def parity(
     fp32 graphs are compared on seeded inputs at two shapes; fp16 and int8 graphs on held-out
     inputs captured from the reference denoise loop.
     """
-    from controlrt.io import check_writable
     from controlrt.parity import ParityError, run_parity
 
-    if json_path:
-        check_writable(json_path)
+    json_out = _json_output(json_path, force, build)
     report = run_parity(
         build,
         backend,
@@ -419,8 +460,7 @@ def parity(
         **_backend_settings(backend, cuda_graphs, weight_streaming_budget, threads),
     )
     click.echo(report.table())
-    if json_path:
-        report.write_json(json_path)
+    _write_json(json_out, report.to_json(), force)
     if not report.passed:
         raise ParityError(f"parity failed: {', '.join(report.failures)}")
 
@@ -531,20 +571,20 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--scheduler", default=None, help="ddim, euler, … (default: the model's own).")
 @click.option("--json", "json_path", default=None, metavar="FILE", help="Also write the numbers as JSON.")
-def bench(build, backend, providers, cuda_graphs, weight_streaming_budget, threads, json_path, **settings) -> None:
+@_force_option
+def bench(
+    build, backend, providers, cuda_graphs, weight_streaming_budget, threads, json_path, force, **settings
+) -> None:
     """Time warm generations with BUILD: per graph, per step, end to end, loop overhead, GFLOP/s."""
     import json
 
     from controlrt.bench import run_bench
-    from controlrt.io import atomic_write_text, check_writable
 
-    if json_path:
-        check_writable(json_path)
+    json_out = _json_output(json_path, force, build)
     options = _backend_settings(backend, cuda_graphs, weight_streaming_budget, threads)
     report = run_bench(build, backend, _providers(providers), **settings, **options)
     click.echo(report.table())
-    if json_path:
-        atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2))
+    _write_json(json_out, json.dumps(report.to_dict(), indent=2), force)
 
 
 @cli.command()
@@ -554,7 +594,7 @@ def bench(build, backend, providers, cuda_graphs, weight_streaming_budget, threa
 @_precision_option
 @click.option("--replicas", type=int, default=1, show_default=True, help="Pipeline replicas (one GPU each on GPU).")
 @click.option("--max-batch", type=int, default=1, show_default=True, help="Group up to N queued requests.")
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Where the HTTP app listens (Ray: loopback).")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option(
     "--max-pixels",
@@ -562,8 +602,18 @@ def bench(build, backend, providers, cuda_graphs, weight_streaming_budget, threa
     default=None,
     help="Largest height x width a request may ask for (default: 4x the native area, less if memory is smaller).",
 )
-def serve(build, backend, providers, precision, replicas, max_batch, host, port, max_pixels) -> None:
-    """Serve BUILD over HTTP with Ray Serve: POST /generate (JSON -> PNG), GET /health."""
+@click.option("--dashboard", is_flag=True, help="Also start Ray's dashboard, on loopback.")
+@click.option(
+    "--ray-address", default=None, metavar="ADDRESS", help="Join this Ray cluster instead of starting a local Ray."
+)
+def serve(
+    build, backend, providers, precision, replicas, max_batch, host, port, max_pixels, dashboard, ray_address
+) -> None:
+    """Serve BUILD over HTTP with Ray Serve: POST /generate (JSON -> PNG), GET /health.
+
+    A local Ray is started for it with every server on loopback; SIGTERM and Ctrl-C both drain the
+    requests in flight and stop it with all its processes.
+    """
     from controlrt.serving.app import ServeSettings, start
 
     provider_list = _providers(providers)
@@ -577,12 +627,17 @@ def serve(build, backend, providers, precision, replicas, max_batch, host, port,
         host,
         port,
         max_pixels,
+        dashboard,
+        ray_address,
     )
 
-    def announce(url: str) -> None:
-        click.echo(f"serving {build} on {url} (Ctrl-C stops)", err=True)
+    def announce(url: str, dashboard_url: str | None) -> None:
+        click.echo(f"serving {build} on {url} (Ctrl-C or SIGTERM stops)", err=True)
+        if dashboard_url:
+            click.echo(f"Ray's dashboard: {dashboard_url}", err=True)
 
     start(settings, blocking=True, announce=announce)
+    click.echo("stopped", err=True)
 
 
 @cli.command("triton-repo")
@@ -644,15 +699,16 @@ def inspect_cmd(build_dir, as_json) -> None:
 @click.option("--min-length", type=float, default=16.0, show_default=True, help="mlsd: shortest segment (px).")
 @click.option("--thickness", type=int, default=None, help="mlsd / scribble: stroke width in pixels.")
 @click.option("--annotators", default=None, metavar="DIR", help="controlnet-aux annotator weights (depth, pose …).")
-def preprocess_cmd(kind, image, out, low, high, min_length, thickness, annotators) -> None:
+@click.option("--force", is_flag=True, help="Replace --out if it exists (never IMAGE itself).")
+def preprocess_cmd(kind, image, out, low, high, min_length, thickness, annotators, force) -> None:
     """Make a control map of KIND (canny, mlsd, scribble, or a pass-through kind) from IMAGE."""
-    from controlrt.io import check_writable
-    from controlrt.preprocess import preprocess
+    from controlrt.io import check_output_file
+    from controlrt.preprocess import check_kind, preprocess
     from controlrt.runtime.images import check_image_path, save_image
 
-    out_path = Path(out)
-    check_image_path(out_path)
-    check_writable(out_path)
+    check_kind(kind)
+    check_image_path(Path(out))
+    out_path = check_output_file(out, force, [image])
     options: dict = {}
     if kind == "canny":
         options = {"low": low, "high": high}
@@ -661,7 +717,7 @@ def preprocess_cmd(kind, image, out, low, high, min_length, thickness, annotator
     elif kind == "scribble" and thickness:
         options = {"thickness": thickness}
     result = preprocess(kind, image, annotators, **options)
-    save_image(result, out_path, {"preprocessor": kind, "source": str(image), **options})
+    save_image(result, out_path, {"preprocessor": kind, "source": str(image), **options}, force=force)
     click.echo(str(out_path))
 
 
@@ -757,11 +813,12 @@ def lora(ctx, build_dir, loras, clear) -> None:
 @click.option("--out", default="controlrt-demo", show_default=True, help="Folder for models, build and outputs.")
 @click.option("--steps", type=int, default=20, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an earlier demo's folder.")
-def demo(out, steps, force) -> None:
+@click.pass_context
+def demo(ctx, out, steps, force) -> None:
     """Export the built-in trained model, generate with two controls (and without), run parity."""
     from controlrt.demo import run_demo
 
-    result = run_demo(out, steps=steps, force=force)
+    result = run_demo(out, steps=steps, force=force, progress=ctx.obj["progress"])
     click.echo(result.parity_table)
     click.echo(f"prompt: {result.prompt}")
     click.echo(f"image: {result.image} (edge F1 against the control scene {result.f1:.3f})")
@@ -828,26 +885,23 @@ MAX_SCENES = 1000
 @click.option("--steps", type=int, default=20, show_default=True)
 @click.option("--guidance", type=float, default=4.0, show_default=True)
 @click.option("--json", "json_path", default=None, help="Also write the figures as JSON.")
-def fidelity(build_dir, backend, precision, scenes, steps, guidance, json_path) -> None:
+@_force_option
+def fidelity(build_dir, backend, precision, scenes, steps, guidance, json_path, force) -> None:
     """Control fidelity of a build of the shapes model: edge F1 with each control, all, and off."""
     import json
     from dataclasses import asdict
 
-    from controlrt.io import atomic_write_text, check_writable
     from controlrt.runtime.pipeline import Pipeline
     from controlrt.training.fidelity import measure
 
     if not 1 <= scenes <= MAX_SCENES or not 1 <= steps <= 1000:
         raise InputError(f"--scenes must be from 1 to {MAX_SCENES} and --steps from 1 to 1000")
-    if json_path:
-        check_writable(json_path)
+    json_out = _json_output(json_path, force, build_dir)
     with Pipeline.load(build_dir, backend=backend, precision=precision) as pipe:
         report = measure(pipe, scenes=scenes, steps=steps, guidance=guidance)
     click.echo(report.table())
-    if json_path:
-        atomic_write_text(
-            json_path, json.dumps({"backend": backend, "precision": precision, **asdict(report)}, indent=2)
-        )
+    text = json.dumps({"backend": backend, "precision": precision, **asdict(report)}, indent=2)
+    _write_json(json_out, text, force)
 
 
 @cli.command("builtin")

@@ -18,6 +18,7 @@ from controlrt.io import (
     is_temporary,
     output_folder,
     owner_record,
+    write_output_file,
     write_owner_record,
 )
 from controlrt.manifest import explain_build
@@ -74,7 +75,9 @@ def explain_demo(folder: Path) -> set[str] | None:
     return known
 
 
-def run_demo(out_dir: str | Path, steps: int = 20, seed: int = 0, force: bool = False) -> DemoResult:
+def run_demo(
+    out_dir: str | Path, steps: int = 20, seed: int = 0, force: bool = False, progress: bool = False
+) -> DemoResult:
     """Write the trained built-in models, export them, generate with two controls, run parity.
 
     The controls are the canny edges and the segmentation map of a held-out shapes scene, the
@@ -85,7 +88,8 @@ def run_demo(out_dir: str | Path, steps: int = 20, seed: int = 0, force: bool = 
     Layout under ``out_dir``: models/ (diffusers folders), build/ (ONNX graphs + manifest),
     control_canny.png, control_seg.png, demo.png and demo-off.png (onnxruntime), parity.json.
     ``out_dir`` must be new or empty, or (with ``force``) an earlier demo's folder holding nothing
-    but what controlrt wrote. Two demos into one folder run one after the other.
+    but what controlrt wrote. Two demos into one folder run one after the other. ``progress``
+    reports the export and the denoising steps on stderr (a bar on a terminal, lines elsewhere).
 
     Raises ParityError if parity fails (the report is written first).
     """
@@ -101,38 +105,39 @@ def run_demo(out_dir: str | Path, steps: int = 20, seed: int = 0, force: bool = 
             write_owner_record(out, "demo")  # first: an interrupted demo's folder is still the demo's
         except OSError as exc:
             raise InputError(f"cannot write {out}: {exc.strerror}") from None
-        result = _run(out, steps, seed)
+        result = _run(out, steps, seed, progress)
     if not result.passed:
         raise ParityError(f"demo parity failed; see {result.parity_json}")
     return result
 
 
-def _run(out: Path, steps: int, seed: int) -> DemoResult:
+def _run(out: Path, steps: int, seed: int, progress: bool) -> DemoResult:
     from controlrt.training import shapes
     from controlrt.training.fidelity import edge_f1, image_edges, scene_edges
 
     logger.info("writing the built-in models to %s", out / "models")
     models = write_trained_models(out / "models", force=True)  # the demo's own, checked above
     logger.info("exporting to %s", out / "build")
-    export_build(models.base, models.controlnets, out / "build", force=True)
+    export_build(models.base, models.controlnets, out / "build", force=True, progress=progress)
 
     scene = shapes.sample(shapes.HELD_OUT + DEMO_SCENE)
     target = scene_edges(scene)
+    # the demo's folder is its own (checked under its lock): its earlier outputs are replaced
     with Pipeline.load(out / "build", backend="onnxruntime") as pipe:
-        controls = [scene.conditions[name] for name in pipe.controlnet_names]
-        for name, image in zip(pipe.controlnet_names, controls, strict=True):
-            save_image(image, out / f"control_{name}.png")
+        controls = [out / f"control_{name}.png" for name in pipe.controlnet_names]
+        for name, path in zip(pipe.controlnet_names, controls, strict=True):
+            save_image(scene.conditions[name], path, {"control": name, "scene": scene.caption}, force=True)
         results = {}
         for label, scale in (("demo", 1.0), ("demo-off", 0.0)):
             request = GenerationRequest(
                 prompt=scene.caption, controls=controls, scales=scale, steps=steps, guidance=4.0, seed=seed
             )
-            result = pipe.generate(request)
-            save_image(result.image, out / f"{label}.png", result.settings)
+            result = pipe.generate(request, progress=progress)
+            save_image(result.image, out / f"{label}.png", result.settings, force=True)
             results[label] = edge_f1(image_edges(result.image), target)
 
     report = run_parity(out / "build", backend="onnxruntime", steps=4, seed=seed)
-    report.write_json(out / "parity.json")
+    write_output_file(out / "parity.json", report.to_json().encode("utf-8"), force=True)
     return DemoResult(
         out / "build",
         out / "demo.png",

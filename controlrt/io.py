@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -85,16 +85,49 @@ def sha256_cached(path: str | Path) -> str:
     return digest
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+def _umask() -> int:
+    """This process's file mode creation mask, read without changing it where /proc tells it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but only where /proc is missing)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, replace: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    The file gets the mode a plainly created file gets (0666 less the umask), not the temporary
+    file's private 0600. With ``replace=False`` an existing ``path`` is never replaced, even one
+    that appeared while the data was written: the file is linked into place, which fails if the
+    name is taken (FileExistsError).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except OSError as exc:
+            if isinstance(exc, FileExistsError) or exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
+                raise
+            # a file system without hard links: check, then rename (not atomic against a racing writer)
+            if path.exists() or path.is_symlink():
+                raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+            os.replace(tmp, path)
+        else:
+            os.unlink(tmp)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -316,23 +349,76 @@ def output_folder(path: str | Path) -> Path:
     return resolved
 
 
-def check_writable(path: str | Path, folder: bool = False) -> Path:
-    """InputError unless a file (or, with ``folder``, files inside a folder) can be written at
-    ``path``: its folder is created if missing and a probe file is made and removed there. Run
-    before long work, so that it does not end in an error about the output."""
-    path = output_folder(path)
-    where = path if folder else path.parent
-    if folder and path.exists() and not path.is_dir():
-        raise InputError(f"output {path} exists and is not a folder")
-    if not folder and path.is_dir():
-        raise InputError(f"output {path} is a folder")
+def _same_file(a: Path, b: Path) -> bool:
     try:
-        where.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(prefix=".controlrt-probe-", dir=where):
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output_file(
+    path: str | Path, force: bool = False, inputs: Sequence[str | Path] = (), what: str = "output"
+) -> Path:
+    """The absolute path of a file a command will write; InputError, before any work, unless it
+    can be written there.
+
+    Its folder must exist (files are not written into folders created on the way). A file that
+    exists is replaced only with ``force``; one of the command's own ``inputs`` never, even with
+    ``force``. A probe file is made and removed in the folder, so that long work does not end in
+    an error about the output. Write it with ``atomic_write_bytes(path, data, replace=force)``.
+    """
+    path = output_folder(path)
+    shown = f"{what} {path}"
+    if path.is_dir():
+        raise InputError(f"{shown} is a folder; give a file name in it")
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: the folder {path.parent} does not exist")
+    for source in inputs:
+        if _same_file(path, Path(source).expanduser()):
+            raise InputError(
+                f"{shown} is one of this command's inputs; choose another file (even --force does not write over "
+                "an input)"
+            )
+    if (path.exists() or path.is_symlink()) and not force:
+        raise InputError(f"{shown} already exists; pass --force to replace it")
+    _probe(path.parent, path)
+    return path
+
+
+def check_output_folder(path: str | Path) -> Path:
+    """The absolute path of a folder a command writes files into (created if missing, its parent
+    must exist); InputError unless files can be written there. Each file in it is then checked
+    with :func:`check_output_file`."""
+    path = output_folder(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output {path} exists and is not a folder")
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: the folder {path.parent} does not exist")
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    _probe(path, path)
+    return path
+
+
+def _probe(folder: Path, path: Path) -> None:
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".controlrt-probe-", dir=folder):
             pass
     except OSError as exc:
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return path
+
+
+def write_output_file(path: Path, data: bytes, force: bool = False) -> None:
+    """Write a file checked by :func:`check_output_file`, atomically; without ``force`` a file
+    that appeared there meanwhile is left as it is (InputError)."""
+    try:
+        atomic_write_bytes(path, data, replace=force)
+    except FileExistsError:
+        raise InputError(f"output {path} already exists (it was left as it is); pass --force to replace it") from None
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 @contextmanager

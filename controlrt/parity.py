@@ -82,10 +82,8 @@ class ParityReport:
             "end_to_end": asdict(self.end_to_end) if self.end_to_end else None,
         }
 
-    def write_json(self, path: str | Path) -> None:
-        from controlrt.io import atomic_write_text
-
-        atomic_write_text(path, json.dumps(_json_safe(self.to_dict()), indent=2))
+    def to_json(self) -> str:
+        return json.dumps(_json_safe(self.to_dict()), indent=2)
 
     def table(self) -> str:
         head = f"{'graph':<14} {'shape':<12} {'output':<18} {'max_abs':>9} {'rel_l2':>9} {'cosine':>10}  result"

@@ -20,6 +20,8 @@ as it is.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ import numpy as np
 from PIL import Image
 
 from controlrt.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 PASSTHROUGH = ("depth", "normal", "pose", "seg", "hed", "lineart", "map")
 # controlnet-aux annotators by kind: (class name, its from_pretrained folder under --annotators)
@@ -108,13 +112,18 @@ BUILTIN: dict[str, Callable[..., Image.Image]] = {"canny": canny, "mlsd": mlsd, 
 KINDS = (*BUILTIN, *PASSTHROUGH)
 
 
+def check_kind(kind: str) -> str:
+    """The preprocessor's name in lower case; InputError if there is none of that name."""
+    if kind.lower() not in KINDS:
+        raise InputError(f"unknown preprocessor {kind!r}; choose one of {', '.join(KINDS)}")
+    return kind.lower()
+
+
 def preprocess(kind: str, image, annotators: str | Path | None = None, **options: Any) -> Image.Image:
     """The control map of ``kind`` for ``image`` (a PIL image, an array or a path)."""
     from controlrt.runtime.images import load_image
 
-    kind = kind.lower()
-    if kind not in KINDS:
-        raise InputError(f"unknown preprocessor {kind!r}; choose one of {', '.join(KINDS)}")
+    kind = check_kind(kind)
     image = load_image(image)
     if kind in BUILTIN:
         try:
@@ -123,6 +132,12 @@ def preprocess(kind: str, image, annotators: str | Path | None = None, **options
             raise InputError(f"{kind}: {exc}") from None
     if annotators is not None and kind in ANNOTATORS:
         return _annotate(kind, image, Path(annotators))
+    how = (
+        "controlrt has no annotator for it"
+        if kind not in ANNOTATORS
+        else "no annotator ran (--annotators DIR with controlnet-aux's weights runs one on a photo)"
+    )
+    logger.warning("%s: %s; the image is taken as a ready %s map, unchanged", kind, how, kind)
     return passthrough(image)
 
 
@@ -148,12 +163,19 @@ def _annotate(kind: str, image, folder: Path) -> Image.Image:
 def split_control(text: str) -> tuple[str | None, str]:
     """``"canny:photo.jpg"`` -> ("canny", "photo.jpg"); a plain path -> (None, path).
 
-    Only a known kind counts as a prefix, so paths that contain a colon still work.
+    Only a known kind counts as a prefix, so paths that contain a colon still work; a word before
+    a colon that is no kind, in a text that is no file either (``sobel:edges.png``), is an
+    InputError naming the kinds.
     """
     kind, sep, rest = text.partition(":")
     if sep and kind.lower() in KINDS and rest:
         return kind.lower(), rest
+    if sep and rest and _WORD.fullmatch(kind) and not Path(text).expanduser().exists():
+        raise InputError(f"unknown preprocessor {kind!r} in control {text!r}; choose one of {', '.join(KINDS)}")
     return None, text
+
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_+-]+")  # two characters at least: "C:" is a drive, not a kind
 
 
 def load_control(source, annotators: str | Path | None = None):

@@ -68,6 +68,17 @@ def tiny_build(builds) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """``controlrt demo --out controlrt-demo --steps 2`` run once: (its folder, the CLI result)."""
+    from click.testing import CliRunner
+
+    from controlrt.cli import cli
+
+    folder = tmp_path_factory.mktemp("readme") / "controlrt-demo"
+    return folder, CliRunner().invoke(cli, ["demo", "--out", str(folder), "--steps", "2"])
+
+
+@pytest.fixture(scope="session")
 def pipelines(builds):
     """Loaded pipelines per (architecture, backend), shared across tests."""
     from controlrt.runtime.pipeline import Pipeline

@@ -43,7 +43,7 @@ def controls(tmp_path_factory):
 
 
 def test_generate_writes_png_with_settings(tiny_build, controls, tmp_path):
-    out = tmp_path / "sub" / "out.png"
+    out = tmp_path / "out.png"
     c0, c1 = controls["images"][:2]
     result = run(
         "generate",
@@ -130,8 +130,8 @@ def test_parity_fails_on_a_wrong_graph(tiny_build, tmp_path):
     assert "end-to-end image" in result.stderr
 
 
-def test_demo(tmp_path):
-    result = run("demo", "--out", tmp_path / "demo", "--steps", 2)
+def test_demo(demo_run):
+    folder, result = demo_run
     assert result.exit_code == 0, result.output
     for name in (
         "demo.png",
@@ -141,9 +141,12 @@ def test_demo(tmp_path):
         "control_seg.png",
         "build/manifest.json",
     ):
-        assert (tmp_path / "demo" / name).is_file(), name
-    assert json.loads((tmp_path / "demo" / "parity.json").read_text())["passed"] is True
-    assert "edge F1" in result.output and "without the controls" in result.output
+        assert (folder / name).is_file(), name
+    assert json.loads((folder / "parity.json").read_text())["passed"] is True
+    assert "edge F1" in result.stdout and "without the controls" in result.stdout
+    assert "export: 5/5 graphs" in result.stderr and "denoise: 2/2 steps" in result.stderr  # progress, not a tty
+    settings = json.loads(Image.open(folder / "demo.png").text["controlrt"])
+    assert settings["controls"] == [str(folder / "control_canny.png"), str(folder / "control_seg.png")]
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +176,10 @@ BAD_GENERATE = {
     "too many controls": (["--control", "{c0}"] * 3, "3 control images given but the build has 2", {}),
     "height": (["--height", "63"], "height 63 must be a positive multiple of 4", {}),
     "width": (["--width", "0"], "width 0 must be a positive multiple of 4", {}),
-    "steps": (["--steps", "0"], "steps must be a whole number from 1 to 1000", {}),
-    "huge steps": (["--steps", "5000"], "steps must be a whole number from 1 to 1000", {}),
+    "steps": (["--steps", "0"], "steps must be a whole number from 1 to 999", {}),
+    "huge steps": (["--steps", "5000"], "steps must be a whole number from 1 to 999", {}),
+    "steps past ddim's": (["--steps", "1000"], "steps must be a whole number from 1 to 999, got 1000", {}),
+    "steps past lcm's": (["--steps", "51", "--scheduler", "lcm"], "steps must be a whole number from 1 to 50", {}),
     "huge size": (["--height", "100000", "--width", "100000"], "pixels; at most 16384 are allowed", {}),
     "max pixels": (["--max-pixels", "0"], "max pixels 0 must be a whole number of at least 1", {}),
     "num images": (["--num-images", "1000", "--out", "{root}/many"], "1000 images asked for; at most 64", {}),
@@ -196,6 +201,15 @@ BAD_GENERATE = {
     "negative guidance": (["--guidance", "-1"], "guidance -1.0 must be finite and non-negative", {}),
     "backend": (["--backend", "tpu"], "'tpu' is not one of", {}),
     "provider": (["--providers", "cuda"], "CUDAExecutionProvider is not available", {}),
+    "out is a folder": (["--out", "{root}"], "is a folder; give an image file name such as", {}),
+    "out in a missing folder": (["--out", "{root}/nodir/a.png"], "nodir does not exist", {}),
+    "out exists": (["--out", "{not_image}"], "notes.png already exists; pass --force to replace it", {}),
+    "out is a control": (
+        ["--control", "{c0}", "--out", "{c0}", "--force"],
+        "is one of this command's inputs; choose another file (even --force",
+        {},
+    ),
+    "unknown kind": (["--control", "sobel:{c0}"], "unknown preprocessor 'sobel' in control 'sobel:", {}),
 }
 
 
@@ -344,7 +358,10 @@ def test_preprocess_command_and_inline_controls(tiny_build, controls, tmp_path):
     inline = tmp_path / "inline.png"
     ready = tmp_path / "ready.png"
     common = ["--prompt", "x", "--steps", "2", "--seed", "4"]
-    run("preprocess", "canny", photo, "--out", out)
+    before = out.read_bytes()
+    assert_clean_error(run("preprocess", "canny", photo, "--out", out), "already exists; pass --force")
+    assert out.read_bytes() == before
+    assert run("preprocess", "canny", photo, "--out", out, "--force").exit_code == 0
     assert run("generate", tiny_build, *common, "--control", f"canny:{photo}", "--out", inline).exit_code == 0
     assert run("generate", tiny_build, *common, "--control", out, "--out", ready).exit_code == 0
     assert np.array_equal(np.asarray(Image.open(inline)), np.asarray(Image.open(ready)))

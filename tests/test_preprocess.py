@@ -62,6 +62,13 @@ def test_passthrough_keeps_the_map_and_kind_prefix_parsing(tmp_path):
     assert got.shape == (16, 32, 3) and np.array_equal(got[:, :, 1], depth)
     assert split_control("canny:a.png") == ("canny", "a.png")
     assert split_control("C:/maps/a.png") == (None, "C:/maps/a.png")  # not a kind: a path
+    with pytest.raises(InputError, match=r"unknown preprocessor 'sobel' in control 'sobel:x\.png'"):
+        split_control("sobel:x.png")
+
+
+def test_a_file_whose_name_has_a_colon_is_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save("notakind:x.png")
     assert split_control("notakind:x.png") == (None, "notakind:x.png")
 
 

@@ -68,6 +68,22 @@ def load_image(source: ControlImage) -> Image.Image | np.ndarray | torch.Tensor:
         return image.copy()
 
 
+def describe_control(source: Any, loaded: Any) -> str:
+    """How an image's settings name a control: a path as given (``canny:photo.jpg`` included);
+    an image or array given in memory by its size and the sha256 of its pixels (first 16 hex
+    digits), so that the same control can be recognised later."""
+    import hashlib
+
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(loaded, Image.Image):
+        what, pixels = f"image {loaded.width}x{loaded.height} {loaded.mode}", loaded.tobytes()
+    else:
+        array = loaded.detach().cpu().numpy() if isinstance(loaded, torch.Tensor) else np.asarray(loaded)
+        what, pixels = f"array {'x'.join(map(str, array.shape))} {array.dtype}", np.ascontiguousarray(array).tobytes()
+    return f"{what} sha256:{hashlib.sha256(pixels).hexdigest()[:16]}"
+
+
 def preprocess_control(image: Any, height: int, width: int, vae_scale_factor: int, channels: int) -> torch.Tensor:
     """[1, channels, height, width] float32 in [0, 1], resized like diffusers' control images.
 
@@ -106,14 +122,14 @@ SETTINGS_KEY = "controlrt"
 
 def check_image_path(path: Path) -> str:
     """The PIL format for an output path; InputError if it is not PNG or JPEG, or is a folder."""
+    if path.is_dir():
+        raise InputError(f"output {path} is a folder; give an image file name such as {path / 'image.png'}")
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt not in SETTINGS_FORMATS:
+        what = f"{path.suffix!r} is not" if path.suffix else "a name without an extension is not"
         raise InputError(
-            f"output {path}: {path.suffix or 'no extension'!r} is not an image format that keeps the generation "
-            "settings; use .png (or .jpg)"
+            f"output {path}: {what} an image format that keeps the generation settings; use .png (or .jpg)"
         )
-    if path.is_dir():
-        raise InputError(f"output {path} is a folder")
     return fmt
 
 
@@ -164,16 +180,16 @@ def _encode(image: Image.Image, fmt: str, settings: dict[str, Any] | None) -> by
     return buffer.getvalue()
 
 
-def save_image(image: Image.Image, path: str | Path, settings: dict[str, Any] | None = None) -> None:
+def save_image(
+    image: Image.Image, path: str | Path, settings: dict[str, Any] | None = None, force: bool = False
+) -> None:
     """Write ``image`` atomically, with ``settings`` as JSON: PNGs in a "controlrt" text chunk,
-    JPEGs in a comment segment. InputError where the folder cannot be written."""
-    from controlrt.io import atomic_write_bytes
+    JPEGs in a comment segment. An existing file is replaced only with ``force``; InputError where
+    the file exists (without ``force``) or the folder is missing or cannot be written."""
+    from controlrt.io import write_output_file
 
     path = Path(path)
     fmt = check_image_path(path)
-    data = _encode(image, fmt, settings)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data)
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: the folder {path.parent} does not exist")
+    write_output_file(path, _encode(image, fmt, settings), force)

@@ -170,7 +170,7 @@ def denoise(
     unet_only = {name: value.to(device) for name, value in (unet_only or {}).items()}
     # timesteps as the graphs take them, made on the device once (no host sync per step)
     t_inputs = timesteps.to(device=device, dtype=torch.float32)
-    for i, t in enumerate(progress_bar(timesteps, progress, "denoise", "step", lines=False)):
+    for i, t in enumerate(progress_bar(timesteps, progress, "denoise", "step")):
         model_input = torch.cat([latents] * 2) if cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
         cn_input = model_input[cond_slice]

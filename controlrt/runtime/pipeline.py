@@ -5,24 +5,26 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from controlrt.errors import BuildError, InputError
-from controlrt.manifest import Build
+from controlrt import __version__
+from controlrt.errors import BuildError
+from controlrt.io import sha256_file
+from controlrt.manifest import MANIFEST_NAME, Build
 from controlrt.precision import Precision
 from controlrt.preprocess import load_control
 from controlrt.runtime.backends import BackendOptions, open_sessions
 from controlrt.runtime.control import Branches, block_weights, guidance_embedding, residual_divisors
-from controlrt.runtime.images import peek_size, postprocess, preprocess_control, with_settings
+from controlrt.runtime.images import describe_control, peek_size, postprocess, preprocess_control, with_settings
 from controlrt.runtime.limits import Limits
 from controlrt.runtime.loop import ControlPlan, UnionInputs, denoise
 from controlrt.runtime.request import GenerationRequest, ResolvedRequest, resolve
-from controlrt.runtime.schedulers import make_scheduler
+from controlrt.runtime.schedulers import check_steps, make_scheduler, max_steps
 from controlrt.runtime.session import Session
 from controlrt.specs import GUIDANCE_EMBEDDING, GraphKind
 
@@ -67,6 +69,8 @@ class Pipeline:
         self._divisors = residual_divisors(self.unet_spec)
         self.annotators: str | Path | None = None  # controlnet-aux weights for KIND:PATH controls
         self.warn_truncated = True  # log prompts cut off by the tokenizer (they are in the settings too)
+        # which build made an image: recorded in its settings
+        self._build_record = {"path": str(build.path), "manifest_sha256": sha256_file(build.path / MANIFEST_NAME)}
 
     @classmethod
     def load(
@@ -78,6 +82,7 @@ class Pipeline:
         verify: bool = True,
         precision: str = "fp32",
         limits: Limits | None = None,
+        max_pixels: int | None = None,
         **options: Any,
     ) -> Pipeline:
         """Open a build and every graph on ``backend``.
@@ -91,9 +96,13 @@ class Pipeline:
             verify: Check every file's sha256 against the manifest (else only sizes).
             precision: "fp32", "fp16" or "int8" graphs; the build must have them.
             limits: Bounds for every request (default: Limits.for_model of the build's model).
+            max_pixels: The largest height x width a request may ask for, in place of the default
+                limit's (ignored when ``limits`` is given).
             options: Further BackendOptions: cuda_graphs, weight_streaming_budget (tensorrt).
         """
         build = Build.open(build_dir, verify=verify)
+        if limits is None and max_pixels is not None:
+            limits = Limits.for_model(build.manifest.info, max_pixels)
         return cls.from_build(build, backend, providers, device, precision, limits, **options)
 
     @classmethod
@@ -137,13 +146,13 @@ class Pipeline:
             int(s.attributes.get("num_control_type", 0)) if s.attributes.get("union") else 0
             for s in self.controlnet_specs
         ]
-        resolved = resolve(request, kinds, self.info, self.limits, control_size)
+        # the scheduler's own maximum, found by asking it (DDIM and PNDM stop short of 1000)
+        most = max_steps(self.build.scheduler_config, request.scheduler)
+        limits = replace(self.limits, max_steps=min(self.limits.max_steps, most))
+        resolved = resolve(request, kinds, self.info, limits, control_size)
         for control in resolved.controls[1:]:
             peek_size(control)  # each is readable and within bounds
-        try:
-            make_scheduler(self.build.scheduler_config, request.scheduler).set_timesteps(request.steps)
-        except ValueError as exc:  # a scheduler's own limits on the step count
-            raise InputError(f"steps {request.steps}: {str(exc).splitlines()[0]}") from None
+        check_steps(self.build.scheduler_config, request.scheduler, request.steps)
         return resolved
 
     def generate(
@@ -197,9 +206,11 @@ class Pipeline:
         decoded = self.sessions["vae_decoder"].infer({"latent": latents})["image"]
         image = postprocess(decoded, f)
         settings = request.settings() | {"height": resolved.height, "width": resolved.width}
-        settings["controls"] = [str(c) if isinstance(c, (str, Path)) else type(c).__name__ for c in resolved.controls]
+        settings["controls"] = [describe_control(c, i) for c, i in zip(resolved.controls, images, strict=True)]
         settings["backend"] = self.options.backend
         settings["precision"] = str(self.options.precision)
+        settings["controlrt"] = __version__
+        settings["build"] = self._build_record
         if truncated:
             settings["truncated"] = truncated
         return GenerationResult(with_settings(image, settings), latents, settings)

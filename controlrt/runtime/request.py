@@ -243,6 +243,7 @@ def resolve(
     if height * width > limits.max_pixels:
         raise InputError(
             f"{height}x{width} is {height * width} pixels; at most {limits.max_pixels} are allowed "
-            f"(about {math.isqrt(limits.max_pixels)} px square; --max-pixels raises the limit)"
+            f"(about {math.isqrt(limits.max_pixels)} px square; the max_pixels limit raises it: --max-pixels on "
+            "the command line, Pipeline.load(..., max_pixels=N) in Python)"
         )
     return ResolvedRequest(request, mode, scales, starts, ends, height, width, controls, types, assignment)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
 from typing import Any
 
 from controlrt.errors import InputError
@@ -32,3 +34,47 @@ def make_scheduler(config: dict[str, Any], name: str | None = None):
     if cls is None or not hasattr(cls, "from_config") or not class_name.endswith("Scheduler"):
         raise InputError(f"unknown scheduler {name or class_name!r}; choose one of {', '.join(SCHEDULERS)}")
     return cls.from_config(config)
+
+
+def _takes(scheduler, steps: int, train_steps: int) -> bool:
+    """Whether ``scheduler`` can run ``steps`` inference steps: set_timesteps accepts the count and
+    every timestep it makes lies in the trained range [0, train_steps)."""
+    try:
+        scheduler.set_timesteps(steps)
+    except (ValueError, IndexError, ZeroDivisionError):
+        return False
+    timesteps = scheduler.timesteps
+    return len(timesteps) > 0 and float(timesteps.min()) >= 0 and float(timesteps.max()) < train_steps
+
+
+@lru_cache(maxsize=64)
+def _max_steps(config_json: str, name: str | None) -> int:
+    config = json.loads(config_json)
+    scheduler = make_scheduler(config, name)
+    train_steps = int(scheduler.config.get("num_train_timesteps", 1000))
+    low, high = 0, train_steps  # the largest count it takes, by bisection over [1, train_steps]
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _takes(scheduler, middle, train_steps):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def max_steps(config: dict[str, Any], name: str | None = None) -> int:
+    """The most inference steps a scheduler (the model's own, or ``name``) can run, found by asking
+    it: the largest count up to its training timesteps for which its timesteps stay in the trained
+    range (DDIM and PNDM with ``steps_offset`` 1 stop at 999 of 1000). 0 if it takes none."""
+    return _max_steps(json.dumps(config, sort_keys=True), name)
+
+
+def check_steps(config: dict[str, Any], name: str | None, steps: int) -> None:
+    """InputError unless the scheduler can run ``steps`` steps (see :func:`max_steps`)."""
+    scheduler = make_scheduler(config, name)
+    train_steps = int(scheduler.config.get("num_train_timesteps", 1000))
+    if not _takes(scheduler, steps, train_steps):
+        most = max_steps(config, name)
+        raise InputError(
+            f"steps must be a whole number from 1 to {most} with the {type(scheduler).__name__}, got {steps}"
+        )

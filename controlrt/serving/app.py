@@ -13,6 +13,12 @@ build's limits (image size, steps, controls) and its control images, each a 400 
 generating fails only its own request (500).
 
 Routes: ``POST /generate`` (see controlrt.serving.protocol) -> image/png; ``GET /health`` -> JSON.
+
+Ray itself stays off the network: a Ray that ``start`` starts is local, every one of its servers
+bound to loopback (only the HTTP app listens on the host given), without a dashboard unless
+``dashboard`` is set (then on loopback too); ``ray_address`` joins a cluster the user runs
+instead. SIGTERM and SIGINT stop it alike: in-flight requests drain (up to DRAIN_TIMEOUT_S), Serve
+and the Ray processes it started stop, and nothing of them is left running.
 """
 
 # No "from __future__ import annotations" here: FastAPI reads the handlers' annotations at
@@ -33,6 +39,11 @@ logger = logging.getLogger(__name__)
 # The largest request body read (base64 control images included).
 MAX_BODY_BYTES = 64 << 20
 MAX_REPLICAS = 64
+APP_NAME = "controlrt"
+# How long a stopping replica waits for its in-flight generations (Serve's own shutdown wait is 30 s).
+DRAIN_TIMEOUT_S = 25.0
+# Ray's switch for a local-only node: its servers bind to loopback and it advertises 127.0.0.1.
+_RAY_LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,8 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     max_pixels: int | None = None  # default: Limits.for_model's
+    dashboard: bool = False  # Ray's dashboard, on loopback (a Ray that start() starts)
+    ray_address: str | None = None  # join this Ray cluster instead of starting a local one
 
     def __post_init__(self) -> None:
         if not 1 <= self.replicas <= MAX_REPLICAS or not 1 <= self.max_batch <= DEFAULT_MAX_IMAGES:
@@ -56,6 +69,8 @@ class ServeSettings:
             raise InputError(f"--port {self.port} is not a TCP port")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise InputError(f"--max-pixels {self.max_pixels} must be at least 1")
+        if self.ray_address is not None and (not self.ray_address.strip() or self.dashboard):
+            raise InputError("--ray-address needs a cluster address (and the cluster's own dashboard, not --dashboard)")
 
     @property
     def gpus_per_replica(self) -> float:
@@ -118,6 +133,8 @@ def build_app(settings: ServeSettings):
         ray_actor_options={"num_gpus": settings.gpus_per_replica, "num_cpus": 0},
         max_ongoing_requests=64,
         health_check_period_s=10,
+        graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S,
+        graceful_shutdown_wait_loop_s=0.5,
     )
     @serve.ingress(api)
     class ControlrtDeployment:
@@ -126,6 +143,7 @@ def build_app(settings: ServeSettings):
             from controlrt.runtime.limits import Limits
             from controlrt.runtime.pipeline import Pipeline
 
+            _replica_grpc_on_loopback()
             self.settings = ServeSettings(**config)
             s = self.settings
             options = {}
@@ -195,6 +213,32 @@ def build_app(settings: ServeSettings):
     return ControlrtDeployment.bind(asdict(settings))
 
 
+def _replica_grpc_on_loopback() -> None:
+    """In a local-only Ray, bind this replica's inter-deployment gRPC server to loopback.
+
+    Ray Serve starts one per replica, right after the deployment's constructor, on every interface
+    ("[::]:0", with no setting to change it). A Ray whose node address is loopback (the local Ray
+    ``start`` starts) is reached only from this machine, so that server is too; in a cluster
+    joined with ray_address it is left as Serve makes it.
+    """
+    import ipaddress
+
+    import ray
+    from ray.serve._private import replica
+
+    add_port = getattr(replica, "add_port_to_grpc_server", None)
+    if add_port is None or getattr(add_port, "controlrt_loopback", False):
+        return
+    if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+        return
+
+    def on_loopback(server, address: str):
+        return add_port(server, address.replace("[::]:", "127.0.0.1:", 1))
+
+    on_loopback.controlrt_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = on_loopback
+
+
 def check_port(host: str, port: int) -> None:
     """InputError if ``host:port`` cannot be listened on (in use, or not an address of this machine)."""
     import socket
@@ -212,44 +256,113 @@ def check_port(host: str, port: int) -> None:
             raise InputError(f"cannot serve on {host}:{port}: {exc.strerror} (another server on that port?)") from None
 
 
-def start(settings: ServeSettings, blocking: bool = True, announce=None):
-    """Check the build and the port, start Ray (locally), Serve on settings.host:port, and the app.
+class Stopped(Exception):
+    """Raised in the main thread by the first SIGTERM or SIGINT while ``start`` blocks."""
 
-    ``announce``, if given, is called with the URL once the application answers. With
-    ``blocking`` this returns only when interrupted (KeyboardInterrupt, after shutting down).
-    """
-    import time
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
+
+def _init_ray(settings: ServeSettings) -> str | None:
+    """Connect to ``settings.ray_address``, or start a local Ray whose servers all listen on
+    loopback, with no dashboard unless asked for (its address is returned). A Ray the caller
+    already started is used as it is."""
     import ray
+
+    if ray.is_initialized():
+        return None
+    quiet = {"log_to_driver": False, "configure_logging": False}
+    if settings.ray_address is not None:
+        try:
+            ray.init(address=settings.ray_address, **quiet)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise BackendError(f"--ray-address {settings.ray_address}: cannot join the cluster: {first}") from None
+        return None
+    # Ray reads its local-only switch from the environment (its node, GCS, raylet and agents) and,
+    # in this process, from a constant read when ray was imported
+    from ray._private import ray_constants
+
+    saved = os.environ.get(_RAY_LOCAL_ONLY), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_LOCAL_ONLY] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        context = ray.init(address="local", include_dashboard=settings.dashboard, dashboard_host="127.0.0.1", **quiet)
+    finally:
+        if saved[0] is None:
+            os.environ.pop(_RAY_LOCAL_ONLY, None)
+        else:
+            os.environ[_RAY_LOCAL_ONLY] = saved[0]
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+    return getattr(context, "dashboard_url", None) if settings.dashboard else None
+
+
+def start(settings: ServeSettings, blocking: bool = True, announce=None):
+    """Check the build and the port, start Ray (see _init_ray), Serve on settings.host:port, and
+    the app.
+
+    ``announce``, if given, is called with the URL once the application answers, and the
+    dashboard's URL (None unless one was asked for). With ``blocking`` this returns only when
+    SIGTERM or SIGINT arrives, after draining the in-flight requests and stopping Serve and Ray: it
+    returns the signal's number for SIGTERM and raises KeyboardInterrupt for SIGINT; signals after
+    the first are ignored while it stops.
+    """
+    import signal
+    import time
 
     serve = _import_serve()
     from controlrt.manifest import Build
 
     Build.open(settings.build)  # clear errors before Ray starts
     check_port(settings.host, settings.port)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    dashboard = _init_ray(settings)
+    external = settings.ray_address is not None
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        handle = serve.run(build_app(settings), name="controlrt", route_prefix="/", blocking=False)
+        handle = serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
     except Exception as exc:  # Ray reports a failed replica or proxy as its own exception types
-        stop()
+        stop(external)
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise BackendError(f"controlrt serve could not start: {first}") from None
     if announce is not None:
-        announce(f"http://{settings.host}:{settings.port}")
+        announce(f"http://{settings.host}:{settings.port}", f"http://{dashboard}" if dashboard else None)
     if not blocking:
         return handle
+    received: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        if not received:  # the first one stops; later ones must not cut the drain short
+            received.append(signum)
+            raise Stopped(signum)
+
+    # set after ray.init, whose handlers (and the core worker's stack-dumping one) these replace
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while True:
             time.sleep(1)
+    except Stopped:
+        pass
     finally:
-        stop()
+        try:
+            stop(external)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    if received[0] == signal.SIGINT:
+        raise KeyboardInterrupt
+    return received[0]
 
 
-def stop() -> None:
+def stop(external: bool = False) -> None:
+    """Stop the app: with ``external`` (a cluster joined with ray_address) delete it there and
+    disconnect; else shut Serve down and stop the local Ray with every process it started."""
     import ray
 
     serve = _import_serve()
-    serve.shutdown()
+    # deleting the app first lets its replicas finish the requests in flight (DRAIN_TIMEOUT_S)
+    # while the HTTP proxy is still there to answer them
+    serve.delete(APP_NAME)
+    if not external:
+        serve.shutdown()
     ray.shutdown()

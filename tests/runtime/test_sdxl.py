@@ -236,7 +236,9 @@ def test_generate_command_with_union_control_types_and_sdxl_conditions(xl_build,
     assert result.exit_code == 0, result.output
     settings = read_settings(out)
     assert settings["control_types"] == ["canny", "depth"] and settings["original_size"] == [96, 80]
-    bad = CliRunner().invoke(cli, [*args[:8], "--control", paths[0], "--control-type", "sketch"])
+    bad = CliRunner().invoke(
+        cli, [*args[:7], str(tmp_path / "bad.png"), "--control", paths[0], "--control-type", "sketch"]
+    )
     assert bad.exit_code == 2 and bad.output.startswith("error: unknown control type 'sketch'")
 
 
