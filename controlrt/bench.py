@@ -29,7 +29,6 @@ from controlrt.precision import Precision
 from controlrt.runtime.backends import SessionFactory
 from controlrt.runtime.control import Branches
 from controlrt.runtime.session import Session
-from controlrt.specs import GraphKind
 
 MAX_RUNS = 100  # timed (and warm-up) generations per bench
 
@@ -132,38 +131,16 @@ class BenchReport:
 
 def _meta_module(build, spec):
     """The graph's module built from its source configs on the meta device (no weights), or None."""
-    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-
-    from controlrt.graphs import ControlNetGraph, TextEncoderGraph, UNetGraph, UnionControlNetGraph, VaeDecoderGraph
-    from controlrt.specs import added_condition_names
+    from controlrt.errors import ModelError
+    from controlrt.graphs import load_graph_module
+    from controlrt.models import BaseModel, ControlNetModelFolder
 
     sources = build.manifest.sources
-    base = Path(sources["base"]["path"])
-    kind = spec.kind
-    added = tuple(added_condition_names(spec))
     try:
-        with torch.device("meta"):
-            if kind is GraphKind.UNET:
-                config = UNet2DConditionModel.load_config(base / "unet")
-                return UNetGraph(UNet2DConditionModel.from_config(config), added)
-            if kind is GraphKind.CONTROLNET:
-                import diffusers
-
-                path = sources["controlnets"][int(spec.attributes["controlnet_index"])]["path"]
-                config = ControlNetModel.load_config(path)
-                model = getattr(diffusers, config["_class_name"]).from_config(config)
-                return (UnionControlNetGraph if spec.attributes.get("union") else ControlNetGraph)(model, added)
-            if kind is GraphKind.VAE_DECODER:
-                vae = AutoencoderKL.from_config(AutoencoderKL.load_config(base / "vae"))
-                return VaeDecoderGraph(vae, build.manifest.info.scaling_factor)
-            import transformers
-
-            component = "text_encoder" if spec.name == "text_encoder" else "text_encoder_2"
-            config = transformers.AutoConfig.from_pretrained(base / component)
-            layer, pooled = str(spec.attributes.get("layer", "last")), "text_embeds" in spec.output_names
-            model = transformers.CLIPTextModelWithProjection if pooled else transformers.CLIPTextModel
-            return TextEncoderGraph(model._from_config(config), layer, pooled)
-    except (OSError, ValueError, KeyError):
+        base = BaseModel.open(sources["base"]["path"]).with_vae(sources["base"].get("vae"))
+        controlnets = [ControlNetModelFolder.open(s["path"]) for s in sources["controlnets"]]
+        return load_graph_module(spec, base, controlnets, meta=True)
+    except (ModelError, OSError, ValueError, KeyError):
         return None
 
 

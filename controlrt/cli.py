@@ -357,7 +357,7 @@ def generate(
         GenerationRequest(
             prompt=text,
             controls=list(controls),
-            scales=list(scales) or 1.0,
+            scales=list(scales) or None,
             start=list(starts) or 0.0,
             end=list(ends) or 1.0,
             negative_prompt=negative_prompt,

@@ -13,6 +13,7 @@ from torch import nn
 from controlrt.models import BaseModel, ControlNetModelFolder, ModelInfo
 from controlrt.specs import (
     GUIDANCE_EMBEDDING,
+    INPAINT_INPUTS,
     GraphKind,
     GraphSpec,
     added_condition_names,
@@ -21,6 +22,7 @@ from controlrt.specs import (
     unet_spec,
     union_controlnet_spec,
     vae_decoder_spec,
+    vae_encoder_spec,
 )
 
 
@@ -161,18 +163,26 @@ class UNetGraph(nn.Module):
 
     Inputs: sample, timestep, encoder_hidden_states, the added conditions ``added`` names (SDXL:
     text_embeds, time_ids), with ``guidance_embedding`` the guidance embedding (timestep_cond, for
-    LCM-distilled UNets), then the residuals.
+    LCM-distilled UNets), with ``inpainting`` the mask and the masked image's latents (concatenated
+    to the sample on the channels, as diffusers' inpainting pipelines do), then the residuals.
     """
 
-    def __init__(self, unet: nn.Module, added: tuple[str, ...] = (), guidance_embedding: bool = False) -> None:
+    def __init__(
+        self, unet: nn.Module, added: tuple[str, ...] = (), guidance_embedding: bool = False, inpainting: bool = False
+    ) -> None:
         super().__init__()
         self.unet = unet
         self.added = tuple(added)
         self.guidance_embedding = guidance_embedding
+        self.inpainting = inpainting
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         conditions, rest = rest[: len(self.added)], rest[len(self.added) :]
-        timestep_cond, residuals = (rest[0], rest[1:]) if self.guidance_embedding else (None, rest)
+        timestep_cond, rest = (rest[0], rest[1:]) if self.guidance_embedding else (None, rest)
+        if self.inpainting:
+            mask, masked_image_latents, *rest = rest
+            sample = torch.cat([sample, mask, masked_image_latents], dim=1)
+        residuals = rest
         return self.unet(
             sample,
             timestep,
@@ -209,8 +219,29 @@ class VaeDecoderGraph(nn.Module):
         return self.vae.decode(latent / self.scaling_factor, return_dict=False)[0]
 
 
+class VaeEncoderGraph(nn.Module):
+    """Image in [-1, 1] -> the encoder's latents: the distribution's mean and log-variance for an
+    AutoencoderKL (its moments, before diffusers clamps the log-variance), the latents themselves
+    for an AutoencoderTiny. Neither sampled nor scaled (see specs.vae_encoder_spec)."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.samples = hasattr(vae, "quant_conv")  # AutoencoderKL: moments; AutoencoderTiny: latents
+
+    def forward(self, image: torch.Tensor):
+        if not self.samples:
+            return self.vae.encode(image, return_dict=False)[0]
+        moments = self.vae.encoder(image)
+        if self.vae.quant_conv is not None:
+            moments = self.vae.quant_conv(moments)
+        mean, logvar = torch.chunk(moments, 2, dim=1)
+        return mean, logvar
+
+
 def graph_specs(info: ModelInfo, controlnets: list[ControlNetModelFolder]) -> list[GraphSpec]:
-    """Every graph of a build, in export order: text encoder(s), ControlNets, UNet, VAE decoder."""
+    """Every graph of a build, in export order: text encoder(s), ControlNets, UNet, VAE decoder,
+    VAE encoder."""
     return [
         *text_encoder_specs(info),
         *(
@@ -221,24 +252,31 @@ def graph_specs(info: ModelInfo, controlnets: list[ControlNetModelFolder]) -> li
         ),
         unet_spec(info),
         vae_decoder_spec(info),
+        vae_encoder_spec(info),
     ]
 
 
-def load_graph_module(spec: GraphSpec, base: BaseModel, controlnets: list[ControlNetModelFolder]) -> nn.Module:
-    """The PyTorch module that computes ``spec``, loaded from the source folders."""
+def load_graph_module(
+    spec: GraphSpec, base: BaseModel, controlnets: list[ControlNetModelFolder], meta: bool = False
+) -> nn.Module:
+    """The PyTorch module that computes ``spec``, loaded from the source folders; with ``meta`` its
+    architecture alone, on the meta device (no weights: for counting its work)."""
     kind = spec.kind
     added = tuple(added_condition_names(spec))
     if kind is GraphKind.TEXT_ENCODER:
         component = base.text_encoder_names[int(spec.attributes.get("text_encoder_index", 0))]
         layer = str(spec.attributes.get("layer", "last"))
         pooled = "text_embeds" in spec.output_names
-        module: nn.Module = TextEncoderGraph(base.load_text_encoder(component), layer, pooled)
+        module: nn.Module = TextEncoderGraph(base.load_text_encoder(component, meta), layer, pooled)
     elif kind is GraphKind.UNET:
-        module = UNetGraph(base.load_unet(), added, GUIDANCE_EMBEDDING in spec.input_names)
+        inpainting = INPAINT_INPUTS[0] in spec.input_names
+        module = UNetGraph(base.load_unet(meta), added, GUIDANCE_EMBEDDING in spec.input_names, inpainting)
     elif kind is GraphKind.VAE_DECODER:
-        module = VaeDecoderGraph(base.load_vae(), base.info().scaling_factor)
+        module = VaeDecoderGraph(base.load_vae(meta), base.info().scaling_factor)
+    elif kind is GraphKind.VAE_ENCODER:
+        module = VaeEncoderGraph(base.load_vae(meta))
     else:
         folder = controlnets[int(spec.attributes["controlnet_index"])]
         graph = UnionControlNetGraph if folder.union else ControlNetGraph
-        module = graph(folder.load(), added)
+        module = graph(folder.load(meta), added)
     return module.eval()

@@ -37,6 +37,9 @@ BASE_COMPONENTS = {
 SDXL_COMPONENTS = {"text_encoder_2": "config.json", "tokenizer_2": "tokenizer_config.json"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 CONTROLNET_CLASSES = ("ControlNetModel", "ControlNetUnionModel")
+# AutoencoderKL encodes to a distribution (sampled with the request's generator), AutoencoderTiny
+# (TAESD) to latents directly
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 # ControlNet-Union's condition types as diffusers takes them (integers) and xinsir's ProMax names them
 UNION_TYPES = {
     "openpose": 0,
@@ -85,6 +88,18 @@ class ModelInfo:
     # LCM-distilled UNets (time_cond_proj_dim): the width of the guidance embedding they take as
     # timestep_cond; guidance is then this embedding, not a classifier-free-guidance batch.
     guidance_embedding_dim: int = 0
+    # An inpainting UNet (in_channels = 2 x latent + 1) takes the mask and the masked image's latents
+    # beside the latents, as diffusers concatenates them.
+    inpainting_unet: bool = False
+    vae_class: str = "AutoencoderKL"
+    # VAEs whose config sets them (SDXL-style): latents are (z - mean) * scaling_factor / std
+    latents_mean: tuple[float, ...] = ()
+    latents_std: tuple[float, ...] = ()
+    # The VAE config's sample_size: diffusers' tile size in pixels for a tiled encode and decode
+    vae_tile_size: int = 0
+    # SDXL img2img and inpainting: the time ids end with an aesthetic score instead of the target size
+    # (model_index.json's requires_aesthetics_score, as diffusers' SDXL img2img pipelines read it)
+    requires_aesthetics_score: bool = False
 
     @property
     def sdxl(self) -> bool:
@@ -95,6 +110,17 @@ class ModelInfo:
     def embedded_guidance(self) -> bool:
         """Whether the UNet takes guidance as an embedding (LCM-distilled): no CFG batch."""
         return self.guidance_embedding_dim > 0
+
+    @property
+    def vae_samples(self) -> bool:
+        """Whether the VAE encodes to a distribution that is sampled (AutoencoderKL), rather than to
+        latents directly (AutoencoderTiny)."""
+        return self.vae_class == "AutoencoderKL"
+
+    @property
+    def mask_channels(self) -> int:
+        """The mask channels an inpainting UNet takes (0 for other UNets)."""
+        return 1 if self.inpainting_unet else 0
 
     @property
     def text_encoders(self) -> int:
@@ -121,7 +147,8 @@ class ModelInfo:
         data = dict(data)
         data["sample_size"] = tuple(data["sample_size"])
         data["residuals"] = tuple(Residual(**r) for r in data["residuals"])
-        data["text_hidden_sizes"] = tuple(data.get("text_hidden_sizes", ()))
+        for key in ("text_hidden_sizes", "latents_mean", "latents_std"):
+            data[key] = tuple(data.get(key, ()))
         return cls(**data)
 
 
@@ -266,8 +293,8 @@ def model_info(configs: dict[str, dict[str, Any]]) -> ModelInfo:
     )
     if unet.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None:
         raise ModelError("base model unet has no mid block; ControlNet needs one")
-    if vae.get("_class_name") != "AutoencoderKL":
-        raise ModelError(f"base model: the vae is a {vae.get('_class_name')}, expected AutoencoderKL")
+    if vae.get("_class_name") not in VAE_CLASSES:
+        raise ModelError(f"base model: the vae is a {vae.get('_class_name')}, expected {' or '.join(VAE_CLASSES)}")
     cross = unet["cross_attention_dim"]
     if isinstance(cross, list):
         if len(set(cross)) != 1:
@@ -280,19 +307,24 @@ def model_info(configs: dict[str, dict[str, Any]]) -> ModelInfo:
             f"base model: the text encoders' hidden sizes {list(widths)} do not add up to the UNet's "
             f"cross_attention_dim {cross}"
         )
-    if unet["in_channels"] != vae["latent_channels"]:
+    latent = int(vae.get("latent_channels", 4))
+    if unet["in_channels"] not in (latent, 2 * latent + 1):
         raise ModelError(
-            f"base model: the UNet takes {unet['in_channels']} latent channels, the VAE makes {vae['latent_channels']}"
+            f"base model: the UNet takes {unet['in_channels']} input channels; the VAE makes {latent} latent channels, "
+            f"so it must take {latent} (or {2 * latent + 1}: an inpainting UNet)"
         )
+    if unet["out_channels"] != latent:
+        raise ModelError(f"base model: the UNet predicts {unet['out_channels']} channels, the VAE has {latent}")
     sample = unet["sample_size"]
     sample = (sample, sample) if isinstance(sample, int) else tuple(sample)
     encoders = [text, *([configs["text_encoder_2"]] if sdxl else [])]
     tokenizers = [configs["tokenizer"], *([configs["tokenizer_2"]] if sdxl else [])]
     lengths = [int(t.get("model_max_length", 77)) for t in tokenizers]
     lengths += [int(e["max_position_embeddings"]) for e in encoders]
+    tile = vae.get("sample_size") or 0
     return ModelInfo(
         vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
-        latent_channels=unet["in_channels"],
+        latent_channels=latent,
         unet_out_channels=unet["out_channels"],
         cross_attention_dim=cross,
         sequence_length=min(lengths),
@@ -304,6 +336,12 @@ def model_info(configs: dict[str, dict[str, Any]]) -> ModelInfo:
         residuals=residual_layout(unet, "base model unet"),
         text_attention_mask=bool(text.get("use_attention_mask", False)),
         guidance_embedding_dim=int(unet.get("time_cond_proj_dim") or 0),
+        inpainting_unet=unet["in_channels"] == 2 * latent + 1,
+        vae_class=str(vae["_class_name"]),
+        latents_mean=tuple(float(v) for v in vae.get("latents_mean") or ()),
+        latents_std=tuple(float(v) for v in vae.get("latents_std") or ()),
+        vae_tile_size=int(tile[0] if isinstance(tile, (list, tuple)) else tile),
+        requires_aesthetics_score=bool(configs.get("model_index", {}).get("requires_aesthetics_score", False)),
         **sdxl,
     )
 
@@ -320,6 +358,7 @@ class BaseModel:
     index: dict[str, Any]
     configs: dict[str, dict[str, Any]]
     loras: tuple[Lora, ...] = ()
+    vae_dir: Path | None = None  # a VAE folder used in place of the base's vae/ (a tiny VAE, TAESD)
 
     def with_loras(self, loras: Sequence[Lora]) -> BaseModel:
         """This model with ``loras`` fused in at load; ModelError if one does not fit it."""
@@ -332,6 +371,28 @@ class BaseModel:
             if missing:
                 raise ModelError(f"LoRA {lora.path} adapts {sorted(missing)[0]}, which the base model does not have")
         return replace(self, loras=loras)
+
+    def with_vae(self, vae_dir: str | Path | None) -> BaseModel:
+        """This model with the VAE in ``vae_dir`` (an AutoencoderKL or AutoencoderTiny folder) in place
+        of its own; ModelError if it is not one or does not fit the UNet."""
+        if vae_dir is None:
+            return self
+        path = _require_dir(Path(vae_dir), "VAE folder")
+        config = _read_json(path / "config.json", f"VAE {path}")
+        if config.get("_class_name") not in VAE_CLASSES:
+            raise ModelError(
+                f"{path} is not a VAE folder (config.json describes a {config.get('_class_name')}, expected "
+                f"{' or '.join(VAE_CLASSES)})"
+            )
+        if not _weight_paths(path):
+            raise ModelError(f"VAE {path} has no weights (*.safetensors or *.bin)")
+        base = replace(self, configs={**self.configs, "vae": config}, vae_dir=path)
+        base.info()  # it fits the UNet
+        return base
+
+    @property
+    def vae_path(self) -> Path:
+        return self.vae_dir or self.path / "vae"
 
     @classmethod
     def open(cls, path: str | Path) -> BaseModel:
@@ -366,19 +427,23 @@ class BaseModel:
     def source_record(self) -> dict[str, Any]:
         """Paths, config hashes and weight files' sizes and sha256, for the manifest's staleness checks."""
         components = _components(self.index)
+        folders = {c: self.vae_path if c == "vae" else self.path / c for c in components}
         return {
             "path": str(self.path),
-            "config_sha256": {c: _config_hash(self.path / c / name) for c, name in components.items()},
-            "weights": {c: _weight_files(self.path / c) for c in ("unet", "vae", *self.text_encoder_names)},
+            "config_sha256": {c: _config_hash(folders[c] / name) for c, name in components.items()},
+            "weights": {c: _weight_files(folders[c]) for c in ("unet", "vae", *self.text_encoder_names)},
             **({"loras": self._lora_records()} if self.loras else {}),
+            **({"vae": str(self.vae_dir)} if self.vae_dir else {}),
         }
 
     # --- loading (weights) -------------------------------------------------------------------
 
-    def load_unet(self) -> torch.nn.Module:
+    def load_unet(self, meta: bool = False) -> torch.nn.Module:
+        """The UNet with the LoRAs fused in; with ``meta`` its architecture alone, on the meta device."""
         from diffusers import UNet2DConditionModel
 
-        return self._fused(_load(UNet2DConditionModel, self.path / "unet", "base model unet"), "unet")
+        unet = _load(UNet2DConditionModel, self.path / "unet", "base model unet", meta)
+        return unet if meta else self._fused(unet, "unet")
 
     def _lora_records(self) -> list[dict[str, Any]]:
         from controlrt.lora import adapted_components
@@ -393,19 +458,21 @@ class BaseModel:
 
         return fuse_into(module, component, list(self.loras), self.info().sdxl)
 
-    def load_vae(self) -> torch.nn.Module:
-        from diffusers import AutoencoderKL
+    def load_vae(self, meta: bool = False) -> torch.nn.Module:
+        import diffusers
 
-        return _load(AutoencoderKL, self.path / "vae", "base model vae")
+        cls = getattr(diffusers, str(self.configs["vae"]["_class_name"]))
+        return _load(cls, self.vae_path, "base model vae" if self.vae_dir is None else f"VAE {self.vae_dir}", meta)
 
-    def load_text_encoder(self, component: str = "text_encoder") -> torch.nn.Module:
+    def load_text_encoder(self, component: str = "text_encoder", meta: bool = False) -> torch.nn.Module:
         import transformers
 
         _, class_name = self._class(component)
         cls = getattr(transformers, class_name, None)
         if cls is None:
             raise ModelError(f"base model: unknown text encoder class {class_name}")
-        return self._fused(_load(cls, self.path / component, f"base model {component}"), component)
+        encoder = _load(cls, self.path / component, f"base model {component}", meta)
+        return encoder if meta else self._fused(encoder, component)
 
     def load_tokenizer(self, component: str = "tokenizer"):
         import transformers
@@ -510,14 +577,22 @@ class ControlNetModelFolder:
             "weights": {"controlnet": _weight_files(self.path)},
         }
 
-    def load(self) -> torch.nn.Module:
+    def load(self, meta: bool = False) -> torch.nn.Module:
         import diffusers
 
-        return _load(getattr(diffusers, self.config["_class_name"]), self.path, f"ControlNet {self.name!r}")
+        return _load(getattr(diffusers, self.config["_class_name"]), self.path, f"ControlNet {self.name!r}", meta)
 
 
-def _load(cls, path: Path, what: str):
+def _load(cls, path: Path, what: str, meta: bool = False):
+    """``cls`` from ``path``; with ``meta`` from its config alone, on the meta device (no weights)."""
+    import torch
+
     try:
+        if meta:
+            with torch.device("meta"):
+                if hasattr(cls, "load_config"):  # diffusers
+                    return cls.from_config(cls.load_config(path)).eval()
+                return cls._from_config(cls.config_class.from_pretrained(path)).eval()  # transformers
         module = cls.from_pretrained(path)
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -8,6 +8,8 @@ Built in, with OpenCV (opencv-python-headless):
   and drawn white on black; segments shorter than ``min_length`` pixels are dropped.
 - ``scribble``: a user sketch normalised to white strokes on black (a light background is
   inverted; Otsu's threshold, then strokes dilated to ``thickness``).
+- ``inpaint``: an inpaint ControlNet's condition, the image with its masked pixels at -1 (needs the
+  mask; an array, since -1 is no pixel value). ``inpaint:PATH`` in a request takes the request's mask.
 - pass-through kinds (``depth``, ``normal``, ``pose``, ``seg``, ``hed``, ``lineart``, ``map``): maps
   that neural annotators make, accepted as images and resized like any control. With
   controlnet-aux installed and its annotator weights in a local folder (``annotators=DIR``), the
@@ -103,12 +105,31 @@ def scribble(image, thickness: int = 3) -> Image.Image:
     return _to_image(strokes)
 
 
+def inpaint(image, mask) -> np.ndarray:
+    """The condition of an inpaint ControlNet (control_v11p_sd15_inpaint): the image's RGB in [0, 1]
+    with the masked pixels (mask >= 0.5, white = repaint) set to -1, HxWx3 float32, as diffusers'
+    examples make it. -1 has no place in an image file: it is kept as an array (``.npy``)."""
+    from controlrt.runtime.images import load_image
+
+    if mask is None:
+        raise InputError("the inpaint condition is made from an image and its mask: give the mask (--mask)")
+    rgb = _rgb_array(image).astype(np.float32) / 255.0
+    mask = load_image(mask, "mask")
+    if not isinstance(mask, Image.Image):
+        mask = Image.fromarray(np.asarray(mask))
+    mask = mask.convert("L")
+    if mask.size != (rgb.shape[1], rgb.shape[0]):
+        mask = mask.resize((rgb.shape[1], rgb.shape[0]), Image.NEAREST)
+    rgb[np.asarray(mask).astype(np.float32) / 255.0 > 0.5] = -1.0
+    return rgb
+
+
 def passthrough(image) -> Image.Image:
     """A ready map (depth, pose, segmentation …), as an RGB image."""
     return Image.fromarray(_rgb_array(image))
 
 
-BUILTIN: dict[str, Callable[..., Image.Image]] = {"canny": canny, "mlsd": mlsd, "scribble": scribble}
+BUILTIN: dict[str, Callable[..., Any]] = {"canny": canny, "mlsd": mlsd, "scribble": scribble, "inpaint": inpaint}
 KINDS = (*BUILTIN, *PASSTHROUGH)
 
 
@@ -119,8 +140,9 @@ def check_kind(kind: str) -> str:
     return kind.lower()
 
 
-def preprocess(kind: str, image, annotators: str | Path | None = None, **options: Any) -> Image.Image:
-    """The control map of ``kind`` for ``image`` (a PIL image, an array or a path)."""
+def preprocess(kind: str, image, annotators: str | Path | None = None, **options: Any) -> Image.Image | np.ndarray:
+    """The control map of ``kind`` for ``image`` (a PIL image, an array or a path): an image, or for
+    ``inpaint`` (which takes ``mask=``) an HxWx3 float32 array."""
     from controlrt.runtime.images import load_image
 
     kind = check_kind(kind)

@@ -71,6 +71,7 @@ class GraphKind(StrEnum):
     CONTROLNET = "controlnet"
     UNET = "unet"
     VAE_DECODER = "vae_decoder"
+    VAE_ENCODER = "vae_encoder"
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,8 @@ def residual_specs(info: ModelInfo) -> tuple[TensorSpec, ...]:
 # SDXL's added conditions, inputs of the UNet and the ControlNets after encoder_hidden_states
 ADDED_CONDITIONS = ("text_embeds", "time_ids")
 GUIDANCE_EMBEDDING = "timestep_cond"  # the UNet's only: ControlNets never take it
+# An inpainting UNet's own inputs, concatenated to the latents inside the graph as diffusers does
+INPAINT_INPUTS = ("mask", "masked_image_latents")
 
 
 def _denoiser_inputs(info: ModelInfo) -> tuple[TensorSpec, ...]:
@@ -426,22 +429,29 @@ def union_controlnet_spec(
 
 def unet_spec(info: ModelInfo) -> GraphSpec:
     """sample, timestep, encoder_hidden_states (SDXL: text_embeds, time_ids; LCM-distilled UNets:
-    timestep_cond [batch, dim], the guidance embedding) and every control residual -> noise_pred."""
-    out = TensorSpec(
-        "noise_pred",
-        "float32",
-        (BATCH, info.unet_out_channels, *_image_axes(info.vae_scale_factor)),
-    )
+    timestep_cond [batch, dim], the guidance embedding; inpainting UNets: mask [batch, 1, h, w] in
+    {0, 1} and masked_image_latents [batch, C, h, w], concatenated to the latents inside the graph)
+    and every control residual -> noise_pred."""
+    latent = _image_axes(info.vae_scale_factor)
+    out = TensorSpec("noise_pred", "float32", (BATCH, info.unet_out_channels, *latent))
     guidance = (
         [TensorSpec(GUIDANCE_EMBEDDING, "float32", (BATCH, info.guidance_embedding_dim), (-1.0, 1.0))]
         if info.embedded_guidance
+        else []
+    )
+    inpaint = (
+        [
+            TensorSpec(INPAINT_INPUTS[0], "float32", (BATCH, info.mask_channels, *latent), (0.0, 1.0)),
+            TensorSpec(INPAINT_INPUTS[1], "float32", (BATCH, info.latent_channels, *latent)),
+        ]
+        if info.inpainting_unet
         else []
     )
     return _spec(
         info,
         "unet",
         GraphKind.UNET,
-        [*_denoiser_inputs(info), *guidance, *residual_specs(info)],
+        [*_denoiser_inputs(info), *guidance, *inpaint, *residual_specs(info)],
         [out],
     )
 
@@ -460,4 +470,23 @@ def vae_decoder_spec(info: ModelInfo) -> GraphSpec:
             )
         ],
         [TensorSpec("image", "float32", (BATCH, info.image_channels, *_image_axes(1)))],
+    )
+
+
+def vae_encoder_spec(info: ModelInfo) -> GraphSpec:
+    """image [batch, C, height, width] in [-1, 1] -> latent_mean [batch, latent, height/f, width/f]
+    and, for a VAE that encodes to a distribution (AutoencoderKL), latent_logvar, as the encoder
+    computes them (not clamped, not sampled, not scaled: the loop samples with the request's
+    generator, clamping the log-variance to [-30, 20] as diffusers does, and scales). A tiny VAE
+    (AutoencoderTiny) gives its latents as latent_mean alone."""
+    latent = (BATCH, info.latent_channels, *_image_axes(info.vae_scale_factor))
+    outputs = [TensorSpec("latent_mean", "float32", latent)]
+    if info.vae_samples:
+        outputs.append(TensorSpec("latent_logvar", "float32", latent))
+    return _spec(
+        info,
+        "vae_encoder",
+        GraphKind.VAE_ENCODER,
+        [TensorSpec("image", "float32", (BATCH, info.image_channels, *_image_axes(1)), (-1.0, 1.0))],
+        outputs,
     )

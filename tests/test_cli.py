@@ -110,7 +110,7 @@ def test_parity_passes_and_writes_json(tiny_build, tmp_path):
     assert "PASSED" in result.stdout
     data = json.loads(report.read_text())
     assert data["passed"] is True
-    assert len(data["graphs"]) == 2 * (1 + 7 + 7 + 1 + 1)  # two shapes x every output
+    assert len(data["graphs"]) == 2 * (1 + 7 + 7 + 1 + 1 + 2)  # two shapes x every output (VAE encoder: 2)
     assert data["end_to_end"]["psnr_db"] == "inf" or float(data["end_to_end"]["psnr_db"]) >= 40
 
 
@@ -144,7 +144,7 @@ def test_demo(demo_run):
         assert (folder / name).is_file(), name
     assert json.loads((folder / "parity.json").read_text())["passed"] is True
     assert "edge F1" in result.stdout and "without the controls" in result.stdout
-    assert "export: 5/5 graphs" in result.stderr and "denoise: 2/2 steps" in result.stderr  # progress, not a tty
+    assert "export: 6/6 graphs" in result.stderr and "denoise: 2/2 steps" in result.stderr  # progress, not a tty
     settings = json.loads(Image.open(folder / "demo.png").text["controlrt"])
     assert settings["controls"] == [str(folder / "control_canny.png"), str(folder / "control_seg.png")]
 
@@ -342,7 +342,7 @@ def test_inspect_shows_graphs_precisions_and_engines(tiny_build):
     assert "precisions: fp32" in result.output and "engines: none" in result.output
     assert "down_block_res_0 float32 (batch," in result.output
     data = json.loads(run("inspect", tiny_build, "--json").output)
-    assert set(data["graphs"]) == {"text_encoder", "controlnet_0", "controlnet_1", "unet", "vae_decoder"}
+    assert set(data["graphs"]) == {"text_encoder", "controlnet_0", "controlnet_1", "unet", "vae_decoder", "vae_encoder"}
     assert data["graphs"]["unet"]["variants"]["fp32"]["bytes"] > 0
     assert_clean_error(run("inspect", tiny_build / "nope"), "does not exist")
 

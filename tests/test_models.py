@@ -64,7 +64,7 @@ def test_misfit_controlnet_is_refused(tmp_path, controlnet, message):
     [
         ({"addition_embed_type": "text_time"}, "lists no text_encoder_2"),
         ({"cross_attention_dim": 1024}, r"hidden sizes \[768\] do not add up"),
-        ({"in_channels": 9}, "latent channels"),
+        ({"in_channels": 8}, r"so it must take 4 \(or 9: an inpainting UNet\)"),
         ({"_class_name": "UNet2DModel"}, "expected UNet2DConditionModel"),
     ],
 )

@@ -83,6 +83,7 @@ def capture(
 
     Returns graph name -> list of feeds (one per call, in call order).
     """
+    from controlrt.runtime.img2img import preprocess_image
     from controlrt.runtime.pipeline import Pipeline
     from controlrt.runtime.request import GenerationRequest, sample_control_types
 
@@ -94,6 +95,8 @@ def capture(
 
     records: dict[str, list[Feeds]] = {n: [] for n in names}
     with Pipeline.from_build(build, backend="torch") as pipe:
+        if "vae_encoder" in records:
+            pipe.session("vae_encoder")  # opened now, to be recorded too
         pipe.sessions = {n: RecordingSession(s, records[n]) for n, s in pipe.sessions.items()}
         pipe.warn_truncated = False  # the data set's prompts, cut to the model's length as it reads them
         samples = progress_bar(data.samples, progress, "calibrate: capture", "generation")
@@ -108,7 +111,11 @@ def capture(
                 height=settings.height,
                 width=settings.width,
             )
-            pipe.generate(request)
+            result = pipe.generate(request)
+            if "vae_encoder" in pipe.sessions:  # img2img's input: a real image, the one just made
+                f = build.manifest.info.vae_scale_factor
+                image = preprocess_image(result.image, settings.height, settings.width, f)
+                pipe.sessions["vae_encoder"].infer({"image": image})
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:

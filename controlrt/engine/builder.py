@@ -48,9 +48,9 @@ class EngineResult:
 
 
 def options_for(spec: GraphSpec, options: BuildOptions) -> BuildOptions:
-    """The build options one graph gets: the VAE decoder, whose weights nothing changes, is never
-    built refittable."""
-    if spec.kind is GraphKind.VAE_DECODER and options.refittable:
+    """The build options one graph gets: the VAE decoder and encoder, whose weights nothing changes,
+    are never built refittable."""
+    if spec.kind in (GraphKind.VAE_DECODER, GraphKind.VAE_ENCODER) and options.refittable:
         return replace(options, refittable=False)
     return options
 

@@ -22,6 +22,7 @@ from controlrt.manifest import Build, Manifest
 from controlrt.precision import Precision
 from controlrt.specs import GraphKind, GraphSpec
 
+VAE_KINDS = (GraphKind.VAE_DECODER, GraphKind.VAE_ENCODER)
 FP16_OP_BLOCK_LIST = (
     "InstanceNormalization",
     "GroupNormalization",
@@ -103,7 +104,7 @@ def convert_build(
 
     def produce(spec: GraphSpec, target: Path) -> list[Path]:
         source = build.graph_path(spec.name)
-        if upcast and spec.kind is GraphKind.VAE_DECODER:  # as diffusers' SDXL pipelines: decoded in fp32
+        if upcast and spec.kind in VAE_KINDS:  # as diffusers' SDXL pipelines: encoded and decoded in fp32
             import onnx
 
             return save_onnx(onnx.load(str(source)), target)
@@ -124,5 +125,6 @@ def convert_build(
         "node_patterns": list(FP16_NODE_PATTERNS),
         "checked_against": "fp32 graph",
         **({"vae_decoder": "kept in fp32: its config sets force_upcast"} if upcast else {}),
+        **({"vae_encoder": "kept in fp32: its config sets force_upcast"} if upcast else {}),
     }
     return write_variants(build, precision, list(build.manifest.graphs), produce, check, settings, progress)

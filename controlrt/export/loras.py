@@ -78,7 +78,7 @@ def set_loras(build_dir: str | Path, loras: list[Lora], progress: bool = False, 
     manifest = build.manifest
     recorded = manifest.sources["base"]
     try:
-        base = BaseModel.open(recorded["path"])
+        base = BaseModel.open(recorded["path"]).with_vae(recorded.get("vae"))
     except Exception as exc:
         raise BuildError(f"build {build.path}: changing its LoRAs needs its base model ({exc})") from None
     changed = [r for r in source_differences({**recorded, "loras": []}, base.source_record()) if r != "LoRAs"]

@@ -85,7 +85,7 @@ def open_sources(manifest: Manifest) -> tuple[BaseModel, list[ControlNetModelFol
             "refit from a ControlNet folder to compare against torch"
         )
     try:
-        base = BaseModel.open(sources["base"]["path"])
+        base = BaseModel.open(sources["base"]["path"]).with_vae(sources["base"].get("vae"))
         base = base.with_loras([Lora.from_record(r) for r in sources["base"].get("loras", [])])
         controlnets = [ControlNetModelFolder.open(s["path"]) for s in sources["controlnets"]]
     except (ModelError, InputError) as exc:

@@ -73,7 +73,7 @@ class Branches:
 
     def per_image(self, kind: GraphKind) -> int:
         """The graph's batch for one image."""
-        if kind is GraphKind.VAE_DECODER or not self.cfg:
+        if kind in (GraphKind.VAE_DECODER, GraphKind.VAE_ENCODER) or not self.cfg:
             return 1
         return 1 if kind is GraphKind.CONTROLNET and self.conditional_only else 2
 

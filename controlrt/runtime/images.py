@@ -18,19 +18,37 @@ ControlImage = Image.Image | np.ndarray | torch.Tensor | str | Path
 MAX_CONTROL_PIXELS = 8192 * 8192
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path, what: str = "control image") -> Image.Image:
     """A lazily opened image (header read, pixels not decoded); InputError if unreadable or too large."""
     if not path.is_file():
-        raise InputError(f"control image {path} does not exist")
+        raise InputError(f"{what} {path} does not exist")
     try:
         image = Image.open(path)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-        raise InputError(f"control image {path} is not a readable image ({exc.__class__.__name__})") from None
+        raise InputError(f"{what} {path} is not a readable image ({exc.__class__.__name__})") from None
     width, height = image.size
     if width * height > MAX_CONTROL_PIXELS:
         image.close()
-        raise InputError(f"control image {path} is {width}x{height}; at most {MAX_CONTROL_PIXELS} pixels are read")
+        raise InputError(f"{what} {path} is {width}x{height}; at most {MAX_CONTROL_PIXELS} pixels are read")
     return image
+
+
+def _open_array(path: Path, what: str) -> np.ndarray:
+    """A control saved as a NumPy array (``.npy``: an inpaint condition with its -1 pixels), memory
+    mapped; InputError unless it is HxWx3 float32 within MAX_CONTROL_PIXELS."""
+    if not path.is_file():
+        raise InputError(f"{what} {path} does not exist")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{what} {path} is not a readable .npy array ({exc.__class__.__name__})") from None
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.float32:
+        raise InputError(f"{what} {path} holds a {array.dtype} array of shape {array.shape}; expected HxWx3 float32")
+    if array.shape[0] * array.shape[1] > MAX_CONTROL_PIXELS:
+        raise InputError(
+            f"{what} {path} is {array.shape[1]}x{array.shape[0]}; at most {MAX_CONTROL_PIXELS} pixels are read"
+        )
+    return array
 
 
 def peek_size(source: Any) -> tuple[int, int]:
@@ -41,7 +59,11 @@ def peek_size(source: Any) -> tuple[int, int]:
 
         source = split_control(source)[1]
     if isinstance(source, (str, Path)):
-        with _open(Path(source).expanduser()) as image:
+        path = Path(source).expanduser()
+        if path.suffix.lower() == ".npy":
+            shape = _open_array(path, "control").shape
+            return int(shape[0]), int(shape[1])
+        with _open(path) as image:
             return image.size[1], image.size[0]
     if isinstance(source, Image.Image):
         return source.size[1], source.size[0]
@@ -55,27 +77,33 @@ def peek_size(source: Any) -> tuple[int, int]:
     )
 
 
-def load_image(source: ControlImage) -> Image.Image | np.ndarray | torch.Tensor:
-    """Open a path as a PIL image (InputError if unreadable); pass images and arrays through."""
+def load_image(source: ControlImage, what: str = "control image") -> Image.Image | np.ndarray | torch.Tensor:
+    """Open a path as a PIL image (a ``.npy`` path as its array; InputError if unreadable); pass
+    images and arrays through."""
     if not isinstance(source, (str, Path)):
         return source
     path = Path(source).expanduser()
-    with _open(path) as image:
+    if path.suffix.lower() == ".npy":
+        return np.array(_open_array(path, what))
+    with _open(path, what) as image:
         try:
             image.load()
         except (Image.DecompressionBombError, OSError, ValueError) as exc:
-            raise InputError(f"control image {path} is not a readable image ({exc.__class__.__name__})") from None
+            raise InputError(f"{what} {path} is not a readable image ({exc.__class__.__name__})") from None
         return image.copy()
 
 
-def describe_control(source: Any, loaded: Any) -> str:
-    """How an image's settings name a control: a path as given (``canny:photo.jpg`` included);
-    an image or array given in memory by its size and the sha256 of its pixels (first 16 hex
-    digits), so that the same control can be recognised later."""
+def describe_control(source: Any, loaded: Any, digest: bool = False) -> str:
+    """How an image's settings name a control: a path as given (``canny:photo.jpg`` included; with
+    ``digest`` followed by its pixels' sha256, as for the init image and the mask); an image or
+    array given in memory by its size and the sha256 of its pixels (first 16 hex digits), so that
+    the same image can be recognised later."""
     import hashlib
 
-    if isinstance(source, (str, Path)):
+    if isinstance(source, (str, Path)) and not digest:
         return str(source)
+    if isinstance(source, (str, Path)):
+        return f"{source} {describe_control(None, loaded).rpartition(' ')[2]}"
     if isinstance(loaded, Image.Image):
         what, pixels = f"image {loaded.width}x{loaded.height} {loaded.mode}", loaded.tobytes()
     else:
@@ -84,11 +112,14 @@ def describe_control(source: Any, loaded: Any) -> str:
     return f"{what} sha256:{hashlib.sha256(pixels).hexdigest()[:16]}"
 
 
-def preprocess_control(image: Any, height: int, width: int, vae_scale_factor: int, channels: int) -> torch.Tensor:
+def preprocess_control(
+    image: Any, height: int, width: int, vae_scale_factor: int, channels: int, crop: tuple | None = None
+) -> torch.Tensor:
     """[1, channels, height, width] float32 in [0, 1], resized like diffusers' control images.
 
     The same VaeImageProcessor settings as StableDiffusionControlNetPipeline (RGB conversion,
-    Lanczos resize to the output size, no normalisation).
+    Lanczos resize to the output size, no normalisation); with ``crop`` (an inpainting mask crop)
+    cropped to it and resized to fill, as the inpainting pipelines do.
     """
     from diffusers.image_processor import VaeImageProcessor
 
@@ -99,7 +130,9 @@ def preprocess_control(image: Any, height: int, width: int, vae_scale_factor: in
         do_normalize=False,
     )
     try:
-        tensor = processor.preprocess(image, height=height, width=width).to(torch.float32)
+        mode = "fill" if crop is not None else "default"
+        tensor = processor.preprocess(image, height=height, width=width, crops_coords=crop, resize_mode=mode)
+        tensor = tensor.to(torch.float32)
     except (ValueError, TypeError) as exc:
         raise InputError(f"control image cannot be used: {exc}") from None
     if tensor.shape[0] != 1 or tensor.shape[1] != channels:

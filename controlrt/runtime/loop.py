@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from controlrt.progress import progress_bar
 from controlrt.runtime.control import Branches, control_active
 from controlrt.runtime.session import Session
 from controlrt.specs import GraphKind
+
+if TYPE_CHECKING:
+    from controlrt.runtime.img2img import Start
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,7 @@ def denoise(
     progress: bool = False,
     added: dict[str, torch.Tensor] | None = None,
     unet_only: dict[str, torch.Tensor] | None = None,
+    start: Start | None = None,
 ) -> torch.Tensor:
     """Run the schedule and return the final latents.
 
@@ -149,12 +154,19 @@ def denoise(
             UNet gets them whole, the ControlNets the branches they run on.
         unet_only: Inputs of the UNet alone, constant over the steps (an LCM-distilled UNet's
             guidance embedding, timestep_cond), at the UNet's batch.
+        start: Where to start instead (controlrt.runtime.img2img.start: the timesteps strength keeps,
+            the init image's noised latents, an inpainting blend or UNet inputs); ``noise`` and
+            ``steps`` are then unused, and control windows run over the kept timesteps.
     """
     device = unet.device
     cfg = branches.cfg
-    scheduler.set_timesteps(steps, device=device)
-    timesteps = scheduler.timesteps
-    latents = noise.to(device) * scheduler.init_noise_sigma
+    if start is None:
+        scheduler.set_timesteps(steps, device=device)
+        timesteps = scheduler.timesteps
+        latents = noise.to(device) * scheduler.init_noise_sigma
+    else:
+        timesteps, latents = start.timesteps, start.latents.to(device)
+        unet_only = {**(unet_only or {}), **start.unet_inputs}
     half = latents.shape[0]
     batch = half * branches.per_image(GraphKind.UNET)
     cond_slice = slice(batch - half * branches.per_image(GraphKind.CONTROLNET), batch)
@@ -203,6 +215,8 @@ def denoise(
             uncond, cond = noise.chunk(2)
             noise = uncond + guidance * (cond - uncond)
         latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+        if start is not None and start.blend is not None:
+            latents = start.blend.apply(scheduler, latents, timesteps, i)
     return latents
 
 

@@ -13,14 +13,24 @@ import torch
 from PIL import Image
 
 from controlrt import __version__
-from controlrt.errors import BuildError
+from controlrt.errors import BuildError, InputError
 from controlrt.io import sha256_file
 from controlrt.manifest import MANIFEST_NAME, Build
 from controlrt.precision import Precision
-from controlrt.preprocess import load_control
+from controlrt.preprocess import inpaint as inpaint_condition
+from controlrt.preprocess import load_control, split_control
 from controlrt.runtime.backends import BackendOptions, open_sessions
 from controlrt.runtime.control import Branches, block_weights, guidance_embedding, residual_divisors
-from controlrt.runtime.images import describe_control, peek_size, postprocess, preprocess_control, with_settings
+from controlrt.runtime.images import (
+    describe_control,
+    load_image,
+    peek_size,
+    postprocess,
+    preprocess_control,
+    with_settings,
+)
+from controlrt.runtime.img2img import InitImages, decode, mask_crop, overlay, preprocess_image
+from controlrt.runtime.img2img import start as start_latents
 from controlrt.runtime.limits import Limits
 from controlrt.runtime.loop import ControlPlan, UnionInputs, denoise
 from controlrt.runtime.request import GenerationRequest, ResolvedRequest, resolve
@@ -121,8 +131,17 @@ class Pipeline:
             backend, tuple(providers) if providers else None, device, Precision.parse(precision), **options
         )
         tokenizers = load_tokenizers(build)
-        sessions = open_sessions(build, backend_options)
+        # the VAE encoder opens at the first image-to-image request (see session)
+        names = [n for n, g in build.manifest.graphs.items() if g.spec.kind is not GraphKind.VAE_ENCODER]
+        sessions = open_sessions(build, backend_options, names)
         return cls(build, sessions, backend_options, tokenizers, limits)
+
+    def session(self, name: str) -> Session:
+        """The session of graph ``name``, opened now if it was not at load (the VAE encoder, which
+        only image-to-image requests use)."""
+        if name not in self.sessions:
+            self.sessions[name] = open_sessions(self.build, self.options, [name])[name]
+        return self.sessions[name]
 
     @property
     def tokenizer(self):
@@ -139,9 +158,18 @@ class Pipeline:
         return self.generate(GenerationRequest(prompt, tuple(controls), **settings)).image
 
     def check(self, request: GenerationRequest) -> ResolvedRequest:
-        """Validate a request against the build and the limits, reading only the first control
-        image's header; InputError names the first problem. Nothing is allocated."""
-        control_size = peek_size(request.controls[0]) if len(request.controls) else None
+        """Validate a request against the build and the limits, reading only the images' headers
+        (init image, mask, controls); InputError names the first problem. Nothing is allocated."""
+        if request.image is not None and "vae_encoder" not in self.build.manifest.graphs:
+            raise BuildError(
+                f"build {self.build.path} has no VAE encoder graph (it was exported before controlrt 0.14): "
+                "export it again with controlrt export to generate from an image"
+            )
+        # as diffusers: the size defaults to the init image's, else the first control image's
+        first = request.image if request.image is not None else (request.controls[0] if request.controls else None)
+        control_size = peek_size(first) if first is not None else None
+        if request.mask is not None:
+            peek_size(request.mask)
         kinds = [
             int(s.attributes.get("num_control_type", 0)) if s.attributes.get("union") else 0
             for s in self.controlnet_specs
@@ -164,32 +192,58 @@ class Pipeline:
         """
         resolved = self.check(request)
         device = self.sessions["unet"].device
+        info = self.info
         # read (and preprocess, for KIND:PATH controls) every image before any work
-        images = [load_control(c, self.annotators) for c in resolved.controls]
+        init_image = load_image(request.image, "init image") if request.image is not None else None
+        mask_image = load_image(request.mask, "mask") if request.mask is not None else None
+        images = [self._control_image(c, mask_image) for c in resolved.controls]
         scheduler = make_scheduler(self.build.scheduler_config, request.scheduler)
-        branches = Branches.of(request.guidance, resolved.mode, self.info.embedded_guidance)
+        branches = Branches.of(request.guidance, resolved.mode, info.embedded_guidance)
+        f = info.vae_scale_factor
+        crop = None
+        if request.mask_crop is not None:  # diffusers' padding_mask_crop: work on the region around the mask
+            crop = mask_crop(mask_image, resolved.height, resolved.width, request.mask_crop)
 
         # 1. text: [uncond, cond] for classifier-free guidance (and SDXL's pooled embeddings and time ids)
-        embeds, added, truncated = self._prompt(request, branches.cfg, resolved.height, resolved.width)
+        task = "inpaint" if resolved.inpaint else "img2img" if init_image is not None else "txt2img"
+        embeds, added, truncated = self._prompt(request, branches.cfg, resolved.height, resolved.width, task)
         # 2. controls: preprocessed once, at the ControlNets' batch size
-        controls = self._plan_controls(resolved, images, branches.per_image(GraphKind.CONTROLNET), device)
-        # 3. initial latents, drawn as diffusers draws them
+        controls = self._plan_controls(resolved, images, branches.per_image(GraphKind.CONTROLNET), device, crop)
+        # 3. initial latents, drawn as diffusers draws them (the init image's sample before the noise)
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        f = self.info.vae_scale_factor
-        shape = (1, self.info.latent_channels, resolved.height // f, resolved.width // f)
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        shape = (1, info.latent_channels, resolved.height // f, resolved.width // f)
+        init = None
+        if init_image is not None:
+            size = (resolved.height, resolved.width)
+            init = InitImages(
+                preprocess_image(init_image, *size, f, crop, "init image"),
+                None if mask_image is None else preprocess_image(mask_image, *size, f, crop, "mask"),
+            )
+        begin = start_latents(
+            scheduler,
+            request.steps,
+            shape,
+            generator,
+            device,
+            encoder=self.session("vae_encoder") if init is not None else None,
+            info=info,
+            init=init,
+            strength=resolved.strength or 1.0,
+            unet_batch=branches.per_image(GraphKind.UNET),
+            tiling=request.vae_tiling,
+        )
         # an LCM-distilled UNet takes guidance as an embedding instead of a CFG batch
         unet_only = {}
-        if self.info.embedded_guidance:
-            unet_only[GUIDANCE_EMBEDDING] = guidance_embedding(request.guidance, self.info.guidance_embedding_dim)
+        if info.embedded_guidance:
+            unet_only[GUIDANCE_EMBEDDING] = guidance_embedding(request.guidance, info.guidance_embedding_dim)
         # 4. denoise
-        start = time.perf_counter()
+        started = time.perf_counter()
         latents = denoise(
             self.sessions["unet"],
             controls,
             scheduler,
             embeds,
-            noise,
+            begin.latents,
             steps=request.steps,
             guidance=float(request.guidance),
             branches=branches,
@@ -197,16 +251,24 @@ class Pipeline:
             progress=progress,
             added=added,
             unet_only=unet_only,
+            start=begin,
         )
         if timings is not None:
             if latents.device.type == "cuda":
                 torch.cuda.synchronize(latents.device)
-            timings["denoise"] = time.perf_counter() - start
-        # 5. decode
-        decoded = self.sessions["vae_decoder"].infer({"latent": latents})["image"]
+            timings["denoise"] = time.perf_counter() - started
+        # 5. decode (and, for a mask crop, paste the region back into the init image under the mask)
+        decoded = decode(self.sessions["vae_decoder"], latents, info.vae_tile_size, f, request.vae_tiling)
         image = postprocess(decoded, f)
-        settings = request.settings() | {"height": resolved.height, "width": resolved.width}
+        if crop is not None:
+            image = overlay(mask_image, init_image, image, crop)
+        settings = request.settings() | {"height": resolved.height, "width": resolved.width, "scales": resolved.scales}
         settings["controls"] = [describe_control(c, i) for c, i in zip(resolved.controls, images, strict=True)]
+        if init_image is not None:
+            settings["image"] = describe_control(request.image, init_image, digest=True)
+            settings["strength"] = resolved.strength
+        if mask_image is not None:
+            settings["mask"] = describe_control(request.mask, mask_image, digest=True)
         settings["backend"] = self.options.backend
         settings["precision"] = str(self.options.precision)
         settings["controlrt"] = __version__
@@ -216,7 +278,7 @@ class Pipeline:
         return GenerationResult(with_settings(image, settings), latents, settings)
 
     def _prompt(
-        self, request: GenerationRequest, cfg: bool, height: int, width: int
+        self, request: GenerationRequest, cfg: bool, height: int, width: int, task: str = "txt2img"
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str]]:
         """Prompt embeddings [uncond, cond] (or [cond] without CFG), SDXL's added conditions in the
         same batch order (empty for SD 1.x/2.x), and the text the tokenizers cut off.
@@ -224,7 +286,10 @@ class Pipeline:
         As diffusers' pipelines do it: the negative prompt is "" when not given, except for SDXL
         models with force_zeros_for_empty_prompt, whose unconditional embeddings and pooled vector
         are then zeros; SDXL's time ids are original size, crop offsets and target size, by default
-        (height, width), (0, 0), (height, width), the same for both branches.
+        (height, width), (0, 0), (height, width), the same for both branches. For img2img and
+        inpainting (``task``) with a model that requires_aesthetics_score, the target size is the
+        aesthetic score instead (negative_aesthetic_score for the unconditional branch, whose crop
+        offsets are (0, 0) in img2img and the request's in inpainting).
         """
         info = self.info
         zeros = cfg and request.negative_prompt is None and info.force_zeros_for_empty_prompt
@@ -238,12 +303,15 @@ class Pipeline:
         pooled = outputs[-1][1]
         if zeros:
             pooled = torch.cat([torch.zeros_like(pooled), pooled])
-        time_ids = [
-            *(request.original_size or (height, width)),
-            *(request.crops_coords_top_left or (0, 0)),
-            *(request.target_size or (height, width)),
-        ]
-        ids = torch.tensor([time_ids], dtype=torch.float32).repeat(hidden.shape[0], 1)
+        original = [*(request.original_size or (height, width))]
+        crops = [*(request.crops_coords_top_left or (0, 0))]
+        if task != "txt2img" and info.requires_aesthetics_score:
+            cond = [*original, *crops, float(request.aesthetic_score)]
+            uncond = [*original, *(crops if task == "inpaint" else (0, 0)), float(request.negative_aesthetic_score)]
+        else:
+            cond = uncond = [*original, *crops, *(request.target_size or (height, width))]
+        rows = [uncond, cond] if hidden.shape[0] == 2 else [cond]
+        ids = torch.tensor(rows, dtype=torch.float32)
         return hidden, {"text_embeds": pooled, "time_ids": ids}, truncated
 
     def _encode(self, texts: list[str]) -> tuple[list[list[torch.Tensor]], list[str]]:
@@ -275,16 +343,27 @@ class Pipeline:
             outputs.append([result[name] for name in spec.output_names])
         return outputs, truncated
 
+    def _control_image(self, control: Any, mask: Image.Image | None):
+        """A control as the ControlNet takes it: ``inpaint:PATH`` is the inpaint ControlNet's
+        condition made from that image and the request's mask; other controls as load_control
+        reads them."""
+        if isinstance(control, str) and split_control(control)[0] == "inpaint":
+            if mask is None:
+                raise InputError(f"control {control!r} is made from the request's mask: give one (--mask)")
+            return inpaint_condition(load_image(split_control(control)[1]), mask)
+        return load_control(control, self.annotators)
+
     def _plan_controls(
-        self, resolved: ResolvedRequest, images: list, batch: int, device: torch.device
+        self, resolved: ResolvedRequest, images: list, batch: int, device: torch.device, crop: tuple | None = None
     ) -> list[ControlPlan]:
-        """One plan per ControlNet given controls (resolved.assignment), at the ControlNets' batch."""
+        """One plan per ControlNet given controls (resolved.assignment), at the ControlNets' batch
+        (cropped as the init image is, for a mask crop)."""
         base = block_weights(resolved.mode, self._divisors)
         plans = []
 
         def prepared(i: int, channels: int) -> torch.Tensor:
             tensor = preprocess_control(
-                images[i], resolved.height, resolved.width, self.info.vae_scale_factor, channels
+                images[i], resolved.height, resolved.width, self.info.vae_scale_factor, channels, crop
             )
             return torch.cat([tensor] * batch) if batch > 1 else tensor
 

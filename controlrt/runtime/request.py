@@ -35,7 +35,7 @@ class GenerationRequest:
 
     prompt: str
     controls: Sequence[ControlImage] = ()
-    scales: FloatOrList = 1.0
+    scales: FloatOrList | None = None  # default as diffusers' pipeline for the task: see default_scale
     start: FloatOrList = 0.0
     end: FloatOrList = 1.0
     negative_prompt: str | None = None
@@ -54,13 +54,27 @@ class GenerationRequest:
     # the k-th control's condition type for a union ControlNet (an integer as diffusers takes it, or
     # a name: openpose, depth, hed, canny, normal, segment, tile, repaint); None for a plain one's
     control_types: Sequence[int | str | None] | None = None
+    # image-conditioned generation, as diffusers' ControlNet img2img and inpainting pipelines: the
+    # init image, the mask (white = repaint), the share of the schedule that runs (default 0.8 for
+    # img2img, 1.0 for inpainting, 0.9999 for SDXL inpainting), diffusers' padding_mask_crop, a tiled
+    # VAE (enable_tiling), and SDXL's aesthetic scores (models with requires_aesthetics_score)
+    image: ControlImage | None = None
+    mask: ControlImage | None = None
+    strength: float | None = None
+    mask_crop: int | None = None
+    vae_tiling: bool = False
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
 
     def settings(self) -> dict[str, Any]:
-        """The request as plain JSON-able values (for reports and image metadata)."""
-        out = {k: v for k, v in self.__dict__.items() if k != "controls"}
+        """The request as plain JSON-able values (for reports and image metadata); the images (init
+        image, mask, controls) are named by the pipeline that reads them."""
+        out = {k: v for k, v in self.__dict__.items() if k not in ("controls", "image", "mask")}
         out["control_mode"] = ControlMode.parse(self.control_mode).value
         for key in ("scales", "start", "end"):
             out[key] = list(out[key]) if isinstance(out[key], Sequence) else out[key]
+        if out["scales"] is None:
+            out.pop("scales")  # the pipeline records the scales that ran
         return out
 
 
@@ -79,6 +93,11 @@ class ResolvedRequest:
     types: list[int | None] = field(default_factory=list)  # per control: a union condition type, or None
     # per ControlNet of the build, in order: the indices of the controls it takes (plain: at most one)
     assignment: list[list[int]] = field(default_factory=list)
+    strength: float | None = None  # image-to-image: the share of the schedule that runs
+
+    @property
+    def inpaint(self) -> bool:
+        return self.request.mask is not None
 
 
 def _per_control(value: FloatOrList, count: int, label: str) -> list[float]:
@@ -202,12 +221,21 @@ def resolve(
         raise InputError("negative prompt must be a string")
     controls = list(request.controls)
     given = list(request.control_types or [])
+    types = [control_type(t) for t in given]
+    # a tile type with no control image of its own takes the init image (tile upscaling)
+    while len(types) > len(controls) and types[len(controls)] == UNION_TYPES["tile"] and request.image is not None:
+        controls.append(request.image)
     if len(given) > len(controls):
-        raise InputError(f"{len(given)} control types given for {len(controls)} control image(s)")
-    types = [control_type(t) for t in given] + [None] * (len(controls) - len(given))
+        raise InputError(
+            f"{len(given)} control types given for {len(controls)} control image(s) (a tile type without its "
+            "control takes the init image, --image)"
+        )
+    types += [None] * (len(controls) - len(types))
     assignment = assign_controls(types, controlnets)
     mode = ControlMode.parse(request.control_mode)
-    scales = _per_control(request.scales, len(controls), "scale")
+    strength = _image_settings(request, info)
+    scale = request.scales if request.scales is not None else default_scale(request, info)
+    scales = _per_control(scale, len(controls), "scale")
     starts = _per_control(request.start, len(controls), "start")
     ends = _per_control(request.end, len(controls), "end")
     for k, (s, e) in enumerate(zip(starts, ends, strict=True)):
@@ -246,4 +274,51 @@ def resolve(
             f"(about {math.isqrt(limits.max_pixels)} px square; the max_pixels limit raises it: --max-pixels on "
             "the command line, Pipeline.load(..., max_pixels=N) in Python)"
         )
-    return ResolvedRequest(request, mode, scales, starts, ends, height, width, controls, types, assignment)
+    return ResolvedRequest(request, mode, scales, starts, ends, height, width, controls, types, assignment, strength)
+
+
+MAX_MASK_CROP = 8192
+
+
+def default_scale(request: GenerationRequest, info: ModelInfo) -> float:
+    """The controls' scale when none is given, as each diffusers ControlNet pipeline defaults it:
+    1.0 for text-to-image and SDXL inpainting, 0.8 for img2img, 0.5 for SD inpainting."""
+    if request.image is None:
+        return 1.0
+    if request.mask is None:
+        return 0.8
+    return 1.0 if info.sdxl else 0.5
+
+
+def _image_settings(request: GenerationRequest, info: ModelInfo) -> float | None:
+    """Check the image-to-image settings; the strength that runs (None for text-to-image)."""
+    if request.mask is not None and request.image is None:
+        raise InputError("a mask needs the image it masks: give the init image too (--image)")
+    if info.inpainting_unet and request.mask is None:
+        raise InputError("this build's UNet is an inpainting UNet: give an init image and a mask (--image, --mask)")
+    if request.image is None:
+        for label in ("strength", "mask_crop"):
+            if getattr(request, label) is not None:
+                raise InputError(f"{label} applies to image-to-image generation: give an init image (--image)")
+        return None
+    if request.mask_crop is not None and (
+        request.mask is None
+        or isinstance(request.mask_crop, bool)
+        or not isinstance(request.mask_crop, int)
+        or not 0 <= request.mask_crop <= MAX_MASK_CROP
+    ):
+        raise InputError(
+            f"mask crop {request.mask_crop!r} must be a whole number of pixels from 0 to {MAX_MASK_CROP}, with a mask"
+        )
+    for label in ("aesthetic_score", "negative_aesthetic_score"):
+        value = getattr(request, label)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(f"{label} {value!r} must be a finite number")
+    if not isinstance(request.vae_tiling, bool):
+        raise InputError(f"vae_tiling {request.vae_tiling!r} must be true or false")
+    strength = request.strength
+    if strength is None:
+        return (0.9999 if info.sdxl else 1.0) if request.mask is not None else 0.8
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise InputError(f"strength {strength!r} must be a number in (0, 1]")
+    return float(strength)

@@ -26,7 +26,7 @@ from controlrt.manifest import Build
 def test_manifest_records_everything(tiny_build, tiny_models):
     build = Build.open(tiny_build)
     m = build.manifest
-    assert list(m.graphs) == ["text_encoder", "controlnet_0", "controlnet_1", "unet", "vae_decoder"]
+    assert list(m.graphs) == ["text_encoder", "controlnet_0", "controlnet_1", "unet", "vae_decoder", "vae_encoder"]
     for graph in m.graphs.values():
         assert list(graph.variants) == ["fp32"]
         record = graph.variants["fp32"]
@@ -167,7 +167,7 @@ def test_force_replaces_a_build(tiny_models, tmp_path):
     out = tmp_path / "b"
     first = export_build(tiny_models.base, tiny_models.controlnets[:1], out, validate=False)
     second = export_build(tiny_models.base, tiny_models.controlnets[::-1], out, force=True, validate=False)
-    assert len(first.graphs) == 4 and len(second.graphs) == 5
+    assert len(first.graphs) == 5 and len(second.graphs) == 6
     assert Build.open(out).manifest.controlnet_specs[0].attributes["controlnet_name"] == "depth"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 

@@ -92,6 +92,7 @@ def test_the_sdxl_build(xl_build):
         "controlnet_2",
         "unet",
         "vae_decoder",
+        "vae_encoder",
     ]
     union = manifest.spec("controlnet_2")
     assert union.attributes["union"] and union.attributes["num_control_type"] == 8
