@@ -105,9 +105,16 @@ main = cli
     metavar="PATH[:SCALE]",
     help="A LoRA fused into the UNet and text encoders at SCALE (default 1); repeat for several.",
 )
+@click.option(
+    "--vae",
+    "vae_dir",
+    default=None,
+    metavar="VAE_DIR",
+    help="A VAE folder in place of BASE_DIR's vae/: an AutoencoderKL or a tiny AutoencoderTiny (TAESD).",
+)
 @click.pass_context
-def export(ctx, base_dir, controlnets, out, opset, force, external_data, no_validate, loras) -> None:
-    """Export BASE_DIR's text encoder, UNet, VAE decoder and each ControlNet to ONNX."""
+def export(ctx, base_dir, controlnets, out, opset, force, external_data, no_validate, loras, vae_dir) -> None:
+    """Export BASE_DIR's text encoder(s), each ControlNet, the UNet and the VAE decoder and encoder to ONNX."""
     from controlrt.export.build import export_build
     from controlrt.export.onnx_export import DEFAULT_OPSET, ExportSettings
     from controlrt.lora import Lora
@@ -122,6 +129,7 @@ def export(ctx, base_dir, controlnets, out, opset, force, external_data, no_vali
         validate=not no_validate,
         progress=ctx.obj["progress"],
         loras=[Lora.parse(text) for text in loras],
+        vae_dir=vae_dir,
     )
     click.echo(str(Path(out).resolve()))
     logger.info("graphs: %s", ", ".join(manifest.graphs))
@@ -278,6 +286,20 @@ def _backend_settings(backend: str, cuda_graphs: bool, budget_gb: float | None, 
     default=None,
     help="ddim, pndm, euler, euler-ancestral, dpm++, unipc, lcm, tcd, ... (default: the model's own).",
 )
+@click.option("--image", "init_image", default=None, metavar="IMAGE", help="Init image: image-to-image (img2img).")
+@click.option("--mask", default=None, metavar="MASK", help="With --image: inpaint where the mask is white.")
+@click.option(
+    "--strength",
+    type=float,
+    default=None,
+    help="With --image: share of the schedule that runs, in (0, 1] (default 0.8; inpainting 1.0, SDXL 0.9999).",
+)
+@click.option(
+    "--mask-crop", type=int, default=None, metavar="PX", help="With --mask: work on the masked region grown by PX."
+)
+@click.option("--vae-tiling", is_flag=True, help="Encode and decode in overlapping tiles (diffusers' enable_tiling).")
+@click.option("--aesthetic-score", type=float, default=6.0, show_default=True, help="SDXL img2img/inpaint models.")
+@click.option("--negative-aesthetic-score", type=float, default=2.5, show_default=True)
 @click.option("--original-size", default=None, metavar="HxW", help="SDXL: the original-size condition.")
 @click.option("--crops-top-left", default=None, metavar="TOPxLEFT", help="SDXL: the crop-offset condition.")
 @click.option("--target-size", default=None, metavar="HxW", help="SDXL: the target-size condition.")
@@ -307,6 +329,13 @@ def generate(
     height,
     width,
     scheduler,
+    init_image,
+    mask,
+    strength,
+    mask_crop,
+    vae_tiling,
+    aesthetic_score,
+    negative_aesthetic_score,
     original_size,
     crops_top_left,
     target_size,
@@ -344,7 +373,8 @@ def generate(
     prompts = _prompts(prompt, prompts_file, limits.max_images)
     limits.check_images(len(prompts) * num_images)
     many = num_images > 1 or prompts_file is not None
-    inputs = [split_control(c)[1] for c in controls] + ([prompts_file] if prompts_file else []) + _build_files(build)
+    given = [prompts_file, init_image, mask]
+    inputs = [split_control(c)[1] for c in controls] + [f for f in given if f] + _build_files(build)
     if many:
         folder = check_output_folder(out)
         count = len(prompts) * num_images
@@ -369,6 +399,13 @@ def generate(
             width=width,
             scheduler=scheduler,
             control_types=list(control_types) or None,
+            image=init_image,
+            mask=mask,
+            strength=strength,
+            mask_crop=mask_crop,
+            vae_tiling=vae_tiling,
+            aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score,
             original_size=_size(original_size),
             crops_coords_top_left=_size(crops_top_left),
             target_size=_size(target_size),
@@ -699,16 +736,26 @@ def inspect_cmd(build_dir, as_json) -> None:
 @click.option("--min-length", type=float, default=16.0, show_default=True, help="mlsd: shortest segment (px).")
 @click.option("--thickness", type=int, default=None, help="mlsd / scribble: stroke width in pixels.")
 @click.option("--annotators", default=None, metavar="DIR", help="controlnet-aux annotator weights (depth, pose …).")
+@click.option("--mask", default=None, metavar="MASK", help="inpaint: the mask (white = repaint).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (never IMAGE itself).")
-def preprocess_cmd(kind, image, out, low, high, min_length, thickness, annotators, force) -> None:
-    """Make a control map of KIND (canny, mlsd, scribble, or a pass-through kind) from IMAGE."""
-    from controlrt.io import check_output_file
+def preprocess_cmd(kind, image, out, low, high, min_length, thickness, annotators, mask, force) -> None:
+    """Make a control map of KIND (canny, mlsd, scribble, inpaint, or a pass-through kind) from IMAGE.
+
+    inpaint writes an inpaint ControlNet's condition, IMAGE with the pixels --mask marks at -1, as
+    a .npy array (-1 is no pixel value); --control COND.npy takes it.
+    """
+    from controlrt.io import check_output_file, write_output_file
     from controlrt.preprocess import check_kind, preprocess
     from controlrt.runtime.images import check_image_path, save_image
 
-    check_kind(kind)
-    check_image_path(Path(out))
-    out_path = check_output_file(out, force, [image])
+    kind = check_kind(kind)
+    if (mask is not None) != (kind == "inpaint"):
+        raise InputError("--mask is the inpaint preprocessor's (and it needs one)")
+    if kind == "inpaint" and Path(out).suffix.lower() != ".npy":
+        raise InputError(f"output {out}: the inpaint condition holds -1 pixels; write it as a .npy array")
+    if kind != "inpaint":
+        check_image_path(Path(out))
+    out_path = check_output_file(out, force, [image, *([mask] if mask else [])])
     options: dict = {}
     if kind == "canny":
         options = {"low": low, "high": high}
@@ -716,8 +763,19 @@ def preprocess_cmd(kind, image, out, low, high, min_length, thickness, annotator
         options = {"min_length": min_length} | ({"thickness": thickness} if thickness else {})
     elif kind == "scribble" and thickness:
         options = {"thickness": thickness}
+    elif kind == "inpaint":
+        options = {"mask": mask}
     result = preprocess(kind, image, annotators, **options)
-    save_image(result, out_path, {"preprocessor": kind, "source": str(image), **options}, force=force)
+    if kind == "inpaint":
+        import io
+
+        import numpy as np
+
+        buffer = io.BytesIO()
+        np.save(buffer, result)
+        write_output_file(out_path, buffer.getvalue(), force)
+    else:
+        save_image(result, out_path, {"preprocessor": kind, "source": str(image), **options}, force=force)
     click.echo(str(out_path))
 
 

@@ -60,8 +60,12 @@ def export_build(
     validate: bool = True,
     progress: bool = False,
     loras: Sequence[Lora] = (),
+    vae_dir: str | Path | None = None,
 ) -> Manifest:
-    """Export the text encoder, each ControlNet, the UNet and the VAE decoder to ONNX.
+    """Export the text encoder(s), each ControlNet, the UNet and the VAE decoder and encoder to ONNX.
+
+    ``vae_dir`` is a VAE folder used in place of the base's own (a tiny VAE, TAESD: its graphs,
+    scaling and the torch reference all follow it).
 
     Every graph is checked against its PyTorch module on onnxruntime CPU right after export, at
     two shapes. The build is assembled in a temporary folder beside ``out_dir`` and renamed into
@@ -78,7 +82,7 @@ def export_build(
     settings = settings or ExportSettings()
     if not controlnet_dirs:
         raise InputError("give at least one ControlNet folder (--controlnet)")
-    base = BaseModel.open(base_dir).with_loras(loras)
+    base = BaseModel.open(base_dir).with_vae(vae_dir).with_loras(loras)
     info = base.info()
     controlnets = [ControlNetModelFolder.open(d) for d in controlnet_dirs]
     for cn in controlnets:

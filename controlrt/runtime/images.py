@@ -51,7 +51,7 @@ def _open_array(path: Path, what: str) -> np.ndarray:
     return array
 
 
-def peek_size(source: Any) -> tuple[int, int]:
+def peek_size(source: Any, what: str = "control image") -> tuple[int, int]:
     """(height, width) of a control (a path, ``KIND:PATH``, PIL image, HxW[xC] array or [B,]CxHxW
     tensor) without decoding it."""
     if isinstance(source, str):
@@ -61,9 +61,9 @@ def peek_size(source: Any) -> tuple[int, int]:
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if path.suffix.lower() == ".npy":
-            shape = _open_array(path, "control").shape
+            shape = _open_array(path, what).shape
             return int(shape[0]), int(shape[1])
-        with _open(path) as image:
+        with _open(path, what) as image:
             return image.size[1], image.size[0]
     if isinstance(source, Image.Image):
         return source.size[1], source.size[0]

@@ -167,9 +167,11 @@ class Pipeline:
             )
         # as diffusers: the size defaults to the init image's, else the first control image's
         first = request.image if request.image is not None else (request.controls[0] if request.controls else None)
-        control_size = peek_size(first) if first is not None else None
+        control_size = (
+            peek_size(first, "init image" if first is request.image else "control image") if first is not None else None
+        )
         if request.mask is not None:
-            peek_size(request.mask)
+            peek_size(request.mask, "mask")
         kinds = [
             int(s.attributes.get("num_control_type", 0)) if s.attributes.get("union") else 0
             for s in self.controlnet_specs

@@ -24,12 +24,20 @@ def generate(
 ) -> Image.Image:
     """POST a generation to ``url`` (the server's root) and return the image (settings in its info).
 
+    ``settings`` are the request's fields (controlrt.serving.protocol); ``image`` and ``mask`` may
+    be paths or PIL images, like the controls.
+
     Raises InputError for a 4xx answer (with the server's message), BackendError otherwise.
     """
     from controlrt.serving.protocol import encode_control
 
-    images = [c if isinstance(c, Image.Image) else Image.open(c) for c in controls]
-    body = json.dumps({"prompt": prompt, "controls": [encode_control(i) for i in images], **settings}).encode()
+    def encoded(source: str | Path | Image.Image) -> str:
+        return encode_control(source if isinstance(source, Image.Image) else Image.open(source))
+
+    for key in ("image", "mask"):  # the init image and mask travel as base64 PNGs, as controls do
+        if settings.get(key) is not None:
+            settings[key] = encoded(settings[key])
+    body = json.dumps({"prompt": prompt, "controls": [encoded(c) for c in controls], **settings}).encode()
     request = urllib.request.Request(
         url.rstrip("/") + "/generate", data=body, headers={"Content-Type": "application/json"}, method="POST"
     )
