@@ -5,6 +5,11 @@
     python benchmarks/vs_diffusers.py --root /tmp/pbench/sd15 --reuse   # an existing models/ + build/
     python benchmarks/vs_diffusers.py --reuse --variants openvino:bf16:uniform,openvino:int8:uniform
     python benchmarks/vs_diffusers.py --arch sdxl --size 512 --variants onnxruntime:fp32:uniform,openvino:fp32:uniform
+    python benchmarks/vs_diffusers.py --reuse --task img2img    # or inpaint: diffusers' img2img/inpaint pipelines
+
+``--task img2img`` and ``--task inpaint`` time StableDiffusionControlNetImg2ImgPipeline and
+StableDiffusionControlNetInpaintPipeline (SDXL: their XL counterparts) against controlrt with the same
+init image (and mask, the middle of the image), at each pipeline's default strength and scale.
 
 Builds (or reuses, with --reuse) a model set of the chosen architecture with random weights under
 ROOT/models (nothing is downloaded) and its export under ROOT/build; int8 variants need int8 graphs
@@ -64,19 +69,23 @@ def make_models(arch_name: str, root: Path, reuse: bool) -> tuple[Path, list[Pat
     return written.base, list(written.controlnets), build
 
 
-def diffusers_pipeline(base: Path, controlnets: list[Path], dtype):
-    from diffusers import (
-        ControlNetModel,
-        DDIMScheduler,
-        StableDiffusionControlNetPipeline,
-        StableDiffusionXLControlNetPipeline,
-    )
+PIPELINES = {  # task -> (SD 1.x/2.x, SDXL) diffusers pipeline class names
+    "txt2img": ("StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline"),
+    "img2img": ("StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionXLControlNetImg2ImgPipeline"),
+    "inpaint": ("StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetInpaintPipeline"),
+}
+
+
+def diffusers_pipeline(base: Path, controlnets: list[Path], dtype, task: str = "txt2img"):
+    import diffusers
+    from diffusers import ControlNetModel, DDIMScheduler
 
     nets = [ControlNetModel.from_pretrained(p, torch_dtype=dtype) for p in controlnets]
+    sd, xl = (getattr(diffusers, name) for name in PIPELINES[task])
     if (base / "text_encoder_2").is_dir():
-        pipe = StableDiffusionXLControlNetPipeline.from_pretrained(base, controlnet=nets, torch_dtype=dtype)
+        pipe = xl.from_pretrained(base, controlnet=nets, torch_dtype=dtype)
     else:
-        pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        pipe = sd.from_pretrained(
             base, controlnet=nets, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
         )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -89,7 +98,7 @@ def main() -> None:
     import torch
 
     from controlrt import cpu
-    from controlrt.builtin import sample_control_images
+    from controlrt.builtin import sample_control_images, sample_init_image, sample_mask
     from controlrt.compare import psnr
     from controlrt.runtime.pipeline import Pipeline
 
@@ -112,6 +121,7 @@ def main() -> None:
         action="store_true",
         help="load, warm, time and release each pipeline alone (the default for sdxl)",
     )
+    parser.add_argument("--task", choices=list(PIPELINES), default="txt2img")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     in_turn = args.in_turn or args.arch == "sdxl"
@@ -121,11 +131,20 @@ def main() -> None:
     controlnets = controlnets[:2]
     images = sample_control_images(len(controlnets), args.size, args.size)
     prompt, negative = "a red circle and a blue square", ""
+    init = sample_init_image(args.size, args.size) if args.task != "txt2img" else None
+    mask = sample_mask(args.size, args.size) if args.task == "inpaint" else None
+    theirs = {} if init is None else {"image": init, "control_image": images}
+    if mask is not None:
+        theirs["mask_image"] = mask
+    ours = {"image": init, "mask": mask}
     info = cpu.describe()
     peaks = cpu.matmul_peaks()
     print(f"CPU: {info['name']}, {info['cores']} cores, features: {' '.join(info['features']) or 'none listed'}")
     print("matrix-multiply peak (torch, GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items() if v))
-    print(f"torch threads {torch.get_num_threads()}, {args.arch}, {args.size} px, {args.steps} DDIM steps", flush=True)
+    print(
+        f"torch threads {torch.get_num_threads()}, {args.arch}, {args.task}, {args.size} px, {args.steps} DDIM steps",
+        flush=True,
+    )
 
     dtypes = {"diffusers fp32": torch.float32}
     if cpu.has_bf16() and not args.no_bf16_baseline:
@@ -135,7 +154,7 @@ def main() -> None:
         generator = torch.Generator("cpu").manual_seed(0)
         return pipe(
             prompt,
-            image=images,
+            **(theirs or {"image": images}),
             negative_prompt=negative,
             num_inference_steps=args.steps,
             guidance_scale=7.5,
@@ -144,11 +163,13 @@ def main() -> None:
             width=args.size,
         ).images[0]
 
-    baselines = {} if in_turn else {name: diffusers_pipeline(base, controlnets, d) for name, d in dtypes.items()}
+    baselines = (
+        {} if in_turn else {name: diffusers_pipeline(base, controlnets, d, args.task) for name, d in dtypes.items()}
+    )
     base_times: dict[str, list[float]] = {name: [] for name in dtypes}
     reference_images = {}
     for name, dtype in dtypes.items():
-        pipe = baselines[name] if name in baselines else diffusers_pipeline(base, controlnets, dtype)
+        pipe = baselines[name] if name in baselines else diffusers_pipeline(base, controlnets, dtype, args.task)
         run_diffusers(pipe)  # warm
         for _ in range(args.runs if in_turn else 1):  # interleaved: timed below, with the variants
             start = time.perf_counter()
@@ -183,6 +204,7 @@ def main() -> None:
                     height=args.size,
                     width=args.size,
                     scheduler="ddim",
+                    **ours,
                 )
 
             for mode in modes:
@@ -224,6 +246,7 @@ def main() -> None:
         data = {
             "cpu": info,
             "matmul_peaks": peaks,
+            "task": args.task,
             "baselines": {n: {"times": t, "median": medians[n]} for n, t in base_times.items()},
             "variants": results,
         }

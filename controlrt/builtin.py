@@ -540,3 +540,29 @@ def sample_control_images(count: int, height: int, width: int) -> list:
 
     makers = [edges, depth, scribble]
     return [makers[k % len(makers)]() for k in range(count)]
+
+
+def sample_init_image(height: int, width: int, seed: int = 0):
+    """A deterministic photo-like init image for img2img and inpainting (a colour gradient with a few
+    filled ellipses), and ``sample_mask``'s rectangle to repaint."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    rgb = np.stack([x, y, 1 - x * y], axis=-1) * rng.uniform(120, 240, size=3)
+    image = Image.fromarray(rgb.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x0, y0 = rng.randint(0, max(1, width - 8)), rng.randint(0, max(1, height - 8))
+        draw.ellipse((x0, y0, x0 + width // 3, y0 + height // 3), fill=tuple(int(v) for v in rng.randint(0, 255, 3)))
+    return image
+
+
+def sample_mask(height: int, width: int, box: tuple[float, float, float, float] = (0.25, 0.2, 0.7, 0.75)):
+    """A mask (white = repaint) of the rectangle ``box`` (left, top, right, bottom, as fractions)."""
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).rectangle((box[0] * width, box[1] * height, box[2] * width, box[3] * height), fill=255)
+    return mask

@@ -130,3 +130,18 @@ def test_a_busy_port_is_one_line(tiny_build):
         port = taken.getsockname()[1]
         with pytest.raises(InputError, match=f"cannot serve on 127.0.0.1:{port}"):
             start(ServeSettings(str(tiny_build), port=port), blocking=False)
+
+
+def test_image_to_image_requests(server, pipelines):
+    """The init image and mask travel as base64 PNGs and give what a direct call gives."""
+    from controlrt.builtin import sample_init_image, sample_mask
+    from controlrt.serving.client import generate
+
+    init, mask = sample_init_image(64, 64), sample_mask(64, 64)
+    image = generate(server, "a circle", image=init, mask=mask, strength=0.8, steps=3, seed=2)
+    direct = pipelines("tiny", "onnxruntime")("a circle", image=init, mask=mask, strength=0.8, steps=3, seed=2)
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(direct))
+    settings = json.loads(image.info["controlrt"])
+    assert settings["strength"] == 0.8 and settings["mask"].startswith("image 64x64 L sha256:")
+    status, data = _post(server, {"prompt": "x", "mask": "%%%"})
+    assert status == 400 and "'mask' is not valid base64" in json.loads(data)["error"]

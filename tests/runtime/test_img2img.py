@@ -14,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import controlrt
-from controlrt.builtin import sample_control_images
+from controlrt.builtin import sample_control_images, sample_init_image, sample_mask
 from controlrt.compare import end_to_end_gate, psnr
 from controlrt.errors import BuildError, InputError
 
@@ -25,25 +25,6 @@ GATE = end_to_end_gate("fp32")
 STEPS = 6
 PROMPT = "a red circle and a blue square"
 BACKENDS = ["torch", "onnxruntime", "openvino"]
-
-
-def photo(height: int, width: int, seed: int = 0) -> Image.Image:
-    """A deterministic photo-like init image: a colour gradient with a few filled shapes."""
-    rng = np.random.RandomState(seed)
-    y, x = np.mgrid[0:height, 0:width] / max(height, width)
-    rgb = np.stack([x, y, 1 - x * y], axis=-1) * rng.uniform(120, 240, size=3)
-    image = Image.fromarray(rgb.astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(3):
-        x0, y0 = rng.randint(0, width - 8), rng.randint(0, height - 8)
-        draw.ellipse((x0, y0, x0 + width // 3, y0 + height // 3), fill=tuple(int(v) for v in rng.randint(0, 255, 3)))
-    return image
-
-
-def box_mask(height: int, width: int, box=(0.25, 0.2, 0.7, 0.75)) -> Image.Image:
-    mask = Image.new("L", (width, height), 0)
-    ImageDraw.Draw(mask).rectangle((box[0] * width, box[1] * height, box[2] * width, box[3] * height), fill=255)
-    return mask
 
 
 def _seeded(seed: int) -> torch.Generator:
@@ -91,7 +72,7 @@ IMG2IMG = {
 @pytest.mark.parametrize("case", list(IMG2IMG))
 def test_img2img_matches_diffusers(case, backend, sd_reference, pipelines):
     theirs, ours = IMG2IMG[case]
-    init, controls = photo(64, 64), sample_control_images(2, 64, 64)
+    init, controls = sample_init_image(64, 64), sample_control_images(2, 64, 64)
     expected = sd_reference["img2img"](
         PROMPT, image=init, control_image=controls, num_inference_steps=STEPS, generator=_seeded(3), **theirs
     ).images[0]
@@ -100,7 +81,9 @@ def test_img2img_matches_diffusers(case, backend, sd_reference, pipelines):
     _close(expected, got.image)
     # the init image steers the result (on the random-weight VAE, most visibly in the latents)
     other = pipe.generate(
-        controlrt.GenerationRequest(PROMPT, controls, image=photo(64, 64, seed=9), steps=STEPS, seed=3, **ours)
+        controlrt.GenerationRequest(
+            PROMPT, controls, image=sample_init_image(64, 64, seed=9), steps=STEPS, seed=3, **ours
+        )
     )
     assert _rel(got.latents, other.latents) > 0.01  # measured 0.066 (ignored: 0)
 
@@ -116,7 +99,7 @@ INPAINT = {"strength-1": 1.0, "strength-0.7": 0.7}
 @pytest.mark.parametrize("case", list(INPAINT))
 def test_inpainting_matches_diffusers(case, backend, sd_reference, pipelines):
     strength = INPAINT[case]
-    init, mask, controls = photo(64, 64), box_mask(64, 64), sample_control_images(2, 64, 64)
+    init, mask, controls = sample_init_image(64, 64), sample_mask(64, 64), sample_control_images(2, 64, 64)
     expected = sd_reference["inpaint"](
         PROMPT,
         image=init,
@@ -131,7 +114,7 @@ def test_inpainting_matches_diffusers(case, backend, sd_reference, pipelines):
     common = {"controls": controls, "image": init, "strength": strength, "steps": STEPS, "seed": 4}
     got = pipe.generate(controlrt.GenerationRequest(PROMPT, mask=mask, negative_prompt="blurry", **common))
     _close(expected, got.image)
-    other_mask = box_mask(64, 64, (0.0, 0.0, 0.4, 0.4))
+    other_mask = sample_mask(64, 64, (0.0, 0.0, 0.4, 0.4))
     other = pipe.generate(controlrt.GenerationRequest(PROMPT, mask=other_mask, negative_prompt="blurry", **common))
     assert _rel(got.latents, other.latents) > 0.01  # the mask steers it (ignored: 0)
 
@@ -143,7 +126,7 @@ def test_unmasked_latents_are_the_init_images(pipelines):
     from controlrt.runtime.img2img import encode, preprocess_image, sample_latents, scale_latents
 
     pipe = pipelines("tiny", "onnxruntime")
-    init, mask = photo(64, 64), box_mask(64, 64)
+    init, mask = sample_init_image(64, 64), sample_mask(64, 64)
     result = pipe.generate(
         controlrt.GenerationRequest(PROMPT, image=init, mask=mask, strength=0.7, steps=STEPS, seed=5)
     )
@@ -190,7 +173,7 @@ def test_inpainting_unet_matches_diffusers(strength, backend, inpainting_unet_mo
         safety_checker=None,
         requires_safety_checker=False,
     )
-    init, mask, controls = photo(64, 64, 2), box_mask(64, 64), sample_control_images(1, 64, 64)
+    init, mask, controls = sample_init_image(64, 64, 2), sample_mask(64, 64), sample_control_images(1, 64, 64)
     expected = reference(
         PROMPT,
         image=init,
@@ -219,8 +202,8 @@ def test_mask_crop_matches_padding_mask_crop(tiny_models, pipelines):
         safety_checker=None,
         requires_safety_checker=False,
     )
-    init, control = photo(96, 128, 1), sample_control_images(1, 96, 128)[0]
-    mask = box_mask(96, 128, (0.3, 0.3, 0.5, 0.55))
+    init, control = sample_init_image(96, 128, 1), sample_control_images(1, 96, 128)[0]
+    mask = sample_mask(96, 128, (0.3, 0.3, 0.5, 0.55))
     expected = reference(
         PROMPT,
         image=init,
@@ -237,7 +220,7 @@ def test_mask_crop_matches_padding_mask_crop(tiny_models, pipelines):
     )
     assert got.size == init.size == expected.size  # pasted back into the whole init image
     _close(expected, got)
-    outside = np.asarray(box_mask(96, 128, (0.2, 0.2, 0.6, 0.65))) == 0
+    outside = np.asarray(sample_mask(96, 128, (0.2, 0.2, 0.6, 0.65))) == 0
     assert np.array_equal(np.asarray(got)[outside], np.asarray(init)[outside])  # untouched far from the mask
 
 
@@ -245,7 +228,7 @@ def test_inpaint_controlnet_condition(sd_reference, pipelines, tmp_path):
     """``inpaint:IMAGE`` is control_v11p_sd15_inpaint's condition: the image, -1 where masked."""
     from controlrt.preprocess import inpaint
 
-    init, mask = photo(64, 64, 3), box_mask(64, 64)
+    init, mask = sample_init_image(64, 64, 3), sample_mask(64, 64)
     condition = inpaint(init, mask)
     assert condition.dtype == np.float32 and (condition == -1).any() and condition.max() <= 1
     tensor = torch.from_numpy(condition).permute(2, 0, 1)[None]  # diffusers' make_inpaint_condition
@@ -272,7 +255,7 @@ def test_inpaint_controlnet_condition(sd_reference, pipelines, tmp_path):
 def test_tiled_vae_matches_diffusers_enable_tiling(sd_reference, pipelines):
     """At 64x96 (the tiny VAE's tile is 64 px) both the encode and the decode run in tiles."""
     reference = sd_reference["img2img"]
-    init, controls = photo(64, 96, 4), sample_control_images(2, 64, 96)
+    init, controls = sample_init_image(64, 96, 4), sample_control_images(2, 64, 96)
     reference.vae.enable_tiling()
     try:
         expected = reference(PROMPT, image=init, control_image=controls, num_inference_steps=4, generator=_seeded(9))
@@ -287,7 +270,7 @@ def test_tiled_vae_matches_diffusers_enable_tiling(sd_reference, pipelines):
 
 def test_bad_image_requests_are_one_line(pipelines, tmp_path):
     pipe = pipelines("tiny", "onnxruntime")
-    init, mask = photo(64, 64), box_mask(64, 64)
+    init, mask = sample_init_image(64, 64), sample_mask(64, 64)
     (tmp_path / "notes.png").write_text("not an image")
     cases = [
         ({"mask": mask}, "a mask needs the image it masks"),
@@ -318,7 +301,7 @@ def test_a_build_without_a_vae_encoder_says_to_export_again(tiny_build, tmp_path
     with controlrt.Pipeline.load(build) as pipe:
         assert np.asarray(pipe(PROMPT, steps=2)).std() > 0  # text-to-image as before
         with pytest.raises(BuildError, match=r"no VAE encoder graph .* export it again"):
-            pipe(PROMPT, image=photo(64, 64), steps=2)
+            pipe(PROMPT, image=sample_init_image(64, 64), steps=2)
 
 
 # --- SDXL --------------------------------------------------------------------------------------
@@ -357,7 +340,7 @@ def xl_pipes(xl_build):
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_sdxl_img2img_and_inpainting_match_diffusers(backend, xl_reference, xl_pipes):
-    init, mask, controls = photo(64, 64, 5), box_mask(64, 64), sample_control_images(2, 64, 64)
+    init, mask, controls = sample_init_image(64, 64, 5), sample_mask(64, 64), sample_control_images(2, 64, 64)
     pipe = xl_pipes[backend]
     common = {"num_inference_steps": STEPS, "negative_prompt": "blurry", "guidance_scale": 5.0}
     ours = {"steps": STEPS, "negative_prompt": "blurry", "guidance": 5.0}
@@ -375,7 +358,7 @@ def test_sdxl_img2img_and_inpainting_match_diffusers(backend, xl_reference, xl_p
 def test_union_tile_and_repaint_match_diffusers(backend, xl_reference, xl_pipes):
     """A tile type with no control of its own takes the init image (tile upscaling's recipe); the
     repaint type conditions inpainting on the masked image, as the union inpaint pipeline does."""
-    small = photo(32, 32, 6)
+    small = sample_init_image(32, 32, 6)
     upscaled = small.resize((64, 64), Image.LANCZOS)  # diffusers resizes the control to the output size too
     pipe = xl_pipes[backend]
     expected = xl_reference["union-img2img"](
@@ -403,7 +386,7 @@ def test_union_tile_and_repaint_match_diffusers(backend, xl_reference, xl_pipes)
     )
     assert got.size == (64, 64) and upscaled.size == got.size
     _close(expected, got)
-    init, mask = photo(64, 64, 7), box_mask(64, 64)
+    init, mask = sample_init_image(64, 64, 7), sample_mask(64, 64)
     masked = np.asarray(init).copy()
     masked[np.asarray(mask) > 0] = 0
     control = Image.fromarray(masked)
@@ -459,10 +442,80 @@ def test_tiny_vae_matches_diffusers_with_autoencoder_tiny(backend, taesd, sd_ref
         kl = reference.vae
         reference.vae = AutoencoderTiny.from_pretrained(folder)
         try:
-            init, controls = photo(64, 64, 8), sample_control_images(2, 64, 64)
+            init, controls = sample_init_image(64, 64, 8), sample_control_images(2, 64, 64)
             expected = reference(
                 PROMPT, image=init, control_image=controls, num_inference_steps=STEPS, generator=_seeded(5)
             ).images[0]
         finally:
             reference.vae = kl
         _close(expected, pipe(PROMPT, controls=controls, image=init, steps=STEPS, seed=5))
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def files(tmp_path):
+    sample_init_image(64, 64).save(tmp_path / "init.png")
+    sample_mask(64, 64).save(tmp_path / "mask.png")
+    sample_control_images(1, 64, 64)[0].save(tmp_path / "edges.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    return tmp_path
+
+
+def test_generate_from_an_image_and_a_mask(tiny_build, files):
+    import json
+
+    from test_cli import run
+
+    out = files / "out.png"
+    args = ["generate", tiny_build, "--prompt", "x", "--steps", 3, "--control", files / "edges.png"]
+    result = run(*args, "--image", files / "init.png", "--mask", files / "mask.png", "--strength", 0.7, "--out", out)
+    assert result.exit_code == 0, result.output
+    settings = json.loads(Image.open(out).text["controlrt"])
+    assert settings["image"].startswith(f"{files / 'init.png'} sha256:") and settings["strength"] == 0.7
+    assert settings["mask"].startswith(f"{files / 'mask.png'} sha256:") and settings["scales"] == [0.5]
+
+
+BAD_CLI = {
+    "mask without image": (["--mask", "{mask}"], "a mask needs the image it masks"),
+    "strength": (["--image", "{init}", "--strength", "2"], r"strength 2.0 must be a number in (0, 1]"),
+    "not a mask": (["--image", "{init}", "--mask", "{notes}"], "is not a readable image"),
+    "missing image": (["--image", "{root}/none.png"], "does not exist"),
+    "out is the init image": (["--image", "{init}", "--out", "{init}", "--force"], "is one of this command's inputs"),
+    "mask crop without mask": (["--image", "{init}", "--mask-crop", "8"], "mask crop 8 must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CLI))
+def test_bad_image_options_are_one_line(case, tiny_build, files):
+    from test_cli import assert_clean_error, run
+
+    extra, fragment = BAD_CLI[case]
+    names = {"init": files / "init.png", "mask": files / "mask.png", "notes": files / "notes.png", "root": files}
+    extra = [a.format(**names) for a in extra]
+    before = (files / "init.png").read_bytes()
+    result = run("generate", tiny_build, "--prompt", "x", "--steps", 2, "--out", files / "o.png", *extra)
+    assert_clean_error(result, fragment)
+    assert not (files / "o.png").exists() and (files / "init.png").read_bytes() == before
+
+
+def test_preprocess_inpaint_writes_the_condition_as_an_array(files, pipelines):
+    from test_cli import assert_clean_error, run
+
+    out = files / "cond.npy"
+    result = run("preprocess", "inpaint", files / "init.png", "--mask", files / "mask.png", "--out", out)
+    assert result.exit_code == 0, result.output
+    condition = np.load(out)
+    assert condition.shape == (64, 64, 3) and condition.dtype == np.float32
+    masked = np.asarray(Image.open(files / "mask.png")) > 127
+    assert (condition[masked] == -1).all() and (condition[~masked] >= 0).all()
+    assert_clean_error(run("preprocess", "inpaint", files / "init.png", "--out", files / "c2.npy"), "--mask")
+    png = run("preprocess", "inpaint", files / "init.png", "--mask", files / "mask.png", "--out", files / "c.png")
+    assert_clean_error(png, "write it as a .npy array")
+    # the array is a control as it stands, the same as inpaint:IMAGE made from the request's mask
+    pipe = pipelines("tiny", "onnxruntime")
+    common = {"image": str(files / "init.png"), "mask": str(files / "mask.png"), "steps": 2, "seed": 1}
+    from_file = pipe("x", controls=[str(out)], **common)
+    inline = pipe("x", controls=[f"inpaint:{files / 'init.png'}"], **common)
+    assert np.array_equal(np.asarray(from_file), np.asarray(inline))
