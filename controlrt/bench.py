@@ -31,6 +31,7 @@ from controlrt.runtime.control import Branches
 from controlrt.runtime.session import Session
 
 MAX_RUNS = 100  # timed (and warm-up) generations per bench
+TASKS = ("txt2img", "img2img", "inpaint")
 
 # The matrix-multiply peak a graph's achieved rate is compared with, by the precision it computes in
 # (fp16 graphs compute in fp32 on the CPU backends).
@@ -181,9 +182,12 @@ def run_bench(
     runs: int = 3,
     warmup: int = 1,
     scheduler: str | None = None,
+    task: str = "txt2img",
     **backend_options: Any,
 ) -> BenchReport:
-    from controlrt.builtin import sample_control_images
+    """Time warm generations; ``task`` "img2img" or "inpaint" starts from the built-in sample init
+    image (and mask), so that the VAE encoder is timed too."""
+    from controlrt.builtin import sample_control_images, sample_init_image, sample_mask
     from controlrt.errors import InputError
     from controlrt.runtime.control import ControlMode
     from controlrt.runtime.pipeline import Pipeline
@@ -191,12 +195,16 @@ def run_bench(
 
     if not (1 <= runs <= MAX_RUNS and 0 <= warmup <= MAX_RUNS):
         raise InputError(f"--runs must be 1 to {MAX_RUNS} and --warmup 0 to {MAX_RUNS}, got {runs} and {warmup}")
+    if task not in TASKS:
+        raise InputError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
     log: dict[str, list[float]] = defaultdict(list)
     with Pipeline.load(build_dir, backend, providers, None, True, precision, **backend_options) as pipe:
         count = len(pipe.controlnet_specs) if controls is None else controls
         if not 0 <= count <= len(pipe.controlnet_specs):
             raise InputError(f"--controls {count}: the build has {len(pipe.controlnet_specs)} ControlNet(s)")
         h, w = height or pipe.info.default_size[0], width or pipe.info.default_size[1]
+        if task != "txt2img":
+            pipe.session("vae_encoder")  # opened now, to be timed with the others
         pipe.sessions = {name: TimedSession(s, log) for name, s in pipe.sessions.items()}  # type: ignore[misc]
         types = sample_control_types(pipe.controlnet_specs[:count])
         request = GenerationRequest(
@@ -210,8 +218,11 @@ def run_bench(
             width=w,
             negative_prompt="",
             scheduler=scheduler,
+            image=sample_init_image(h, w) if task != "txt2img" else None,
+            mask=sample_mask(h, w) if task == "inpaint" else None,
         )
         settings = {
+            "task": task,
             "steps": steps,
             "height": h,
             "width": w,

@@ -607,6 +607,13 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--runs", type=int, default=3, show_default=True, help="Timed generations (after --warmup).")
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--scheduler", default=None, help="ddim, euler, … (default: the model's own).")
+@click.option(
+    "--task",
+    type=click.Choice(["txt2img", "img2img", "inpaint"]),
+    default="txt2img",
+    show_default=True,
+    help="img2img and inpaint start from a sample image (and mask): the VAE encoder is timed too.",
+)
 @click.option("--json", "json_path", default=None, metavar="FILE", help="Also write the numbers as JSON.")
 @_force_option
 def bench(
