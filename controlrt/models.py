@@ -377,15 +377,7 @@ class BaseModel:
         of its own; ModelError if it is not one or does not fit the UNet."""
         if vae_dir is None:
             return self
-        path = _require_dir(Path(vae_dir), "VAE folder")
-        config = _read_json(path / "config.json", f"VAE {path}")
-        if config.get("_class_name") not in VAE_CLASSES:
-            raise ModelError(
-                f"{path} is not a VAE folder (config.json describes a {config.get('_class_name')}, expected "
-                f"{' or '.join(VAE_CLASSES)})"
-            )
-        if not _weight_paths(path):
-            raise ModelError(f"VAE {path} has no weights (*.safetensors or *.bin)")
+        path, config = _model_folder(vae_dir, "VAE", VAE_CLASSES)
         base = replace(self, configs={**self.configs, "vae": config}, vae_dir=path)
         base.info()  # it fits the UNet
         return base
@@ -494,16 +486,7 @@ class ControlNetModelFolder:
 
     @classmethod
     def open(cls, path: str | Path) -> ControlNetModelFolder:
-        path = _require_dir(Path(path), "ControlNet folder")
-        config = _read_json(path / "config.json", f"ControlNet {path}")
-        if config.get("_class_name") not in CONTROLNET_CLASSES:
-            raise ModelError(
-                f"{path} is not a ControlNet folder (config.json describes a "
-                f"{config.get('_class_name')}, expected {' or '.join(CONTROLNET_CLASSES)})"
-            )
-        if not _weight_paths(path):
-            raise ModelError(f"ControlNet {path} has no weights (*.safetensors or *.bin)")
-        return cls(path, config)
+        return cls(*_model_folder(path, "ControlNet", CONTROLNET_CLASSES))
 
     @property
     def name(self) -> str:
@@ -581,6 +564,21 @@ class ControlNetModelFolder:
         import diffusers
 
         return _load(getattr(diffusers, self.config["_class_name"]), self.path, f"ControlNet {self.name!r}", meta)
+
+
+def _model_folder(path: str | Path, what: str, classes: tuple[str, ...]) -> tuple[Path, dict[str, Any]]:
+    """A single-model folder (``save_pretrained``'s: config.json and weights) and its config;
+    ModelError unless its class is one of ``classes`` and it has weights."""
+    path = _require_dir(Path(path), f"{what} folder")
+    config = _read_json(path / "config.json", f"{what} {path}")
+    if config.get("_class_name") not in classes:
+        raise ModelError(
+            f"{path} is not a {what} folder (config.json describes a {config.get('_class_name')}, expected "
+            f"{' or '.join(classes)})"
+        )
+    if not _weight_paths(path):
+        raise ModelError(f"{what} {path} has no weights (*.safetensors or *.bin)")
+    return path, config
 
 
 def _load(cls, path: Path, what: str, meta: bool = False):

@@ -207,8 +207,7 @@ class Pipeline:
             crop = mask_crop(mask_image, resolved.height, resolved.width, request.mask_crop)
 
         # 1. text: [uncond, cond] for classifier-free guidance (and SDXL's pooled embeddings and time ids)
-        task = "inpaint" if resolved.inpaint else "img2img" if init_image is not None else "txt2img"
-        embeds, added, truncated = self._prompt(request, branches.cfg, resolved.height, resolved.width, task)
+        embeds, added, truncated = self._prompt(request, branches.cfg, resolved.height, resolved.width, resolved.task)
         # 2. controls: preprocessed once, at the ControlNets' batch size
         controls = self._plan_controls(resolved, images, branches.per_image(GraphKind.CONTROLNET), device, crop)
         # 3. initial latents, drawn as diffusers draws them (the init image's sample before the noise)

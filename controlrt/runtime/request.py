@@ -96,8 +96,11 @@ class ResolvedRequest:
     strength: float | None = None  # image-to-image: the share of the schedule that runs
 
     @property
-    def inpaint(self) -> bool:
-        return self.request.mask is not None
+    def task(self) -> str:
+        """ "txt2img", "img2img" (an init image) or "inpaint" (an init image and a mask)."""
+        if self.request.image is None:
+            return "txt2img"
+        return "img2img" if self.request.mask is None else "inpaint"
 
 
 def _per_control(value: FloatOrList, count: int, label: str) -> list[float]:

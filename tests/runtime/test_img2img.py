@@ -519,3 +519,58 @@ def test_preprocess_inpaint_writes_the_condition_as_an_array(files, pipelines):
     from_file = pipe("x", controls=[str(out)], **common)
     inline = pipe("x", controls=[f"inpaint:{files / 'init.png'}"], **common)
     assert np.array_equal(np.asarray(from_file), np.asarray(inline))
+
+
+@pytest.fixture(scope="module")
+def aesthetic_xl(xl_models, tmp_path_factory):
+    """The SDXL set as a refiner-style model: a UNet (and ControlNet) with five time ids, the last
+    an aesthetic score, and model_index.json's requires_aesthetics_score; with its build."""
+    import json
+    import shutil
+
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from controlrt.builtin import _give_zero_convs_weights
+    from controlrt.export.build import export_build
+
+    root = tmp_path_factory.mktemp("aesthetic")
+    base = shutil.copytree(xl_models.base, root / "base")
+    config = dict(UNet2DConditionModel.load_config(base / "unet"))
+    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    config["projection_class_embeddings_input_dim"] = pooled + 5 * config["addition_time_embed_dim"]
+    torch.manual_seed(13)
+    unet = UNet2DConditionModel.from_config(config)
+    shutil.rmtree(base / "unet")
+    unet.save_pretrained(base / "unet")
+    index = json.loads((base / "model_index.json").read_text())
+    (base / "model_index.json").write_text(json.dumps({**index, "requires_aesthetics_score": True}))
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    _give_zero_convs_weights(controlnet, 14)
+    controlnet.save_pretrained(root / "controlnet")
+    export_build(base, [root / "controlnet"], root / "build")
+    return base, root / "controlnet", root / "build"
+
+
+def test_sdxl_aesthetic_scores_match_diffusers(aesthetic_xl):
+    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetInpaintPipeline
+
+    base, controlnet, build = aesthetic_xl
+    init, mask, control = sample_init_image(64, 64, 9), sample_mask(64, 64), sample_control_images(1, 64, 64)[0]
+    scores = {"aesthetic_score": 7.0, "negative_aesthetic_score": 2.0}
+    # original_size given: diffusers 0.42's XL img2img adds the score to the control image's torch.Size otherwise
+    common = {"num_inference_steps": STEPS, "guidance_scale": 5.0, "negative_prompt": "blurry", **scores}
+    common["original_size"] = (64, 64)
+    ours = {"steps": STEPS, "guidance": 5.0, "negative_prompt": "blurry", **scores}
+    with controlrt.Pipeline.load(build, backend="onnxruntime") as pipe:
+        assert pipe.info.requires_aesthetics_score and pipe.info.time_ids == 5
+        for cls, extra in (
+            (StableDiffusionXLControlNetImg2ImgPipeline, {"crops_coords_top_left": (4, 8)}),
+            (StableDiffusionXLControlNetInpaintPipeline, {"mask_image": mask, "crops_coords_top_left": (4, 8)}),
+        ):
+            reference = _pipe(cls, base, [controlnet], requires_aesthetics_score=True)
+            expected = reference(PROMPT, image=init, control_image=control, generator=_seeded(6), **common, **extra)
+            mine = {"mask": mask} if "mask_image" in extra else {}
+            got = pipe(PROMPT, controls=[control], image=init, seed=6, crops_coords_top_left=(4, 8), **mine, **ours)
+            _close(expected.images[0], got)
+        other = pipe(PROMPT, controls=[control], image=init, seed=6, **{**ours, "aesthetic_score": 1.0})
+        assert psnr(np.asarray(got), np.asarray(other)) < 60  # the score is an input that counts
