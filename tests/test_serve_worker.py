@@ -57,3 +57,14 @@ def test_a_failure_fails_only_its_own_request():
     results = asyncio.run(generator.run(["a", "bad", "b"]))
     assert isinstance(results[0], bytes) and isinstance(results[2], bytes)
     assert isinstance(results[1], BackendError) and not isinstance(results[1], InputError)
+
+
+def test_serve_settings_are_checked_before_ray_starts():
+    import pytest
+
+    from controlrt.serving.app import ServeSettings
+
+    for bad in ({"ray_address": " "}, {"ray_address": "10.0.0.1:6379", "dashboard": True}, {"port": 0}):
+        with pytest.raises(InputError):
+            ServeSettings("build", **bad)
+    assert ServeSettings("build").host == "127.0.0.1" and not ServeSettings("build").dashboard
