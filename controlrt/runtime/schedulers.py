@@ -69,12 +69,19 @@ def max_steps(config: dict[str, Any], name: str | None = None) -> int:
     return _max_steps(json.dumps(config, sort_keys=True), name)
 
 
-def check_steps(config: dict[str, Any], name: str | None, steps: int) -> None:
-    """InputError unless the scheduler can run ``steps`` steps (see :func:`max_steps`)."""
-    scheduler = make_scheduler(config, name)
+@lru_cache(maxsize=256)
+def _runs(config_json: str, name: str | None, steps: int) -> str | None:
+    """None if the scheduler runs ``steps`` steps, else its class name."""
+    scheduler = make_scheduler(json.loads(config_json), name)
     train_steps = int(scheduler.config.get("num_train_timesteps", 1000))
-    if not _takes(scheduler, steps, train_steps):
-        most = max_steps(config, name)
+    return None if _takes(scheduler, steps, train_steps) else type(scheduler).__name__
+
+
+def check_steps(config: dict[str, Any], name: str | None, steps: int) -> None:
+    """InputError unless the scheduler can run ``steps`` steps (see :func:`max_steps`); asked once
+    per scheduler and count."""
+    refused = _runs(json.dumps(config, sort_keys=True), name, steps)
+    if refused is not None:
         raise InputError(
-            f"steps must be a whole number from 1 to {most} with the {type(scheduler).__name__}, got {steps}"
+            f"steps must be a whole number from 1 to {max_steps(config, name)} with the {refused}, got {steps}"
         )
