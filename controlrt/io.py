@@ -365,7 +365,7 @@ def check_output_file(
     Its folder must exist (files are not written into folders created on the way). A file that
     exists is replaced only with ``force``; one of the command's own ``inputs`` never, even with
     ``force``. A probe file is made and removed in the folder, so that long work does not end in
-    an error about the output. Write it with ``atomic_write_bytes(path, data, replace=force)``.
+    an error about the output. Write it with :func:`write_output_file`.
     """
     path = output_folder(path)
     shown = f"{what} {path}"

@@ -98,18 +98,21 @@ def describe_control(source: Any, loaded: Any, digest: bool = False) -> str:
     ``digest`` followed by its pixels' sha256, as for the init image and the mask); an image or
     array given in memory by its size and the sha256 of its pixels (first 16 hex digits), so that
     the same image can be recognised later."""
+    if isinstance(source, (str, Path)):
+        return f"{source} {_pixels(loaded)[1]}" if digest else str(source)
+    return " ".join(_pixels(loaded))
+
+
+def _pixels(loaded: Any) -> tuple[str, str]:
+    """An image's or array's size in words, and ``sha256:`` with the first 16 hex digits of its pixels."""
     import hashlib
 
-    if isinstance(source, (str, Path)) and not digest:
-        return str(source)
-    if isinstance(source, (str, Path)):
-        return f"{source} {describe_control(None, loaded).rpartition(' ')[2]}"
     if isinstance(loaded, Image.Image):
         what, pixels = f"image {loaded.width}x{loaded.height} {loaded.mode}", loaded.tobytes()
     else:
         array = loaded.detach().cpu().numpy() if isinstance(loaded, torch.Tensor) else np.asarray(loaded)
         what, pixels = f"array {'x'.join(map(str, array.shape))} {array.dtype}", np.ascontiguousarray(array).tobytes()
-    return f"{what} sha256:{hashlib.sha256(pixels).hexdigest()[:16]}"
+    return what, f"sha256:{hashlib.sha256(pixels).hexdigest()[:16]}"
 
 
 def preprocess_control(

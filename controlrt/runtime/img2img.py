@@ -148,10 +148,6 @@ def sample_latents(moments: dict[str, torch.Tensor], generator: torch.Generator)
     return mean + std * noise
 
 
-def _tile_ranges(size: int, step: int) -> range:
-    return range(0, size, step)
-
-
 def _blend_v(a: torch.Tensor, b: torch.Tensor, extent: int) -> torch.Tensor:
     extent = min(a.shape[2], b.shape[2], extent)
     for y in range(extent):
@@ -174,8 +170,8 @@ def tiled(run, x: torch.Tensor, tile_in: int, tile_out: int) -> torch.Tensor:
     blend = int(tile_out * TILE_OVERLAP)
     limit = tile_out - blend
     rows = [
-        [run(x[:, :, i : i + tile_in, j : j + tile_in]) for j in _tile_ranges(x.shape[3], step)]
-        for i in _tile_ranges(x.shape[2], step)
+        [run(x[:, :, i : i + tile_in, j : j + tile_in]) for j in range(0, x.shape[3], step)]
+        for i in range(0, x.shape[2], step)
     ]
     out_rows = []
     for i, row in enumerate(rows):
