@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 DEFAULT_VARIANTS = (
-    "onnxruntime:fp32:uniform,openvino:fp32:uniform,openvino:bf16:uniform,openvino:bf16:cfg-rw,"
+    "openvino:auto:uniform,onnxruntime:fp32:uniform,openvino:fp32:uniform,openvino:bf16:uniform,openvino:bf16:cfg-rw,"
     "openvino:int8:uniform,openvino:int8:cfg-rw"
 )
 
@@ -191,6 +191,10 @@ def main() -> None:
     for (backend, precision, other), modes in groups.items():
         label = f"{backend} {precision}" + (f" @{Path(other).name}" if other else "")
         with Pipeline.load(other or build, backend=backend, precision=precision) as pipe:
+            if pipe.precision_choice is not None:  # auto: name what it chose
+                label += f"={pipe.precision_choice.label}"
+                if pipe.precision_choice.rows:
+                    print(pipe.precision_choice.table(), flush=True)
 
             def run_controlrt(mode: str, pipe=pipe):
                 return pipe(
@@ -242,6 +246,17 @@ def main() -> None:
         quality = "" if r["psnr_vs_diffusers_fp32"] is None else f"{r['psnr_vs_diffusers_fp32']:.1f}"
         print(f"{name:<48} {t:>8.2f} {min(r['times']):>7.2f} {max(r['times']):>7.2f}{ratios} {quality:>8}")
     print("PSNR: the final image against diffusers fp32 at the same seed (uniform variants; dB)")
+    best = min(medians, key=medians.__getitem__)
+    print(f"diffusers' best setting on this CPU: {best} ({medians[best]:.2f} s/image)")
+    for what, floor, match in (("any precision", 30.0, ""), ("int8", 25.0, " int8")):
+        passing = {n: r for n, r in results.items() if match in n and (r["psnr_vs_diffusers_fp32"] or 0.0) >= floor}
+        if passing:
+            n = max(passing, key=lambda n: passing[n]["speedups"][best])
+            r = passing[n]
+            speedup, quality = r["speedups"][best], r["psnr_vs_diffusers_fp32"]
+            print(f"fastest >= {floor:.0f} dB ({what}): {n} {speedup:.2f}x, {quality:.1f} dB")
+        else:
+            print(f"fastest >= {floor:.0f} dB ({what}): none of the variants")
     if args.json:
         data = {
             "cpu": info,

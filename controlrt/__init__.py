@@ -19,7 +19,7 @@ from controlrt.errors import (
     ValidationError,
 )
 
-__version__ = "0.14.0"
+__version__ = "0.15.0"
 
 if TYPE_CHECKING:
     from controlrt.runtime.pipeline import GenerationResult, Pipeline

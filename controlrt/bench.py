@@ -26,7 +26,8 @@ import torch
 
 from controlrt import cpu
 from controlrt.precision import Precision
-from controlrt.runtime.backends import SessionFactory
+from controlrt.runtime.autoprecision import Candidate, Choice
+from controlrt.runtime.backends import BackendOptions, SessionFactory
 from controlrt.runtime.control import Branches
 from controlrt.runtime.session import Session
 
@@ -83,6 +84,7 @@ class BenchReport:
     peak_cuda_mib: float | None = None
     cpu: dict[str, Any] = field(default_factory=dict)  # name, cores, features
     matmul_peaks: dict[str, float | None] = field(default_factory=dict)  # GFLOP/s per precision, this CPU
+    precision_choice: dict[str, Any] | None = None  # --precision auto: what was measured and chosen
 
     @staticmethod
     def _spread(values: list[float]) -> dict[str, float]:
@@ -127,7 +129,14 @@ class BenchReport:
         if self.peak_cuda_mib is not None:
             memory += f", {self.peak_cuda_mib:.0f} MiB CUDA"
         lines.append(memory)
+        if self.precision_choice and self.precision_choice["rows"]:
+            lines.append(Choice.from_dict(self.precision_choice).table())
         return "\n".join(lines)
+
+
+def _precision_label(options: BackendOptions) -> str:
+    """fp32, bf16, …; int8+bf16 where an OpenVINO int8 pipeline's float layers were chosen."""
+    return Candidate(options.precision, options.float_precision).label
 
 
 def _meta_module(build, spec):
@@ -233,7 +242,9 @@ def run_bench(
             "warmup": warmup,
             "scheduler": scheduler or "the model's own",
         }
-        report = BenchReport(pipe.options.backend, str(pipe.options.precision), settings)
+        choice = pipe.precision_choice
+        report = BenchReport(pipe.options.backend, _precision_label(pipe.options), settings)
+        report.precision_choice = None if choice is None else choice.to_dict()
         for _ in range(warmup):
             pipe.generate(request)
         on_cpu = pipe.sessions["unet"].device.type == "cpu"

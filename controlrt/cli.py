@@ -183,14 +183,18 @@ def _limit_options(f):
     )(f)
 
 
-def _precision_option(f):
-    return click.option(
-        "--precision",
-        default="fp32",
-        show_default=True,
-        help="fp32 | fp16 | int8 graphs (onnxruntime, openvino) or engines (tensorrt), the build must have "
-        "them; bf16: the fp32 graphs computed in bf16 (openvino, torch).",
-    )(f)
+def _precision_option(f=None, default: str = "auto"):
+    def add(f):
+        return click.option(
+            "--precision",
+            default=default,
+            show_default=True,
+            help="auto: the fastest here that meets its gate, measured at first use and cached in the build; "
+            "fp32 | fp16 | int8 graphs (onnxruntime, openvino) or engines (tensorrt), the build must have them; "
+            "bf16: the fp32 graphs computed in bf16 (openvino, torch). torch's auto is fp32, the reference.",
+        )(f)
+
+    return add(f) if f is not None else add
 
 
 def _providers(text: str | None) -> list[str] | None:
@@ -452,7 +456,7 @@ def _prompts(prompt: str | None, prompts_file: str | None, max_prompts: int) -> 
 @cli.command()
 @click.argument("build")
 @_backend_options
-@_precision_option
+@_precision_option(default="fp32")
 @click.option("--json", "json_path", default=None, metavar="FILE", help="Also write the report as JSON.")
 @_force_option
 @click.option("--steps", type=int, default=4, show_default=True, help="Steps of the end-to-end run.")

@@ -59,13 +59,6 @@ def has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_features()))
 
 
-def has_amx_bf16() -> bool:
-    """AMX bf16 tiles, where bf16 matrix multiplies run at about three times the fp32 rate. With
-    AVX-512 BF16 alone they ran slower than fp32 (measured: torch 2048² matmul 0.6x, OpenVINO's SD1.5
-    UNet 0.68x, on an AVX-512 BF16/VNNI Xeon without AMX)."""
-    return "amx_bf16" in cpu_features()
-
-
 def describe() -> dict[str, object]:
     """Name, logical cores and features, for reports."""
     return {"name": cpu_name(), "cores": os.cpu_count(), "features": list(cpu_features())}

@@ -234,6 +234,7 @@ _BUILD_PATTERNS = (
     "engines/*.cache.json",
     "calibration/captures-*/*.npz",
     "openvino/*/*.blob",
+    "precision-auto/*.json",
 )
 
 

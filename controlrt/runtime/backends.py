@@ -6,7 +6,6 @@ import logging
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -47,6 +46,9 @@ class BackendOptions:
             built with --weight-streaming); None keeps them all.
         threads: onnxruntime and openvino: threads per session (default: one per physical core);
             set it when several pipelines share a machine's cores.
+        float_precision: openvino int8 pipelines: what the float layers and float graphs compute
+            in, fp32 or bf16 (default: bf16 where the CPU computes bf16, as OpenVINO does; which is
+            faster differs between CPUs, and ``--precision auto`` measures both).
     """
 
     backend: str = "onnxruntime"
@@ -56,6 +58,7 @@ class BackendOptions:
     cuda_graphs: bool = False
     weight_streaming_budget: int | None = None
     threads: int | None = None
+    float_precision: Precision | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -73,6 +76,12 @@ class BackendOptions:
             )
         if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
             raise InputError(f"threads {self.threads!r} must be at least 1")
+        if self.float_precision is not None:
+            object.__setattr__(self, "float_precision", Precision.parse(self.float_precision))
+            if self.backend != "openvino" or self.precision is not Precision.INT8:
+                raise InputError("the float layers' precision is an option of openvino int8 pipelines")
+            if self.float_precision not in (Precision.FP32, Precision.BF16):
+                raise InputError(f"float layers compute in fp32 or bf16, not {self.float_precision}")
 
 
 def open_sources(manifest: Manifest) -> tuple[BaseModel, list[ControlNetModelFolder]]:
@@ -118,7 +127,7 @@ class SessionFactory:
         if self.options.precision is Precision.BF16:
             return Precision.BF16
         if self.options.backend == "openvino" and variant is not Precision.INT8:
-            return Precision.BF16 if inference_precision(self.options.precision) == "bf16" else variant
+            return Precision.BF16 if inference_precision(self.options) == "bf16" else variant
         return variant
 
     def _profiles(self, name: str):
@@ -157,9 +166,7 @@ class SessionFactory:
         """The graph compiled by OpenVINO, its blob cached in the build where it can be written."""
         from controlrt.runtime.ov_backend import CACHE_FOLDER, OpenVinoSession, cache_key
 
-        hint = inference_precision(self.options.precision)
-        if hint == "bf16":
-            _note_slow_bf16()
+        hint = inference_precision(self.options)
         files = tuple((f.path, f.sha256) for f in self.build.variant(name, variant).files)
         cache_dir: Path | None = self.build.path / CACHE_FOLDER / cache_key(files, hint, self.options.threads)
         if not _writable(cache_dir):
@@ -210,29 +217,23 @@ def _writable(folder: Path) -> bool:
         return False
 
 
-@cache
-def _note_slow_bf16() -> None:
-    from controlrt.cpu import has_amx_bf16, has_bf16
-
-    if has_bf16() and not has_amx_bf16():
-        logger.warning(
-            "this CPU computes bf16 with AVX-512 BF16 but no AMX tiles: measured slower than fp32 on such CPUs; "
-            "--precision fp32 or int8 may be faster here"
-        )
-
-
-def inference_precision(precision: Precision) -> str:
-    """OpenVINO's inference precision for a controlrt precision.
+def inference_precision(options: BackendOptions) -> str:
+    """OpenVINO's inference precision for a pipeline's options.
 
     bf16 computes in bf16. int8 graphs run their quantized layers as int8 kernels (VNNI, AMX) and
-    the others in bf16 where the CPU has AMX bf16 tiles (else f32: with AVX-512 BF16 alone, bf16 ran
-    slower than f32; see controlrt.cpu.has_amx_bf16). fp32 and fp16 graphs compute in f32 (OpenVINO's
-    default on bf16 CPUs would be bf16: it is always set explicitly).
+    the others in ``options.float_precision``: by default bf16 where OpenVINO computes bf16 on this
+    CPU (its own default there), else f32; which is faster is measured by ``--precision auto``, not
+    assumed. fp32 and fp16 graphs compute in f32 (OpenVINO's default on bf16 CPUs would be bf16: it
+    is always set explicitly).
     """
-    from controlrt.cpu import has_amx_bf16
-
-    if precision is Precision.BF16 or (precision is Precision.INT8 and has_amx_bf16()):
+    if options.precision is Precision.BF16:
         return "bf16"
+    if options.precision is Precision.INT8:
+        if options.float_precision is None:
+            from controlrt.runtime.ov_backend import supports_bf16
+
+            return "bf16" if supports_bf16() else "f32"
+        return "bf16" if options.float_precision is Precision.BF16 else "f32"
     return "f32"
 
 

@@ -19,6 +19,7 @@ from controlrt.manifest import MANIFEST_NAME, Build
 from controlrt.precision import Precision
 from controlrt.preprocess import inpaint as inpaint_condition
 from controlrt.preprocess import load_control, split_control
+from controlrt.runtime.autoprecision import AUTO, Choice, choose_precision
 from controlrt.runtime.backends import BackendOptions, open_sessions
 from controlrt.runtime.control import Branches, block_weights, guidance_embedding, residual_divisors
 from controlrt.runtime.images import (
@@ -78,6 +79,7 @@ class Pipeline:
         self.controlnet_specs = manifest.controlnet_specs
         self._divisors = residual_divisors(self.unet_spec)
         self.annotators: str | Path | None = None  # controlnet-aux weights for KIND:PATH controls
+        self.precision_choice: Choice | None = None  # what --precision auto measured, if it ran
         self.warn_truncated = True  # log prompts cut off by the tokenizer (they are in the settings too)
         # which build made an image: recorded in its settings
         self._build_record = {"path": str(build.path), "manifest_sha256": sha256_file(build.path / MANIFEST_NAME)}
@@ -104,7 +106,9 @@ class Pipeline:
             providers: onnxruntime execution providers, e.g. ["cuda"]; default CPU.
             device: torch device for the torch and tensorrt backends (default cpu / cuda).
             verify: Check every file's sha256 against the manifest (else only sizes).
-            precision: "fp32", "fp16" or "int8" graphs; the build must have them.
+            precision: "fp32", "fp16" or "int8" graphs (the build must have them); "bf16" (the
+                fp32 graphs computed in bf16: openvino, torch); or "auto": the fastest here that
+                meets its gate, measured at first use and cached (controlrt.runtime.autoprecision).
             limits: Bounds for every request (default: Limits.for_model of the build's model).
             max_pixels: The largest height x width a request may ask for, in place of the default
                 limit's (ignored when ``limits`` is given).
@@ -127,6 +131,12 @@ class Pipeline:
         **options: Any,
     ) -> Pipeline:
         """Like :meth:`load`, for a build that is already open (and checked)."""
+        choice = None
+        if str(precision).lower() == AUTO:
+            choice = choose_precision(build, backend, providers, device, **options)
+            precision = choice.precision
+            if choice.float_precision is not None:
+                options = {**options, "float_precision": choice.float_precision}
         backend_options = BackendOptions(
             backend, tuple(providers) if providers else None, device, Precision.parse(precision), **options
         )
@@ -134,7 +144,9 @@ class Pipeline:
         # the VAE encoder opens at the first image-to-image request (see session)
         names = [n for n, g in build.manifest.graphs.items() if g.spec.kind is not GraphKind.VAE_ENCODER]
         sessions = open_sessions(build, backend_options, names)
-        return cls(build, sessions, backend_options, tokenizers, limits)
+        pipe = cls(build, sessions, backend_options, tokenizers, limits)
+        pipe.precision_choice = choice
+        return pipe
 
     def session(self, name: str) -> Session:
         """The session of graph ``name``, opened now if it was not at load (the VAE encoder, which
@@ -272,6 +284,8 @@ class Pipeline:
             settings["mask"] = describe_control(request.mask, mask_image, digest=True)
         settings["backend"] = self.options.backend
         settings["precision"] = str(self.options.precision)
+        if self.options.float_precision is not None:
+            settings["float_precision"] = str(self.options.float_precision)
         settings["controlrt"] = __version__
         settings["build"] = self._build_record
         if truncated:

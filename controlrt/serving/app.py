@@ -27,7 +27,7 @@ import asyncio
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from controlrt.errors import BackendError, InputError
@@ -50,7 +50,7 @@ _RAY_LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 class ServeSettings:
     build: str
     backend: str = "onnxruntime"
-    precision: str = "fp32"
+    precision: str = "fp32"  # "auto" is resolved by start(), once, before any replica starts
     providers: tuple[str, ...] | None = None
     replicas: int = 1
     max_batch: int = 1
@@ -59,6 +59,7 @@ class ServeSettings:
     max_pixels: int | None = None  # default: Limits.for_model's
     dashboard: bool = False  # Ray's dashboard, on loopback (a Ray that start() starts)
     ray_address: str | None = None  # join this Ray cluster instead of starting a local one
+    float_precision: str | None = None  # openvino int8: the float layers' precision (see BackendOptions)
 
     def __post_init__(self) -> None:
         if not 1 <= self.replicas <= MAX_REPLICAS or not 1 <= self.max_batch <= DEFAULT_MAX_IMAGES:
@@ -77,6 +78,27 @@ class ServeSettings:
         gpu_providers = {"cuda", "tensorrt", "CUDAExecutionProvider", "TensorrtExecutionProvider"}
         on_gpu = self.backend == "tensorrt" or bool(set(self.providers or ()) & gpu_providers)
         return 1.0 if on_gpu else 0.0
+
+    def backend_options(self) -> dict[str, Any]:
+        """The BackendOptions of each replica, beyond backend, providers and precision."""
+        options: dict[str, Any] = {}
+        if self.backend in ("onnxruntime", "openvino") and not self.gpus_per_replica:
+            # replicas share the machine's cores: one pool of threads per replica, not one each
+            options["threads"] = max(1, (os.cpu_count() or 1) // self.replicas)
+        if self.float_precision is not None:
+            options["float_precision"] = self.float_precision
+        return options
+
+    def resolved(self, build) -> "ServeSettings":
+        """These settings with ``precision`` auto replaced by what it chooses for the replicas
+        (measured with their thread count, at first use; cached in the build)."""
+        from controlrt.runtime.autoprecision import AUTO, choose_precision
+
+        if self.precision.lower() != AUTO:
+            return self
+        choice = choose_precision(build, self.backend, self.providers, **self.backend_options())
+        float_precision = None if choice.float_precision is None else str(choice.float_precision)
+        return replace(self, precision=str(choice.precision), float_precision=float_precision)
 
 
 class Generator:
@@ -146,10 +168,7 @@ def build_app(settings: ServeSettings):
             _replica_grpc_on_loopback()
             self.settings = ServeSettings(**config)
             s = self.settings
-            options = {}
-            if s.backend in ("onnxruntime", "openvino") and not s.gpus_per_replica:
-                # replicas share the machine's cores: one pool of threads per replica, not one each
-                options["threads"] = max(1, (os.cpu_count() or 1) // s.replicas)
+            options = s.backend_options()
             build = Build.open(s.build)
             limits = Limits.for_model(build.manifest.info, s.max_pixels)
             self.pipe = Pipeline.from_build(
@@ -314,7 +333,7 @@ def start(settings: ServeSettings, blocking: bool = True, announce=None):
     serve = _import_serve()
     from controlrt.manifest import Build
 
-    Build.open(settings.build)  # clear errors before Ray starts
+    settings = settings.resolved(Build.open(settings.build))  # clear errors before Ray starts
     check_port(settings.host, settings.port)
     dashboard = _init_ray(settings)
     external = settings.ray_address is not None
