@@ -72,9 +72,10 @@ def time_torch_loop(arch_name: str, device: str, size: int, steps: int, runs: in
     import torch
 
     from controlrt import builtin
-    from controlrt.graphs import graph_specs, load_graph_module
+    from controlrt.control import Branches, ControlMode, block_weights, residual_divisors
+    from controlrt.families import family_of
+    from controlrt.graphs import load_graph_module
     from controlrt.models import BaseModel, ControlNetModelFolder
-    from controlrt.runtime.control import Branches, ControlMode, block_weights, residual_divisors
     from controlrt.runtime.loop import ControlPlan
     from controlrt.runtime.torch_backend import TorchSession
     from controlrt.specs import GraphKind
@@ -86,7 +87,7 @@ def time_torch_loop(arch_name: str, device: str, size: int, steps: int, runs: in
         base = BaseModel.open(models.base)
         controlnets = [ControlNetModelFolder.open(p) for p in models.controlnets[:2]]
         info = base.info()
-        specs = {s.name: s for s in graph_specs(info, controlnets)}
+        specs = {s.name: s for s in family_of(info).graph_specs(controlnets)}
         scheduler_config = json.loads((models.base / "scheduler" / "scheduler_config.json").read_text())
         for dtype in (torch.float32, torch.float16) if device != "cpu" else (torch.float32,):
             sessions = {}
@@ -138,7 +139,7 @@ def time_torch_loop(arch_name: str, device: str, size: int, steps: int, runs: in
 def _denoise_once(unet, plans, scheduler_config, embeds, latent, steps, mode, device):
     import torch
 
-    from controlrt.runtime.control import Branches
+    from controlrt.control import Branches
     from controlrt.runtime.loop import denoise
     from controlrt.runtime.schedulers import make_scheduler
 

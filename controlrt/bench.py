@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from controlrt import cpu
+from controlrt.control import Branches
 from controlrt.precision import Precision
 from controlrt.runtime.autoprecision import Candidate, Choice
 from controlrt.runtime.backends import BackendOptions, SessionFactory
-from controlrt.runtime.control import Branches
 from controlrt.runtime.session import Session
 
 MAX_RUNS = 100  # timed (and warm-up) generations per bench
@@ -197,8 +197,8 @@ def run_bench(
     """Time warm generations; ``task`` "img2img" or "inpaint" starts from the built-in sample init
     image (and mask), so that the VAE encoder is timed too."""
     from controlrt.builtin import sample_control_images, sample_init_image, sample_mask
+    from controlrt.control import ControlMode
     from controlrt.errors import InputError
-    from controlrt.runtime.control import ControlMode
     from controlrt.runtime.pipeline import Pipeline
     from controlrt.runtime.request import GenerationRequest, sample_control_types
 
@@ -268,7 +268,7 @@ def run_bench(
             report.loop_overhead.append(max(0.0, timings["denoise"] - in_graphs) / timings["denoise"])
             per_run.append({n: list(v) for n, v in log.items()})
             measure_peaks()
-        branches = Branches.of(guidance, control_mode, pipe.info.embedded_guidance)
+        branches = pipe.family.branches(guidance, control_mode)
         if on_cpu:
             report.cpu = cpu.describe()
             report.matmul_peaks = {k: max((p[k] for p in peaks if p[k]), default=None) for k in peaks[0]}

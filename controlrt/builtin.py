@@ -74,8 +74,9 @@ class Architecture:
     text_intermediate_2: int | None = None
 
     @property
-    def sdxl(self) -> bool:
-        return self.text_widths is not None
+    def family(self) -> str:
+        """The model family (controlrt.families) of the set: "sdxl" with a second text encoder."""
+        return "sdxl" if self.text_widths is not None else "sd"
 
 
 TINY = Architecture()
@@ -468,7 +469,7 @@ def write_builtin_models(
     """
     with staged_folder(out_dir, "builtin --random", force) as staging:
         scratch = (staging / "_tokenizer", staging / "_tokenizer_2")
-        if arch.sdxl:
+        if arch.family == "sdxl":
             pipe, controlnets = build_sdxl_modules(arch, scratch, seed)
         else:
             pipe, controlnets = build_modules(arch, scratch[0], seed)

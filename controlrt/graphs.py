@@ -10,20 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from controlrt.models import BaseModel, ControlNetModelFolder, ModelInfo
-from controlrt.specs import (
-    GUIDANCE_EMBEDDING,
-    INPAINT_INPUTS,
-    GraphKind,
-    GraphSpec,
-    added_condition_names,
-    controlnet_spec,
-    text_encoder_specs,
-    unet_spec,
-    union_controlnet_spec,
-    vae_decoder_spec,
-    vae_encoder_spec,
-)
+from controlrt.families import family_of
+from controlrt.families.base import GUIDANCE_EMBEDDING, INPAINT_INPUTS
+from controlrt.models import BaseModel, ControlNetModelFolder
+from controlrt.specs import GraphKind, GraphSpec
 
 
 class TextEncoderGraph(nn.Module):
@@ -239,33 +229,16 @@ class VaeEncoderGraph(nn.Module):
         return mean, logvar
 
 
-def graph_specs(info: ModelInfo, controlnets: list[ControlNetModelFolder]) -> list[GraphSpec]:
-    """Every graph of a build, in export order: text encoder(s), ControlNets, UNet, VAE decoder,
-    VAE encoder."""
-    return [
-        *text_encoder_specs(info),
-        *(
-            union_controlnet_spec(info, k, cn.name, cn.conditioning_channels, cn.num_control_type)
-            if cn.union
-            else controlnet_spec(info, k, cn.name, cn.conditioning_channels)
-            for k, cn in enumerate(controlnets)
-        ),
-        unet_spec(info),
-        vae_decoder_spec(info),
-        vae_encoder_spec(info),
-    ]
-
-
 def load_graph_module(
     spec: GraphSpec, base: BaseModel, controlnets: list[ControlNetModelFolder], meta: bool = False
 ) -> nn.Module:
     """The PyTorch module that computes ``spec``, loaded from the source folders; with ``meta`` its
     architecture alone, on the meta device (no weights: for counting its work)."""
     kind = spec.kind
-    added = tuple(added_condition_names(spec))
+    added = family_of(base.info()).added_condition_names
     if kind is GraphKind.TEXT_ENCODER:
-        component = base.text_encoder_names[int(spec.attributes.get("text_encoder_index", 0))]
-        layer = str(spec.attributes.get("layer", "last"))
+        component = base.text_encoder_names[spec.index]
+        layer = spec.layer
         pooled = "text_embeds" in spec.output_names
         module: nn.Module = TextEncoderGraph(base.load_text_encoder(component, meta), layer, pooled)
     elif kind is GraphKind.UNET:
@@ -276,7 +249,7 @@ def load_graph_module(
     elif kind is GraphKind.VAE_ENCODER:
         module = VaeEncoderGraph(base.load_vae(meta))
     else:
-        folder = controlnets[int(spec.attributes["controlnet_index"])]
+        folder = controlnets[spec.index]
         graph = UnionControlNetGraph if folder.union else ControlNetGraph
         module = graph(folder.load(meta), added)
     return module.eval()

@@ -121,8 +121,9 @@ class LoraLayer:
         return (factor * (up.double() @ down.double())).reshape(shape)
 
 
-def read_lora(lora: Lora, sdxl: bool) -> dict[str, dict[str, LoraLayer]]:
-    """The adapted layers of ``lora``, per component (unet, text_encoder, text_encoder_2) and module path.
+def read_lora(lora: Lora, pipeline: str) -> dict[str, dict[str, LoraLayer]]:
+    """The adapted layers of ``lora``, per component (unet, text_encoder, text_encoder_2) and module path,
+    as the diffusers ``pipeline`` class reads the file (the model family's lora_pipeline).
 
     Raises InputError for a file diffusers cannot read, ModelError for adapters controlrt cannot
     fuse (DoRA, LoRA biases, components other than the UNet and the text encoders). Cached per
@@ -132,16 +133,16 @@ def read_lora(lora: Lora, sdxl: bool) -> dict[str, dict[str, LoraLayer]]:
         stat = lora.path.stat()
     except OSError:
         raise InputError(f"LoRA {lora.path} does not exist") from None
-    return _read_lora(lora.path, stat.st_size, stat.st_mtime_ns, sdxl)
+    return _read_lora(lora.path, stat.st_size, stat.st_mtime_ns, pipeline)
 
 
 @functools.lru_cache(maxsize=16)
-def _read_lora(path: Path, size: int, mtime_ns: int, sdxl: bool) -> dict[str, dict[str, LoraLayer]]:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _read_lora(path: Path, size: int, mtime_ns: int, pipeline: str) -> dict[str, dict[str, LoraLayer]]:
+    import diffusers
 
     from controlrt.checkpoints import read_checkpoint
 
-    loader = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    loader = getattr(diffusers, pipeline)
     raw = read_checkpoint(path)
     try:
         state, alphas = loader.lora_state_dict(dict(raw))
@@ -254,10 +255,10 @@ def _pattern(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
     return default
 
 
-def fuse_into(module: torch.nn.Module, component: str, loras: list[Lora], sdxl: bool) -> torch.nn.Module:
+def fuse_into(module: torch.nn.Module, component: str, loras: list[Lora], pipeline: str) -> torch.nn.Module:
     """Fuse every LoRA's layers for ``component`` into ``module`` (in place) and return it."""
     for lora in loras:
-        layers = read_lora(lora, sdxl).get(component, {})
+        layers = read_lora(lora, pipeline).get(component, {})
         with torch.no_grad():
             for name, layer in layers.items():
                 target = _submodule(module, name)
@@ -284,6 +285,6 @@ def _submodule(module: torch.nn.Module, name: str) -> torch.nn.Module | None:
     return None
 
 
-def adapted_components(loras: list[Lora], sdxl: bool) -> set[str]:
+def adapted_components(loras: list[Lora], pipeline: str) -> set[str]:
     """The components the LoRAs change (their graphs need re-exporting when the LoRAs change)."""
-    return {component for lora in loras for component, layers in read_lora(lora, sdxl).items() if layers}
+    return {component for lora in loras for component, layers in read_lora(lora, pipeline).items() if layers}

@@ -147,7 +147,7 @@ class Manifest:
     def controlnet_specs(self) -> list[GraphSpec]:
         """The ControlNet graphs in the order they were given to export."""
         specs = [g.spec for g in self.graphs.values() if g.spec.kind is GraphKind.CONTROLNET]
-        return sorted(specs, key=lambda s: int(s.attributes["controlnet_index"]))
+        return sorted(specs, key=lambda s: s.index)
 
     def with_variants(self, precision: str, variants: dict[str, Variant]) -> Manifest:
         """A copy with ``variants`` (graph name -> Variant) recorded under ``precision``.

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controlrt.errors import ModelError
+from controlrt.families import family_of
 
 if TYPE_CHECKING:
     import torch
@@ -100,16 +101,6 @@ class ModelInfo:
     # SDXL img2img and inpainting: the time ids end with an aesthetic score instead of the target size
     # (model_index.json's requires_aesthetics_score, as diffusers' SDXL img2img pipelines read it)
     requires_aesthetics_score: bool = False
-
-    @property
-    def sdxl(self) -> bool:
-        """Whether the UNet takes SDXL's added conditions (text_embeds and time_ids)."""
-        return self.pooled_dim > 0
-
-    @property
-    def embedded_guidance(self) -> bool:
-        """Whether the UNet takes guidance as an embedding (LCM-distilled): no CFG batch."""
-        return self.guidance_embedding_dim > 0
 
     @property
     def vae_samples(self) -> bool:
@@ -365,9 +356,9 @@ class BaseModel:
         from controlrt.lora import check_loras, read_lora
 
         loras = tuple(check_loras(list(loras)))
-        sdxl = self.info().sdxl
+        pipeline = family_of(self.info()).lora_pipeline
         for lora in loras:
-            missing = set(read_lora(lora, sdxl)) - {"unet", *self.text_encoder_names}
+            missing = set(read_lora(lora, pipeline)) - {"unet", *self.text_encoder_names}
             if missing:
                 raise ModelError(f"LoRA {lora.path} adapts {sorted(missing)[0]}, which the base model does not have")
         return replace(self, loras=loras)
@@ -440,15 +431,15 @@ class BaseModel:
     def _lora_records(self) -> list[dict[str, Any]]:
         from controlrt.lora import adapted_components
 
-        sdxl = self.info().sdxl
-        return [{**lora.record(), "components": sorted(adapted_components([lora], sdxl))} for lora in self.loras]
+        pipeline = family_of(self.info()).lora_pipeline
+        return [{**lora.record(), "components": sorted(adapted_components([lora], pipeline))} for lora in self.loras]
 
     def _fused(self, module: torch.nn.Module, component: str) -> torch.nn.Module:
         if not self.loras:
             return module
         from controlrt.lora import fuse_into
 
-        return fuse_into(module, component, list(self.loras), self.info().sdxl)
+        return fuse_into(module, component, list(self.loras), family_of(self.info()).lora_pipeline)
 
     def load_vae(self, meta: bool = False) -> torch.nn.Module:
         import diffusers
@@ -519,18 +510,7 @@ class ControlNetModelFolder:
             raise ModelError(
                 f"{what}: it takes {config['in_channels']} latent channels, the UNet {info.latent_channels}"
             )
-        takes_sdxl = config.get("addition_embed_type") == "text_time"
-        if takes_sdxl != info.sdxl:
-            made_for, base = ("SDXL", "a Stable Diffusion 1.x/2.x") if takes_sdxl else ("SD 1.x/2.x", "an SDXL")
-            raise ModelError(f"{what}: it is a {made_for} ControlNet and the base is {base} model")
-        if takes_sdxl:
-            added = int(config.get("projection_class_embeddings_input_dim") or 0)
-            time_dim = int(config.get("addition_time_embed_dim") or 0)
-            if added != info.pooled_dim + info.time_ids * time_dim:
-                raise ModelError(
-                    f"{what}: its added embedding takes {added} values, the base gives {info.pooled_dim} pooled "
-                    f"and {info.time_ids} time ids"
-                )
+        family_of(info).check_controlnet(config, what)
         cross = config["cross_attention_dim"]
         cross = cross[0] if isinstance(cross, list) else cross
         if cross != info.cross_attention_dim:

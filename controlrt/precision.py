@@ -21,11 +21,14 @@ class Precision(StrEnum):
     INT8 = "int8"
 
     @classmethod
-    def parse(cls, value: str | Precision) -> Precision:
+    def parse(cls, value: str | Precision, also: tuple[str, ...] = ()) -> Precision:
+        """The precision ``value`` names; InputError listing the choices (and ``also``, the other
+        words the caller takes, such as "auto") when it names none."""
         try:
             return cls(str(value).lower())
         except ValueError:
-            raise InputError(f"unknown precision {value!r}; choose one of {', '.join(p.value for p in cls)}") from None
+            choices = ", ".join([*also, *(p.value for p in cls)])
+            raise InputError(f"unknown precision {value!r}; choose one of {choices}") from None
 
     @property
     def command(self) -> str:

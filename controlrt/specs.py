@@ -12,7 +12,7 @@ factor 8, ``height/16`` the latent height after one UNet downsampler. Three symb
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +20,6 @@ from controlrt.errors import InputError
 
 if TYPE_CHECKING:
     import torch
-
-    from controlrt.models import ModelInfo
 
 SYMBOLS = ("batch", "height", "width", "controls")  # controls: a union ControlNet's condition images
 MID_BLOCK_RESIDUAL = "mid_block_res"
@@ -125,6 +123,10 @@ class GraphSpec:
         outputs: Output tensors in return order.
         size_multiple: Image height and width must be multiples of this many pixels.
         default_size: The model's native image size (height, width) in pixels.
+        index: Which text encoder or ControlNet of the build this graph is (0 for the others).
+        source_name: A ControlNet's source (its folder's name), to match controls and refits to it.
+        layer: A text encoder's output layer: "last", or "penultimate" (SDXL).
+        control_types: A ControlNet-Union's number of condition types (0: not a union).
     """
 
     name: str
@@ -133,7 +135,15 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
     size_multiple: int
     default_size: tuple[int, int]
-    attributes: Mapping[str, Any] = field(default_factory=dict)
+    index: int = 0
+    source_name: str = ""
+    layer: str = ""
+    control_types: int = 0
+
+    @property
+    def union(self) -> bool:
+        """Whether this is a ControlNet-Union graph (several condition images, typed)."""
+        return self.control_types > 0
 
     @property
     def residual_inputs(self) -> tuple[TensorSpec, ...]:
@@ -257,11 +267,23 @@ class GraphSpec:
             "outputs": [t.to_dict() for t in self.outputs],
             "size_multiple": self.size_multiple,
             "default_size": list(self.default_size),
-            "attributes": dict(self.attributes),
+            "attributes": self._attributes(),
         }
+
+    def _attributes(self) -> dict[str, Any]:
+        """The per-graph facts as manifests store them (the keys every build since 0.1 has)."""
+        if self.kind is GraphKind.TEXT_ENCODER:
+            return {"text_encoder_index": self.index, "layer": self.layer}
+        if self.kind is GraphKind.CONTROLNET:
+            out: dict[str, Any] = {"controlnet_index": self.index, "controlnet_name": self.source_name}
+            if self.union:
+                out |= {"union": True, "num_control_type": self.control_types}
+            return out
+        return {}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GraphSpec:
+        facts = data.get("attributes", {})
         return cls(
             name=data["name"],
             kind=GraphKind(data["kind"]),
@@ -269,224 +291,12 @@ class GraphSpec:
             outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
             size_multiple=int(data["size_multiple"]),
             default_size=(int(data["default_size"][0]), int(data["default_size"][1])),
-            attributes=dict(data.get("attributes", {})),
+            index=int(facts.get("text_encoder_index", facts.get("controlnet_index", 0))),
+            source_name=str(facts.get("controlnet_name", "")),
+            layer=str(facts.get("layer", "last" if data["kind"] == GraphKind.TEXT_ENCODER else "")),
+            control_types=int(facts.get("num_control_type", 0)) if facts.get("union") else 0,
         )
 
 
 def _sizes_text(sizes: Mapping[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sizes.items()) or "no sizes bound yet"
-
-
-# --- specs derived from a model's configuration -------------------------------------------------
-
-BATCH = Axis("batch")
-
-
-def _image_axes(divisor: int) -> tuple[Axis, Axis]:
-    return Axis("height", divisor), Axis("width", divisor)
-
-
-def residual_specs(info: ModelInfo) -> tuple[TensorSpec, ...]:
-    """The control residuals in UNet order: down_block_res_0 … then mid_block_res.
-
-    Shapes follow the UNet config: residual i has ``channels`` and sits ``level`` downsamplers
-    below the latent, so its spatial axes are ``height / (vae_factor * 2**level)``.
-    """
-    specs = []
-    for i, res in enumerate(info.residuals):
-        name = MID_BLOCK_RESIDUAL if i == len(info.residuals) - 1 else f"{DOWN_BLOCK_RESIDUAL}{i}"
-        divisor = info.vae_scale_factor * 2**res.level
-        specs.append(TensorSpec(name, "float32", (BATCH, res.channels, *_image_axes(divisor))))
-    return tuple(specs)
-
-
-# SDXL's added conditions, inputs of the UNet and the ControlNets after encoder_hidden_states
-ADDED_CONDITIONS = ("text_embeds", "time_ids")
-GUIDANCE_EMBEDDING = "timestep_cond"  # the UNet's only: ControlNets never take it
-# An inpainting UNet's own inputs, concatenated to the latents inside the graph as diffusers does
-INPAINT_INPUTS = ("mask", "masked_image_latents")
-
-
-def _denoiser_inputs(info: ModelInfo) -> tuple[TensorSpec, ...]:
-    """sample, timestep, encoder_hidden_states, and for SDXL text_embeds [batch, pooled] (the second
-    text encoder's projection) and time_ids [batch, 6] (original size, crop offsets, target size)."""
-    latent = _image_axes(info.vae_scale_factor)
-    inputs = [
-        TensorSpec("sample", "float32", (BATCH, info.latent_channels, *latent)),
-        TensorSpec("timestep", "float32", (BATCH,), (0.0, float(info.num_train_timesteps))),
-        TensorSpec(
-            "encoder_hidden_states",
-            "float32",
-            (BATCH, info.sequence_length, info.cross_attention_dim),
-        ),
-    ]
-    if info.sdxl:
-        inputs.append(TensorSpec("text_embeds", "float32", (BATCH, info.pooled_dim)))
-        inputs.append(TensorSpec("time_ids", "float32", (BATCH, info.time_ids), (0.0, 2048.0)))
-    return tuple(inputs)
-
-
-def added_condition_names(spec: GraphSpec) -> list[str]:
-    """The SDXL added-condition inputs a UNet or ControlNet graph takes (none for SD 1.x/2.x)."""
-    return [name for name in ADDED_CONDITIONS if name in spec.input_names]
-
-
-def _spec(info: ModelInfo, name: str, kind: GraphKind, inputs, outputs, **attributes) -> GraphSpec:
-    return GraphSpec(
-        name=name,
-        kind=kind,
-        inputs=tuple(inputs),
-        outputs=tuple(outputs),
-        size_multiple=info.size_multiple,
-        default_size=info.default_size,
-        attributes=attributes,
-    )
-
-
-def text_encoder_spec(info: ModelInfo, index: int = 0) -> GraphSpec:
-    """The ``index``-th text encoder: input_ids int64 [batch, seq] (and attention_mask int64 [batch,
-    seq] of 0/1, for text encoders whose config sets use_attention_mask, as diffusers passes it) ->
-
-    - SD 1.x/2.x: last_hidden_state float32 [batch, seq, dim];
-    - SDXL: hidden_states [batch, seq, width], the penultimate layer's, as diffusers takes them, and
-      for the second encoder also text_embeds [batch, pooled], its pooled projection.
-    """
-    inputs = [TensorSpec("input_ids", "int64", (BATCH, info.sequence_length), (0, info.vocab_size))]
-    if info.text_attention_mask:
-        inputs.append(TensorSpec("attention_mask", "int64", (BATCH, info.sequence_length), (1, 2)))
-    name = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
-    if not info.sdxl:
-        outputs = [TensorSpec("last_hidden_state", "float32", (BATCH, info.sequence_length, info.cross_attention_dim))]
-        return _spec(info, name, GraphKind.TEXT_ENCODER, inputs, outputs, text_encoder_index=index, layer="last")
-    width = info.text_hidden_sizes[index]
-    outputs = [TensorSpec("hidden_states", "float32", (BATCH, info.sequence_length, width))]
-    if index == len(info.text_hidden_sizes) - 1:
-        outputs.append(TensorSpec("text_embeds", "float32", (BATCH, info.pooled_dim)))
-    return _spec(info, name, GraphKind.TEXT_ENCODER, inputs, outputs, text_encoder_index=index, layer="penultimate")
-
-
-def text_encoder_specs(info: ModelInfo) -> list[GraphSpec]:
-    return [text_encoder_spec(info, k) for k in range(info.text_encoders)]
-
-
-def controlnet_spec(info: ModelInfo, index: int, source_name: str, conditioning_channels: int) -> GraphSpec:
-    """The ``index``-th ControlNet of a build.
-
-    sample, timestep, encoder_hidden_states, controlnet_cond [batch, C, height, width] in [0, 1]
-    -> the unscaled residuals, named as the UNet's residual inputs.
-    """
-    cond = TensorSpec(
-        "controlnet_cond",
-        "float32",
-        (BATCH, conditioning_channels, *_image_axes(1)),
-        (0.0, 1.0),
-    )
-    return _spec(
-        info,
-        f"controlnet_{index}",
-        GraphKind.CONTROLNET,
-        [*_denoiser_inputs(info), cond],
-        residual_specs(info),
-        controlnet_index=index,
-        controlnet_name=source_name,
-    )
-
-
-CONTROLS = Axis("controls")
-
-
-def union_controlnet_spec(
-    info: ModelInfo, index: int, source_name: str, conditioning_channels: int, num_control_type: int
-) -> GraphSpec:
-    """The ``index``-th ControlNet of a build, a ControlNet-Union (diffusers' ControlNetUnionModel).
-
-    Inputs: the denoiser inputs (with SDXL's added conditions), then controlnet_cond [batch,
-    controls, C, height, width] in [0, 1] (one image per condition), control_type [batch, types]
-    (the multi-hot vector of the types given, as diffusers builds it), control_type_idx int64
-    [controls] (each image's type) and conditioning_scale [controls] (with two or more images each
-    image's scale times its window's keep, applied inside the model as diffusers does; with one
-    image 1, the scale applied to the outputs). Outputs: the residuals, as any ControlNet's.
-    """
-    inputs = [
-        *_denoiser_inputs(info),
-        TensorSpec("controlnet_cond", "float32", (BATCH, CONTROLS, conditioning_channels, *_image_axes(1)), (0.0, 1.0)),
-        TensorSpec("control_type", "float32", (BATCH, num_control_type), (0.0, 2.0)),
-        TensorSpec("control_type_idx", "int64", (CONTROLS,), (0, num_control_type)),
-        TensorSpec("conditioning_scale", "float32", (CONTROLS,), (0.0, 2.0)),
-    ]
-    return _spec(
-        info,
-        f"controlnet_{index}",
-        GraphKind.CONTROLNET,
-        inputs,
-        residual_specs(info),
-        controlnet_index=index,
-        controlnet_name=source_name,
-        union=True,
-        num_control_type=num_control_type,
-    )
-
-
-def unet_spec(info: ModelInfo) -> GraphSpec:
-    """sample, timestep, encoder_hidden_states (SDXL: text_embeds, time_ids; LCM-distilled UNets:
-    timestep_cond [batch, dim], the guidance embedding; inpainting UNets: mask [batch, 1, h, w] in
-    {0, 1} and masked_image_latents [batch, C, h, w], concatenated to the latents inside the graph)
-    and every control residual -> noise_pred."""
-    latent = _image_axes(info.vae_scale_factor)
-    out = TensorSpec("noise_pred", "float32", (BATCH, info.unet_out_channels, *latent))
-    guidance = (
-        [TensorSpec(GUIDANCE_EMBEDDING, "float32", (BATCH, info.guidance_embedding_dim), (-1.0, 1.0))]
-        if info.embedded_guidance
-        else []
-    )
-    inpaint = (
-        [
-            TensorSpec(INPAINT_INPUTS[0], "float32", (BATCH, info.mask_channels, *latent), (0.0, 1.0)),
-            TensorSpec(INPAINT_INPUTS[1], "float32", (BATCH, info.latent_channels, *latent)),
-        ]
-        if info.inpainting_unet
-        else []
-    )
-    return _spec(
-        info,
-        "unet",
-        GraphKind.UNET,
-        [*_denoiser_inputs(info), *guidance, *inpaint, *residual_specs(info)],
-        [out],
-    )
-
-
-def vae_decoder_spec(info: ModelInfo) -> GraphSpec:
-    """latent [batch, C, height/f, width/f] (denoised, still scaled) -> image in [-1, 1]."""
-    return _spec(
-        info,
-        "vae_decoder",
-        GraphKind.VAE_DECODER,
-        [
-            TensorSpec(
-                "latent",
-                "float32",
-                (BATCH, info.latent_channels, *_image_axes(info.vae_scale_factor)),
-            )
-        ],
-        [TensorSpec("image", "float32", (BATCH, info.image_channels, *_image_axes(1)))],
-    )
-
-
-def vae_encoder_spec(info: ModelInfo) -> GraphSpec:
-    """image [batch, C, height, width] in [-1, 1] -> latent_mean [batch, latent, height/f, width/f]
-    and, for a VAE that encodes to a distribution (AutoencoderKL), latent_logvar, as the encoder
-    computes them (not clamped, not sampled, not scaled: the loop samples with the request's
-    generator, clamping the log-variance to [-30, 20] as diffusers does, and scales). A tiny VAE
-    (AutoencoderTiny) gives its latents as latent_mean alone."""
-    latent = (BATCH, info.latent_channels, *_image_axes(info.vae_scale_factor))
-    outputs = [TensorSpec("latent_mean", "float32", latent)]
-    if info.vae_samples:
-        outputs.append(TensorSpec("latent_logvar", "float32", latent))
-    return _spec(
-        info,
-        "vae_encoder",
-        GraphKind.VAE_ENCODER,
-        [TensorSpec("image", "float32", (BATCH, info.image_channels, *_image_axes(1)), (-1.0, 1.0))],
-        outputs,
-    )

@@ -26,6 +26,7 @@ from controlrt.checkpoints import (
     read_checkpoint,
 )
 from controlrt.errors import InputError, ModelError
+from controlrt.families import family_of
 from controlrt.models import BaseModel, ControlNetModelFolder
 
 
@@ -214,7 +215,7 @@ def test_sdxl_checkpoint_round_trip(sdxl_single_files, tmp_path):
         ("text_encoder_2", CLIPTextModelWithProjection),
     ):
         assert _same_weights(cls.from_pretrained(base / name), cls.from_pretrained(models.base / name)), name
-    assert BaseModel.open(base).info().sdxl
+    assert family_of(BaseModel.open(base).info()).name == "sdxl"
     # ControlNet and ControlNet-Union single files in diffusers' names, with their configs given
     cn = convert_controlnet_checkpoint(sdxl_single_files["cn"], tmp_path / "cn", config=models.controlnets[0])
     union = convert_controlnet_checkpoint(sdxl_single_files["union"], tmp_path / "union", config=models.unions[0])
@@ -291,7 +292,7 @@ def test_shipped_configs_describe_sdxl(tmp_path, xl_models):
     for name in ("tokenizer", "tokenizer_2"):
         shutil.copytree(xl_models.base / name, folder / name)
     info = BaseModel.open(folder).info()
-    assert info.sdxl and info.default_size == (1024, 1024) and info.cross_attention_dim == 2048
+    assert family_of(info).name == "sdxl" and info.default_size == (1024, 1024) and info.cross_attention_dim == 2048
     assert info.text_hidden_sizes == (768, 1280) and info.pooled_dim == 1280 and info.vae_force_upcast
     config = json.loads((CONTROLNET_SDXL_CONFIG / "config.json").read_text())
     ControlNetModelFolder(tmp_path / "cn", config).check_fits(info)  # the config alone, no weights

@@ -74,12 +74,12 @@ def test_fused_weights_are_diffusers(tiny_models, loras, which, scale):
 
 
 def test_alpha_comes_from_the_file(loras):
-    style = read_lora(Lora(loras["style"]), sdxl=False)
+    style = read_lora(Lora(loras["style"]), "StableDiffusionPipeline")
     assert {layer.alpha / layer.rank for layer in style["unet"].values()} == {2.0}  # metadata: alpha 8, rank 4
     assert {layer.alpha / layer.rank for layer in style["text_encoder"].values()} == {1.0}
-    kohya = read_lora(Lora(loras["kohya"]), sdxl=False)
+    kohya = read_lora(Lora(loras["kohya"]), "StableDiffusionPipeline")
     assert {layer.alpha / layer.rank for layer in kohya["unet"].values()} == {0.5}  # .alpha tensors: 2 of rank 4
-    assert set(read_lora(Lora(loras["unet-only"]), sdxl=False)) == {"unet"}
+    assert set(read_lora(Lora(loras["unet-only"]), "StableDiffusionPipeline")) == {"unet"}
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +242,7 @@ def test_sdxl_lora_on_the_unet_and_both_text_encoders(xl_models, tmp_path):
 
     lora = write_sdxl_lora(xl_models.base, tmp_path / "xl-lora", seed=3)
     base = BaseModel.open(xl_models.base).with_loras([Lora(lora, 0.7)])
-    assert set(read_lora(Lora(lora), sdxl=True)) == {"unet", "text_encoder", "text_encoder_2"}
+    assert set(read_lora(Lora(lora), "StableDiffusionXLPipeline")) == {"unet", "text_encoder", "text_encoder_2"}
     reference = StableDiffusionXLPipeline.from_pretrained(xl_models.base)
     reference.load_lora_weights(str(lora))
     reference.fuse_lora(lora_scale=0.7, components=["unet", "text_encoder", "text_encoder_2"])

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from controlrt.control import Branches
 from controlrt.errors import InputError
-from controlrt.runtime.control import Branches
 from controlrt.specs import GraphSpec, check_image_size
 
 Shape = tuple[int, ...]
@@ -109,7 +109,7 @@ def derive_profiles(spec: GraphSpec, settings: ProfileSettings) -> list[Profile]
     low, opt, high = settings.sizes(spec)
     b_min, b_opt, b_max = settings.batches()
     branches = Branches.possible(spec.kind)
-    counts = (1, 2, max(2, int(spec.attributes.get("num_control_type", 2))))  # union condition images
+    counts = (1, 2, max(2, spec.control_types))  # union condition images
     if settings.static:
         images = counts[:2] if spec.uses("controls") else counts[:1]
         return [_fixed(spec, b_opt * n, opt, c) for n in branches for c in images]

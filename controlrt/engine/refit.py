@@ -76,9 +76,9 @@ def resolve_controlnet(build: Build, name: str) -> GraphSpec:
     """A ControlNet graph by graph name (controlnet_0) or by its source folder's name."""
     specs = build.manifest.controlnet_specs
     for spec in specs:
-        if name in (spec.name, str(spec.attributes.get("controlnet_name"))):
+        if name in (spec.name, spec.source_name):
             return spec
-    names = ", ".join(f"{s.name} ({s.attributes.get('controlnet_name')})" for s in specs)
+    names = ", ".join(f"{s.name} ({s.source_name})" for s in specs)
     raise InputError(f"build {build.path} has no ControlNet {name!r}; it has {names}")
 
 
@@ -149,9 +149,9 @@ def _export_controlnet(build: Build, spec: GraphSpec, folder_path: Path, staging
     from controlrt.compare import raise_on_failures
     from controlrt.export.build import check_in_turn
     from controlrt.export.onnx_export import ExportSettings, export_onnx
+    from controlrt.families import family_of
     from controlrt.graphs import ControlNetGraph
     from controlrt.models import ControlNetModelFolder
-    from controlrt.specs import added_condition_names
 
     folder = ControlNetModelFolder.open(folder_path)
     folder.check_fits(build.manifest.info)
@@ -160,7 +160,7 @@ def _export_controlnet(build: Build, spec: GraphSpec, folder_path: Path, staging
         raise InputError(
             f"ControlNet {folder.name} takes {folder.conditioning_channels}-channel controls, the engine {channels}"
         )
-    module = ControlNetGraph(folder.load(), tuple(added_condition_names(spec))).eval()
+    module = ControlNetGraph(folder.load(), family_of(build.manifest.info).added_condition_names).eval()
     settings = ExportSettings.from_dict(build.manifest.settings)
     files = export_onnx(module, spec, staging / new_graph_name(spec.name, Precision.FP32), settings)
     owner = [module]
@@ -265,7 +265,7 @@ def refit_controlnet(build_dir: str | Path, controlnet: str, source: str | Path,
             graph = manifest.graphs[plan.graph]
             variants = {p: v for p, v in graph.variants.items() if p not in plan.dropped}
             controlnets = list(manifest.sources["controlnets"])
-            controlnets[int(graph.spec.attributes["controlnet_index"])] = plan.source
+            controlnets[graph.spec.index] = plan.source
             return replace(
                 manifest,
                 graphs={**manifest.graphs, plan.graph: GraphRecord(graph.spec, variants)},

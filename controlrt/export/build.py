@@ -12,7 +12,8 @@ from pathlib import Path
 from controlrt.compare import Comparison, compare_in_turn, raise_on_failures, seeded_cases, tolerance_for
 from controlrt.errors import InputError
 from controlrt.export.onnx_export import ExportSettings, export_onnx
-from controlrt.graphs import graph_specs, load_graph_module
+from controlrt.families import family_of
+from controlrt.graphs import load_graph_module
 from controlrt.io import output_folder, staged_folder
 from controlrt.lora import Lora
 from controlrt.manifest import FileRecord, GraphRecord, Manifest, Variant, explain_build
@@ -92,7 +93,7 @@ def export_build(
     with staged_folder(out_dir, "export", force, explain=explain_build, owner=False) as staging:
         (staging / "graphs").mkdir()
         records = {}
-        specs = graph_specs(info, controlnets)
+        specs = family_of(info).graph_specs(controlnets)
         for spec in progress_bar(specs, progress, "export", "graph"):
             logger.info("exporting %s", spec.name)
             module = load_graph_module(spec, base, controlnets)

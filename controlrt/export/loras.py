@@ -24,6 +24,7 @@ from pathlib import Path
 from controlrt.compare import compare_in_turn, raise_on_failures, seeded_cases, tolerance_for
 from controlrt.errors import BackendError, BuildError
 from controlrt.export.variants import commit_graphs, new_graph_name
+from controlrt.families import family_of
 from controlrt.lora import Lora, adapted_components, check_loras
 from controlrt.manifest import Build, Manifest, Variant
 from controlrt.models import BaseModel, source_differences
@@ -62,7 +63,7 @@ def component_of(spec: GraphSpec, base: BaseModel) -> str | None:
     if spec.kind is GraphKind.UNET:
         return "unet"
     if spec.kind is GraphKind.TEXT_ENCODER:
-        return base.text_encoder_names[int(spec.attributes.get("text_encoder_index", 0))]
+        return base.text_encoder_names[spec.index]
     return None
 
 
@@ -88,11 +89,11 @@ def set_loras(build_dir: str | Path, loras: list[Lora], progress: bool = False, 
             "re-run controlrt export"
         )
     new_base = base.with_loras(loras)
-    sdxl = manifest.info.sdxl
+    pipeline = family_of(manifest.info).lora_pipeline
     old_components = {c for r in recorded.get("loras", []) for c in r.get("components", ("unet", "text_encoder"))}
     if recorded.get("loras") and any("components" not in r for r in recorded["loras"]):
         old_components |= {"unet", *base.text_encoder_names}
-    components = old_components | adapted_components(loras, sdxl)
+    components = old_components | adapted_components(loras, pipeline)
     specs = [spec for name in manifest.graphs if component_of(spec := manifest.spec(name), base) in components]
     store = EngineStore(build)
     settings = ExportSettings.from_dict(manifest.settings)

@@ -40,6 +40,14 @@ from controlrt.specs import GraphKind
 logger = logging.getLogger(__name__)
 
 AUTO = "auto"
+
+
+def requested(value: str | Precision) -> Precision | None:
+    """The precision a user asked for; None for "auto" (chosen by measurement). InputError, naming
+    auto among the choices, for anything else."""
+    return None if str(value).lower() == AUTO else Precision.parse(value, also=(AUTO,))
+
+
 CACHE_FOLDER = "precision-auto"
 REPEATS = 2  # timed calls per candidate (the fastest counts), after one untimed call
 SEED = 20_240_601

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from controlrt.control import Branches, control_active
 from controlrt.progress import progress_bar
-from controlrt.runtime.control import Branches, control_active
 from controlrt.runtime.session import Session
 from controlrt.specs import GraphKind
 

@@ -14,14 +14,14 @@ from PIL import Image
 
 from controlrt import __version__
 from controlrt.errors import BuildError, InputError
+from controlrt.families import family_of
 from controlrt.io import sha256_file
 from controlrt.manifest import MANIFEST_NAME, Build
 from controlrt.precision import Precision
 from controlrt.preprocess import inpaint as inpaint_condition
 from controlrt.preprocess import load_control, split_control
-from controlrt.runtime.autoprecision import AUTO, Choice, choose_precision
+from controlrt.runtime.autoprecision import Choice, choose_precision, requested
 from controlrt.runtime.backends import BackendOptions, open_sessions
-from controlrt.runtime.control import Branches, block_weights, guidance_embedding, residual_divisors
 from controlrt.runtime.images import (
     describe_control,
     load_image,
@@ -37,7 +37,7 @@ from controlrt.runtime.loop import ControlPlan, UnionInputs, denoise
 from controlrt.runtime.request import GenerationRequest, ResolvedRequest, resolve
 from controlrt.runtime.schedulers import check_steps, make_scheduler, max_steps
 from controlrt.runtime.session import Session
-from controlrt.specs import GUIDANCE_EMBEDDING, GraphKind
+from controlrt.specs import GraphKind
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +74,10 @@ class Pipeline:
         self.tokenizers = list(tokenizers)  # one per text encoder, in order
         manifest = build.manifest
         self.info = manifest.info
+        self.family = family_of(self.info)
         self.limits = limits or Limits.for_model(self.info)
         self.unet_spec = manifest.spec("unet")
         self.controlnet_specs = manifest.controlnet_specs
-        self._divisors = residual_divisors(self.unet_spec)
         self.annotators: str | Path | None = None  # controlnet-aux weights for KIND:PATH controls
         self.precision_choice: Choice | None = None  # what --precision auto measured, if it ran
         self.warn_truncated = True  # log prompts cut off by the tokenizer (they are in the settings too)
@@ -132,7 +132,7 @@ class Pipeline:
     ) -> Pipeline:
         """Like :meth:`load`, for a build that is already open (and checked)."""
         choice = None
-        if str(precision).lower() == AUTO:
+        if requested(precision) is None:
             choice = choose_precision(build, backend, providers, device, **options)
             precision = choice.precision
             if choice.float_precision is not None:
@@ -163,7 +163,7 @@ class Pipeline:
     @property
     def controlnet_names(self) -> list[str]:
         """Source names of the build's ControlNets, in the order controls are matched to them."""
-        return [str(s.attributes["controlnet_name"]) for s in self.controlnet_specs]
+        return [s.source_name for s in self.controlnet_specs]
 
     def __call__(self, prompt: str, controls: Sequence[Any] = (), **settings: Any) -> Image.Image:
         """Generate one image; keyword arguments are those of :class:`GenerationRequest`."""
@@ -184,10 +184,7 @@ class Pipeline:
         )
         if request.mask is not None:
             peek_size(request.mask, "mask")
-        kinds = [
-            int(s.attributes.get("num_control_type", 0)) if s.attributes.get("union") else 0
-            for s in self.controlnet_specs
-        ]
+        kinds = [s.control_types for s in self.controlnet_specs]
         # the scheduler's own maximum, found by asking it (DDIM and PNDM stop short of 1000)
         most = max_steps(self.build.scheduler_config, request.scheduler)
         limits = replace(self.limits, max_steps=min(self.limits.max_steps, most))
@@ -212,7 +209,7 @@ class Pipeline:
         mask_image = load_image(request.mask, "mask") if request.mask is not None else None
         images = [self._control_image(c, mask_image) for c in resolved.controls]
         scheduler = make_scheduler(self.build.scheduler_config, request.scheduler)
-        branches = Branches.of(request.guidance, resolved.mode, info.embedded_guidance)
+        branches = self.family.branches(request.guidance, resolved.mode)
         f = info.vae_scale_factor
         crop = None
         if request.mask_crop is not None:  # diffusers' padding_mask_crop: work on the region around the mask
@@ -246,9 +243,7 @@ class Pipeline:
             tiling=request.vae_tiling,
         )
         # an LCM-distilled UNet takes guidance as an embedding instead of a CFG batch
-        unet_only = {}
-        if info.embedded_guidance:
-            unet_only[GUIDANCE_EMBEDDING] = guidance_embedding(request.guidance, info.guidance_embedding_dim)
+        unet_only = self.family.unet_extras(request.guidance)
         # 4. denoise
         started = time.perf_counter()
         latents = denoise(
@@ -310,24 +305,8 @@ class Pipeline:
         zeros = cfg and request.negative_prompt is None and info.force_zeros_for_empty_prompt
         texts = [request.negative_prompt or "", request.prompt] if cfg and not zeros else [request.prompt]
         outputs, truncated = self._encode(texts)
-        hidden = torch.cat([o[0] for o in outputs], dim=-1)
-        if zeros:
-            hidden = torch.cat([torch.zeros_like(hidden), hidden])
-        if not info.sdxl:
-            return hidden, {}, truncated
-        pooled = outputs[-1][1]
-        if zeros:
-            pooled = torch.cat([torch.zeros_like(pooled), pooled])
-        original = [*(request.original_size or (height, width))]
-        crops = [*(request.crops_coords_top_left or (0, 0))]
-        if task != "txt2img" and info.requires_aesthetics_score:
-            cond = [*original, *crops, float(request.aesthetic_score)]
-            uncond = [*original, *(crops if task == "inpaint" else (0, 0)), float(request.negative_aesthetic_score)]
-        else:
-            cond = uncond = [*original, *crops, *(request.target_size or (height, width))]
-        rows = [uncond, cond] if hidden.shape[0] == 2 else [cond]
-        ids = torch.tensor(rows, dtype=torch.float32)
-        return hidden, {"text_embeds": pooled, "time_ids": ids}, truncated
+        hidden, added = self.family.conditioning(outputs, request, zeros, height, width, task)
+        return hidden, added, truncated
 
     def _encode(self, texts: list[str]) -> tuple[list[list[torch.Tensor]], list[str]]:
         """Each text encoder's outputs for ``texts``, and the text the tokenizers cut off (warned
@@ -335,7 +314,7 @@ class Pipeline:
         length = self.info.sequence_length
         specs = sorted(
             (s.spec for s in self.sessions.values() if s.spec.kind is GraphKind.TEXT_ENCODER),
-            key=lambda spec: int(spec.attributes.get("text_encoder_index", 0)),
+            key=lambda spec: spec.index,
         )
         outputs, truncated = [], []
         for tokenizer, spec in zip(self.tokenizers, specs, strict=True):
@@ -373,7 +352,7 @@ class Pipeline:
     ) -> list[ControlPlan]:
         """One plan per ControlNet given controls (resolved.assignment), at the ControlNets' batch
         (cropped as the init image is, for a mask crop)."""
-        base = block_weights(resolved.mode, self._divisors)
+        base = self.family.control_weights(resolved.mode)
         plans = []
 
         def prepared(i: int, channels: int) -> torch.Tensor:
@@ -386,7 +365,7 @@ class Pipeline:
             if not indices:
                 continue
             first = indices[0]
-            if not spec.attributes.get("union"):
+            if not spec.union:
                 plans.append(
                     ControlPlan(
                         session=self.sessions[spec.name],
@@ -402,7 +381,7 @@ class Pipeline:
             channels = spec.tensor("controlnet_cond").shape[2]
             image = torch.stack([prepared(i, channels) for i in indices], dim=1)
             types = [int(resolved.types[i]) for i in indices]  # type: ignore[arg-type]
-            multi_hot = torch.zeros(int(spec.attributes["num_control_type"])).scatter_(0, torch.tensor(types), 1)
+            multi_hot = torch.zeros(spec.control_types).scatter_(0, torch.tensor(types), 1)
             single = len(indices) == 1
             union = UnionInputs(
                 control_type=multi_hot.reshape(1, -1).repeat(batch, 1).to(device),

@@ -8,9 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from controlrt.control import ControlMode
 from controlrt.errors import InputError
+from controlrt.families import Family, family_of
 from controlrt.models import UNION_TYPES
-from controlrt.runtime.control import ControlMode
 from controlrt.runtime.images import ControlImage
 from controlrt.runtime.limits import Limits
 from controlrt.specs import check_image_size
@@ -35,7 +36,7 @@ class GenerationRequest:
 
     prompt: str
     controls: Sequence[ControlImage] = ()
-    scales: FloatOrList | None = None  # default as diffusers' pipeline for the task: see default_scale
+    scales: FloatOrList | None = None  # default as diffusers' pipeline for the task: see Family.default_scale
     start: FloatOrList = 0.0
     end: FloatOrList = 1.0
     negative_prompt: str | None = None
@@ -170,8 +171,8 @@ UNION_SAMPLE_TYPES = (UNION_TYPES["canny"], UNION_TYPES["depth"])
 def sample_control_types(controlnet_specs: Sequence) -> list[int | None]:
     """The control types of a request giving every ControlNet of a build its controls: None (one
     untyped image) per plain ControlNet, then UNION_SAMPLE_TYPES for a union one."""
-    plain: list[int | None] = [None for s in controlnet_specs if not s.attributes.get("union")]
-    unions = [s for s in controlnet_specs if s.attributes.get("union")]
+    plain: list[int | None] = [None for s in controlnet_specs if not s.union]
+    unions = [s for s in controlnet_specs if s.union]
     return plain + (list(UNION_SAMPLE_TYPES) if unions else [])
 
 
@@ -236,8 +237,9 @@ def resolve(
     types += [None] * (len(controls) - len(types))
     assignment = assign_controls(types, controlnets)
     mode = ControlMode.parse(request.control_mode)
-    strength = _image_settings(request, info)
-    scale = request.scales if request.scales is not None else default_scale(request, info)
+    family = family_of(info)
+    strength = _image_settings(request, family)
+    scale = request.scales if request.scales is not None else family.default_scale(request)
     scales = _per_control(scale, len(controls), "scale")
     starts = _per_control(request.start, len(controls), "start")
     ends = _per_control(request.end, len(controls), "end")
@@ -256,19 +258,7 @@ def resolve(
         raise InputError(f"guidance {request.guidance} must be finite and non-negative")
     if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
         raise InputError(f"seed must be a whole number in [0, 2**63), got {request.seed!r}")
-    for label in ("original_size", "crops_coords_top_left", "target_size"):
-        value = getattr(request, label)
-        if value is None:
-            continue
-        if not info.sdxl:
-            raise InputError(f"{label} applies to SDXL models; this build's model is not one")
-        low = 0 if label == "crops_coords_top_left" else 1
-        if (
-            not isinstance(value, (tuple, list))
-            or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= 16384 for v in value)
-        ):
-            raise InputError(f"{label} {value!r} must be two whole numbers from {low} to 16384")
+    family.check_request(request)
     height, width = image_size(request, info, control_size)
     check_image_size(height, width, info.size_multiple)
     if height * width > limits.max_pixels:
@@ -283,21 +273,11 @@ def resolve(
 MAX_MASK_CROP = 8192
 
 
-def default_scale(request: GenerationRequest, info: ModelInfo) -> float:
-    """The controls' scale when none is given, as each diffusers ControlNet pipeline defaults it:
-    1.0 for text-to-image and SDXL inpainting, 0.8 for img2img, 0.5 for SD inpainting."""
-    if request.image is None:
-        return 1.0
-    if request.mask is None:
-        return 0.8
-    return 1.0 if info.sdxl else 0.5
-
-
-def _image_settings(request: GenerationRequest, info: ModelInfo) -> float | None:
+def _image_settings(request: GenerationRequest, family: Family) -> float | None:
     """Check the image-to-image settings; the strength that runs (None for text-to-image)."""
     if request.mask is not None and request.image is None:
         raise InputError("a mask needs the image it masks: give the init image too (--image)")
-    if info.inpainting_unet and request.mask is None:
+    if family.info.inpainting_unet and request.mask is None:
         raise InputError("this build's UNet is an inpainting UNet: give an init image and a mask (--image, --mask)")
     if request.image is None:
         for label in ("strength", "mask_crop"):
@@ -321,7 +301,7 @@ def _image_settings(request: GenerationRequest, info: ModelInfo) -> float | None
         raise InputError(f"vae_tiling {request.vae_tiling!r} must be true or false")
     strength = request.strength
     if strength is None:
-        return (0.9999 if info.sdxl else 1.0) if request.mask is not None else 0.8
+        return family.default_strength(request)
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
         raise InputError(f"strength {strength!r} must be a number in (0, 1]")
     return float(strength)

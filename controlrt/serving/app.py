@@ -92,9 +92,9 @@ class ServeSettings:
     def resolved(self, build) -> "ServeSettings":
         """These settings with ``precision`` auto replaced by what it chooses for the replicas
         (measured with their thread count, at first use; cached in the build)."""
-        from controlrt.runtime.autoprecision import AUTO, choose_precision
+        from controlrt.runtime.autoprecision import choose_precision, requested
 
-        if self.precision.lower() != AUTO:
+        if requested(self.precision) is not None:
             return self
         choice = choose_precision(build, self.backend, self.providers, **self.backend_options())
         float_precision = None if choice.float_precision is None else str(choice.float_precision)

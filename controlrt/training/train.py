@@ -329,12 +329,12 @@ def sample_images(vae, unet, scheduler, text, empty, controlnet, conditions, sca
     from diffusers import DDIMScheduler
     from PIL import Image
 
+    from controlrt.families import family_of
     from controlrt.graphs import ControlNetGraph, UNetGraph
     from controlrt.models import model_info
-    from controlrt.runtime.control import Branches
     from controlrt.runtime.loop import ControlPlan, denoise
     from controlrt.runtime.torch_backend import TorchSession
-    from controlrt.specs import GraphKind, controlnet_spec, unet_spec
+    from controlrt.specs import GraphKind
 
     info = model_info(
         {
@@ -345,20 +345,21 @@ def sample_images(vae, unet, scheduler, text, empty, controlnet, conditions, sca
             "scheduler": dict(scheduler.config),
         }
     )
-    branches = Branches.of(guidance)
+    family = family_of(info)
+    branches = family.branches(guidance)
     modes = {m: m.training for m in (unet, controlnet) if m is not None}
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((text.shape[0], info.latent_channels, *info.sample_size), generator=generator)
     controls = []
     if controlnet is not None and scale != 0:
-        spec = controlnet_spec(info, 0, "training", conditions.shape[1])
+        spec = family.controlnet_spec(0, "training", conditions.shape[1])
         session = TorchSession(ControlNetGraph(controlnet), spec, text.device)
         weights = torch.full((len(spec.outputs),), float(scale), device=text.device)
         images = torch.cat([conditions] * branches.per_image(GraphKind.CONTROLNET))
         controls.append(ControlPlan(session, images, weights, 0.0, 1.0))
     try:
         latents = denoise(
-            TorchSession(UNetGraph(unet), unet_spec(info), text.device),
+            TorchSession(UNetGraph(unet), family.unet_spec(), text.device),
             controls,
             DDIMScheduler.from_config(scheduler.config),
             torch.cat([empty, text]) if branches.cfg else text,

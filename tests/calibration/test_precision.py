@@ -200,8 +200,13 @@ def test_missing_precision_is_a_clear_error(tiny_build, tmp_path):
         Pipeline.load(tiny_build, precision="int8")
     with pytest.raises(InputError, match="torch backend does not compute in fp16"):
         Pipeline.load(tiny_build, backend="torch", precision="fp16")
-    with pytest.raises(InputError, match="unknown precision"):
+    with pytest.raises(InputError, match="unknown precision 'fp8'; choose one of auto, fp32, fp16, bf16, int8"):
         Pipeline.load(tiny_build, precision="fp8")
+    out = tmp_path / "never.png"
+    result = CliRunner().invoke(
+        cli, ["generate", str(tiny_build), "--prompt", "x", "--precision", "automatic", "--out", str(out)]
+    )
+    assert result.exit_code != 0 and "choose one of auto, fp32" in result.output and not out.exists()
     result = CliRunner().invoke(
         cli, ["generate", str(tiny_build), "--prompt", "x", "--precision", "fp16", "--out", str(tmp_path / "o.png")]
     )

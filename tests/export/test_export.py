@@ -45,7 +45,7 @@ def test_manifest_records_everything(tiny_build, tiny_models):
     assert [s["path"] for s in m.sources["controlnets"]] == [str(p) for p in tiny_models.controlnets]
     assert m.settings["opset"] == 18
     assert {"torch", "onnx", "onnxruntime", "diffusers", "controlrt"} <= set(m.tools)
-    assert [s.attributes["controlnet_name"] for s in m.controlnet_specs] == ["edges", "depth"]
+    assert [s.source_name for s in m.controlnet_specs] == ["edges", "depth"]
     raw = json.loads((tiny_build / "manifest.json").read_text())
     assert raw["graphs"]["unet"]["spec"]["inputs"][3]["name"] == "down_block_res_0"
 
@@ -168,7 +168,7 @@ def test_force_replaces_a_build(tiny_models, tmp_path):
     first = export_build(tiny_models.base, tiny_models.controlnets[:1], out, validate=False)
     second = export_build(tiny_models.base, tiny_models.controlnets[::-1], out, force=True, validate=False)
     assert len(first.graphs) == 5 and len(second.graphs) == 6
-    assert Build.open(out).manifest.controlnet_specs[0].attributes["controlnet_name"] == "depth"
+    assert Build.open(out).manifest.controlnet_specs[0].source_name == "depth"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
@@ -188,7 +188,7 @@ def test_two_exports_to_one_new_folder_never_lose_each_others_work(tiny_models, 
     assert "already exists" in loser and "Traceback" not in loser
     manifest = Build.open(out, verify=True).manifest  # the winner's build, whole
     winner = tiny_models.controlnets[[code for code, _ in results].index(0)]
-    assert manifest.controlnet_specs[0].attributes["controlnet_name"] == winner.name
+    assert manifest.controlnet_specs[0].source_name == winner.name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 

@@ -6,16 +6,16 @@ import pytest
 import torch
 from conftest import write_config_folders
 
+from controlrt.control import ControlMode, block_weights, control_active, residual_divisors
 from controlrt.errors import InputError
+from controlrt.families import family_of
 from controlrt.models import BaseModel
-from controlrt.runtime.control import ControlMode, block_weights, control_active, residual_divisors
-from controlrt.specs import unet_spec
 
 
 @pytest.fixture
 def sd15_divisors(tmp_path):
     base, _ = write_config_folders(tmp_path)
-    return residual_divisors(unet_spec(BaseModel.open(base).info()))
+    return residual_divisors(family_of(BaseModel.open(base).info()).unet_spec())
 
 
 def test_sd15_residual_sizes_at_512(sd15_divisors):

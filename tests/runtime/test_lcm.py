@@ -18,7 +18,7 @@ import torch
 
 from controlrt.builtin import sample_control_images
 from controlrt.compare import end_to_end_gate, psnr
-from controlrt.runtime.control import guidance_embedding
+from controlrt.control import guidance_embedding
 
 GATE = end_to_end_gate("fp32")
 PROMPT = "a red circle on a blue square"

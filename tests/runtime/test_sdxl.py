@@ -15,6 +15,7 @@ import torch
 from controlrt.builtin import sample_control_images
 from controlrt.compare import end_to_end_gate, psnr
 from controlrt.errors import InputError
+from controlrt.families import family_of
 
 GATE = end_to_end_gate("fp32")
 STEPS = 4
@@ -95,13 +96,13 @@ def test_the_sdxl_build(xl_build):
         "vae_encoder",
     ]
     union = manifest.spec("controlnet_2")
-    assert union.attributes["union"] and union.attributes["num_control_type"] == 8
+    assert union.union and union.control_types == 8
     assert union.input_names[-4:] == ["controlnet_cond", "control_type", "control_type_idx", "conditioning_scale"]
     unet = manifest.spec("unet")
     assert unet.input_names[:5] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
     assert len(unet.residual_inputs) == 7  # conv_in, 2 + 1 downsampler, 2 in the last block, mid
     assert manifest.spec("text_encoder_2").output_names == ["hidden_states", "text_embeds"]
-    assert manifest.info.sdxl and manifest.info.force_zeros_for_empty_prompt
+    assert family_of(manifest.info).name == "sdxl" and manifest.info.force_zeros_for_empty_prompt
     assert (xl_build / "tokenizer_2" / "tokenizer_config.json").is_file()
 
 

@@ -63,12 +63,10 @@ class Branches:
     conditional_only: bool = False
 
     @classmethod
-    def of(
-        cls, guidance: float, mode: ControlMode | str = ControlMode.UNIFORM, embedded_guidance: bool = False
-    ) -> Branches:
-        """``embedded_guidance``: the UNet takes guidance as an embedding (LCM-distilled), so there is
-        no CFG batch whatever the scale, as in diffusers."""
-        cfg = guidance > 1.0 and not embedded_guidance
+    def of(cls, guidance: float, mode: ControlMode | str = ControlMode.UNIFORM, cfg_batch: bool = True) -> Branches:
+        """``cfg_batch`` False: the model takes guidance otherwise than as a CFG batch (its family
+        says how, see Family.branches), so there is none whatever the scale, as in diffusers."""
+        cfg = guidance > 1.0 and cfg_batch
         return cls(cfg, cfg and ControlMode.parse(mode).conditional_only)
 
     def per_image(self, kind: GraphKind) -> int:

@@ -1,0 +1,35 @@
+"""Model families: each kind of base model declares, in one file, what the toolchain needs of it.
+
+A family (:class:`~controlrt.families.base.Family`) declares its graphs (their specs; the torch
+modules behind them live in :mod:`controlrt.graphs`), how prompts become text conditioning, how
+control residuals are named, shaped and weighted, its request extras (SDXL's time ids, an
+LCM-distilled UNet's guidance embedding) and which LoRA format it reads. Export, the engines, the
+runtime, parity, bench and serve ask the family instead of testing what the model is.
+
+Adding a family is adding one file here and its entry in :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from controlrt.families.base import Family
+from controlrt.families.sd import StableDiffusion
+from controlrt.families.sdxl import StableDiffusionXL
+
+if TYPE_CHECKING:
+    from controlrt.models import ModelInfo
+
+# Asked in order; the first that claims a model's description is its family.
+FAMILIES: tuple[type[Family], ...] = (StableDiffusionXL, StableDiffusion)
+
+
+def family_of(info: ModelInfo) -> Family:
+    """The family of the model ``info`` describes."""
+    for family in FAMILIES:
+        if family.claims(info):
+            return family(info)
+    raise AssertionError("StableDiffusion claims every UNet model")  # pragma: no cover
+
+
+__all__ = ["FAMILIES", "Family", "StableDiffusion", "StableDiffusionXL", "family_of"]
