@@ -18,8 +18,7 @@ from controlrt.errors import (
     ParityError,
     ValidationError,
 )
-
-__version__ = "0.15.0"
+from controlrt.version import __version__
 
 if TYPE_CHECKING:
     from controlrt.runtime.pipeline import GenerationResult, Pipeline

@@ -29,7 +29,7 @@ from controlrt.control import Branches
 from controlrt.precision import Precision
 from controlrt.runtime.autoprecision import Candidate, Choice
 from controlrt.runtime.backends import BackendOptions, SessionFactory
-from controlrt.runtime.session import Session
+from controlrt.session import Session
 
 MAX_RUNS = 100  # timed (and warm-up) generations per bench
 TASKS = ("txt2img", "img2img", "inpaint")

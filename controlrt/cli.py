@@ -13,9 +13,9 @@ from pathlib import Path
 
 import click
 
-from controlrt import __version__
 from controlrt.errors import ControlrtError, InputError
 from controlrt.runtime.limits import DEFAULT_MAX_IMAGES
+from controlrt.version import __version__
 
 BACKENDS = ["torch", "onnxruntime", "openvino", "tensorrt"]  # controlrt.runtime.backends, without its imports
 
@@ -363,10 +363,10 @@ def generate(
     """
     from controlrt.io import check_output_file, check_output_folder
     from controlrt.manifest import Build
-    from controlrt.preprocess import split_control
     from controlrt.runtime.images import check_image_path, save_image
     from controlrt.runtime.limits import Limits
     from controlrt.runtime.pipeline import Pipeline
+    from controlrt.runtime.preprocess import split_control
     from controlrt.runtime.request import GenerationRequest
 
     build_folder = Build.open(build)
@@ -756,8 +756,8 @@ def preprocess_cmd(kind, image, out, low, high, min_length, thickness, annotator
     a .npy array (-1 is no pixel value); --control COND.npy takes it.
     """
     from controlrt.io import check_output_file, write_output_file
-    from controlrt.preprocess import check_kind, preprocess
     from controlrt.runtime.images import check_image_path, save_image
+    from controlrt.runtime.preprocess import check_kind, preprocess
 
     kind = check_kind(kind)
     if (mask is not None) != (kind == "inpaint"):

@@ -21,7 +21,7 @@ import torch
 
 from controlrt.errors import ValidationError
 from controlrt.precision import Precision
-from controlrt.runtime.session import Session
+from controlrt.session import Session
 from controlrt.specs import GraphKind, GraphSpec
 
 

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from controlrt.errors import BuildError
+from controlrt.families.info import ModelInfo
 from controlrt.io import atomic_write_text, sha256_file
-from controlrt.models import ModelInfo
+from controlrt.precision import Precision, variant_for
 from controlrt.specs import GraphKind, GraphSpec
 
 logger = logging.getLogger(__name__)
@@ -87,10 +88,6 @@ class Variant:
     validation: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def onnx_file(self) -> str:
-        return self.files[0].path
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "files": [f.__dict__ for f in self.files],
@@ -113,6 +110,11 @@ class GraphRecord:
 
     spec: GraphSpec
     variants: dict[str, Variant]
+
+    def runs_in(self, precision: Precision) -> Precision:
+        """The variant this graph runs in a ``precision`` pipeline, among those it has (the one
+        place precision.variant_for is asked, for every backend, engine and serve)."""
+        return variant_for(self.spec.kind, precision, set(self.variants))
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -194,7 +194,7 @@ def run_parity(
             expected = reference.generate(request)
         with Pipeline.from_build(build, backend, providers, device, precision, **backend_options) as candidate:
             got = candidate.generate(request)
-        report.end_to_end = judge_images(expected, got, request.settings(), report.gate.psnr_db)
+        report.end_to_end = judge_images(expected, got, got.settings, report.gate.psnr_db)
     return report
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from controlrt.errors import InputError
-from controlrt.preprocess import load_control, preprocess, split_control
+from controlrt.runtime.preprocess import load_control, preprocess, split_control
 
 
 @pytest.fixture(scope="module")

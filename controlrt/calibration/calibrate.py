@@ -8,7 +8,7 @@ from pathlib import Path
 
 from controlrt.calibration.capture import CaptureSettings, Feeds, capture
 from controlrt.calibration.data import CalibrationData
-from controlrt.calibration.quantize import make_quantizer
+from controlrt.calibration.quantizers import make_quantizer
 from controlrt.errors import InputError
 from controlrt.export.variants import write_variants
 from controlrt.logs import stdout_to_log
@@ -135,7 +135,7 @@ def calibrate_build(
     quantizer's int8 tolerances (controlrt.compare) before it is recorded.
     """
     from controlrt.compare import captured_cases, compare_in_turn, tolerance_for
-    from controlrt.runtime.ort_backend import OrtSession
+    from controlrt.ort_session import OrtSession
 
     settings = settings or CalibrationSettings()
     settings.check()

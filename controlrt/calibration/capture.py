@@ -25,7 +25,7 @@ from controlrt.calibration.data import CalibrationData
 from controlrt.io import file_lock
 from controlrt.manifest import Build
 from controlrt.progress import progress_bar
-from controlrt.runtime.session import Session
+from controlrt.session import Session
 
 logger = logging.getLogger(__name__)
 

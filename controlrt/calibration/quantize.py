@@ -32,7 +32,6 @@ EXCLUDE_PATTERNS = (
     "proj_out",
 )
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
-METHODS = ("onnxruntime", "modelopt", "nncf")
 
 
 def excluded(name: str, float_layers: Sequence[str] = ()) -> bool:
@@ -172,17 +171,3 @@ class OnnxRuntimeQuantizer(Quantizer):
             calibration_providers=["CPUExecutionProvider"],
         )
         return [target, *sorted(p for p in target.parent.glob(target.name + "*") if p != target)]
-
-
-def make_quantizer(method: str, calibration: str | None = None) -> Quantizer:
-    if method == "onnxruntime":
-        return OnnxRuntimeQuantizer(calibration or "percentile")
-    if method == "modelopt":
-        from controlrt.calibration.modelopt_quantizer import ModelOptQuantizer
-
-        return ModelOptQuantizer(calibration or "percentile")
-    if method == "nncf":
-        from controlrt.calibration.nncf_quantizer import NncfQuantizer
-
-        return NncfQuantizer(calibration or "minmax")
-    raise InputError(f"unknown quantizer {method!r}; choose one of {', '.join(METHODS)}")

@@ -26,7 +26,7 @@ from controlrt.engine.profiles import Profile, ProfileSettings, derive_profiles
 from controlrt.engine.trt import import_tensorrt, require_cuda
 from controlrt.errors import BuildError, InputError
 from controlrt.manifest import Build
-from controlrt.precision import Precision, variant_for
+from controlrt.precision import Precision
 from controlrt.progress import progress_bar
 from controlrt.specs import GraphKind, GraphSpec
 
@@ -87,7 +87,7 @@ def build_engines(
     wanted = []
     for name in names:
         spec = build.manifest.spec(name)
-        variant = variant_for(spec.kind, precision, set(build.manifest.graphs[name].variants))
+        variant = build.manifest.graphs[name].runs_in(precision)
         onnx = onnx_identity(build, name, variant)  # BuildError naming convert/calibrate if missing
         wanted.append((name, variant, onnx, derive_profiles(spec, profile), options_for(spec, options)))
     import_tensorrt()

@@ -179,8 +179,8 @@ def check_refitted(spec: GraphSpec, precision: Precision, plan: bytes, profiles,
     """
     from controlrt.compare import compare_feeds, raise_on_failures, seeded_cases, tolerance_for
     from controlrt.engine.profiles import profile_sizes
-    from controlrt.runtime.ort_backend import OrtSession
-    from controlrt.runtime.trt_backend import TensorRTSession
+    from controlrt.engine.session import TensorRTSession
+    from controlrt.ort_session import OrtSession
 
     cases = seeded_cases(spec, profile_sizes(profiles, spec)[:2], seed=97)
     with TensorRTSession(plan, spec, profiles, device=device) as engine, OrtSession(onnx_path, spec) as reference:
@@ -200,8 +200,8 @@ def refit_engines(
     """Each engine in ``records`` with the weights of its new graph, checked against that graph on
     onnxruntime; touches nothing on disk. The weights come whole from the new graph, so an engine
     never carries a blend of old and new weights."""
+    from controlrt.engine.session import refit_from_onnx
     from controlrt.engine.trt import import_tensorrt, require_cuda
-    from controlrt.runtime.trt_backend import refit_from_onnx
 
     import_tensorrt()
     require_cuda()

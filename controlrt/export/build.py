@@ -41,7 +41,7 @@ def _copy_assets(base: BaseModel, staging: Path) -> list[Path]:
 def check_in_turn(owner: list, spec: GraphSpec, onnx_path: Path) -> list[Comparison]:
     """The exported graph against its module at fp32 tolerances, never holding both: the module
     (the only reference, in ``owner``) runs every case and is let go before onnxruntime loads."""
-    from controlrt.runtime.ort_backend import OrtSession
+    from controlrt.ort_session import OrtSession
     from controlrt.runtime.torch_backend import TorchSession
 
     return compare_in_turn(

@@ -92,7 +92,7 @@ def convert_build(
     build_dir: str | Path, precision: str | Precision = Precision.FP16, progress: bool = False
 ) -> Manifest:
     """Add fp16 variants of every graph to a build, each checked against its fp32 graph."""
-    from controlrt.runtime.ort_backend import OrtSession
+    from controlrt.ort_session import OrtSession
 
     precision = Precision.parse(precision)
     if precision is not Precision.FP16:

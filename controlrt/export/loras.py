@@ -160,7 +160,7 @@ def set_loras(build_dir: str | Path, loras: list[Lora], progress: bool = False, 
 def _remake_fp16(spec: GraphSpec, fp32: Path, staging: Path) -> tuple[list[Path], list[dict]]:
     """The fp16 variant of a new fp32 graph, checked against it as ``controlrt convert`` checks."""
     from controlrt.export.fp16 import convert_graph_fp16
-    from controlrt.runtime.ort_backend import OrtSession
+    from controlrt.ort_session import OrtSession
 
     files = convert_graph_fp16(fp32, staging / new_graph_name(spec.name, Precision.FP16))
     rows = compare_in_turn(

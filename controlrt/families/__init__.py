@@ -18,7 +18,7 @@ from controlrt.families.sd import StableDiffusion
 from controlrt.families.sdxl import StableDiffusionXL
 
 if TYPE_CHECKING:
-    from controlrt.models import ModelInfo
+    from controlrt.families.info import ModelInfo
 
 # Asked in order; the first that claims a model's description is its family.
 FAMILIES: tuple[type[Family], ...] = (StableDiffusionXL, StableDiffusion)

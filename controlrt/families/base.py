@@ -11,7 +11,7 @@ differs from these defaults (see sdxl.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from controlrt.control import Branches, ControlMode, block_weights, guidance_embedding
 from controlrt.errors import InputError, ModelError
@@ -27,13 +27,26 @@ from controlrt.specs import (
 if TYPE_CHECKING:
     import torch
 
-    from controlrt.models import ControlNetModelFolder, ModelInfo
+    from controlrt.families.info import ModelInfo
 
 BATCH = Axis("batch")
 CONTROLS = Axis("controls")  # a union ControlNet's condition images
 GUIDANCE_EMBEDDING = "timestep_cond"  # the UNet's only: ControlNets never take it
 # An inpainting UNet's own inputs, concatenated to the latents inside the graph as diffusers does
 INPAINT_INPUTS = ("mask", "masked_image_latents")
+
+
+class ControlNetSource(Protocol):
+    """What a family's graph specs need of a ControlNet folder (controlrt.models.ControlNetModelFolder)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def conditioning_channels(self) -> int: ...
+    @property
+    def union(self) -> bool: ...
+    @property
+    def num_control_type(self) -> int: ...
 
 
 def image_axes(divisor: int) -> tuple[Axis, Axis]:
@@ -61,7 +74,7 @@ class Family:
 
     # --- graphs -------------------------------------------------------------------------------
 
-    def graph_specs(self, controlnets: Sequence[ControlNetModelFolder]) -> list[GraphSpec]:
+    def graph_specs(self, controlnets: Sequence[ControlNetSource]) -> list[GraphSpec]:
         """Every graph of a build, in export order: text encoder(s), ControlNets, UNet, VAE
         decoder, VAE encoder."""
         return [

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from controlrt.families.base import Family
 
 if TYPE_CHECKING:
-    from controlrt.models import ModelInfo
+    from controlrt.families.info import ModelInfo
 
 
 class StableDiffusion(Family):

@@ -13,7 +13,7 @@ from controlrt.specs import TensorSpec
 if TYPE_CHECKING:
     import torch
 
-    from controlrt.models import ModelInfo
+    from controlrt.families.info import ModelInfo
 
 ADDED_CONDITIONS = ("text_embeds", "time_ids")
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from controlrt.errors import BackendError, BuildError
 from controlrt.manifest import Build
-from controlrt.precision import Precision, variant_for
+from controlrt.precision import Precision
 from controlrt.specs import GraphKind
 
 logger = logging.getLogger(__name__)
@@ -151,9 +151,7 @@ class Choice:
 
 def has_precision(build: Build, precision: Precision) -> bool:
     """Whether every graph has the variant a ``precision`` pipeline runs."""
-    return all(
-        variant_for(g.spec.kind, precision, set(g.variants)) in g.variants for g in build.manifest.graphs.values()
-    )
+    return all(g.runs_in(precision) in g.variants for g in build.manifest.graphs.values())
 
 
 def candidates(build: Build, backend: str) -> list[Candidate]:
@@ -185,10 +183,10 @@ def candidates(build: Build, backend: str) -> list[Candidate]:
 
 def machine() -> dict[str, Any]:
     """What the measurement depends on besides the build: the CPU (or GPU) and runtime versions."""
-    import controlrt
     from controlrt.cpu import cpu_features, cpu_name
+    from controlrt.version import __version__
 
-    return {"cpu": cpu_name(), "features": list(cpu_features()), "controlrt": controlrt.__version__}
+    return {"cpu": cpu_name(), "features": list(cpu_features()), "controlrt": __version__}
 
 
 def _runtime_versions(backend: str) -> dict[str, str]:
@@ -214,10 +212,7 @@ def cache_key(build: Build, backend: str, settings: Mapping[str, Any], cands: Se
 
         fields["machine"]["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     unet = build.manifest.graphs["unet"]
-    fields["unet"] = {
-        c.label: [f.sha256 for f in unet.variants[variant_for(GraphKind.UNET, c.precision, set(unet.variants))].files]
-        for c in cands
-    }
+    fields["unet"] = {c.label: [f.sha256 for f in unet.variants[unet.runs_in(c.precision)].files] for c in cands}
     return fields
 
 

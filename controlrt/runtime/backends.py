@@ -14,8 +14,8 @@ from controlrt.errors import BuildError, InputError, ModelError
 from controlrt.lora import Lora
 from controlrt.manifest import Build, Manifest
 from controlrt.models import BaseModel, ControlNetModelFolder, source_differences
-from controlrt.precision import Precision, variant_for
-from controlrt.runtime.session import Session
+from controlrt.precision import Precision
+from controlrt.session import Session
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +122,7 @@ class SessionFactory:
         """The precision graph ``name`` computes in: its variant's, or bf16 where the backend
         computes a float graph in bf16 (bf16 pipelines; an int8 pipeline's float graphs on OpenVINO
         on a bf16 CPU). Parity judges each graph by this precision's gate."""
-        spec = self.build.manifest.spec(name)
-        variant = variant_for(spec.kind, self.options.precision, set(self.build.manifest.graphs[name].variants))
+        variant = self.build.manifest.graphs[name].runs_in(self.options.precision)
         if self.options.precision is Precision.BF16:
             return Precision.BF16
         if self.options.backend == "openvino" and variant is not Precision.INT8:
@@ -136,9 +135,7 @@ class SessionFactory:
             return None
         from controlrt.engine.cache import EngineStore
 
-        spec = self.build.manifest.spec(name)
-        variants = set(self.build.manifest.graphs[name].variants)
-        record = EngineStore(self.build).record(name, variant_for(spec.kind, self.options.precision, variants))
+        record = EngineStore(self.build).record(name, self.build.manifest.graphs[name].runs_in(self.options.precision))
         return None if record is None else record.key.profiles  # no engine: open() says so
 
     def admits(self, name: str, sizes: Mapping[str, int]) -> bool:
@@ -186,10 +183,9 @@ class SessionFactory:
             module = load_graph_module(spec, *self._sources)
             dtype = torch.bfloat16 if self.options.precision is Precision.BF16 else torch.float32
             return TorchSession(module, spec, self.options.device or "cpu", dtype)
-        variants = set(self.build.manifest.graphs[name].variants)
-        precision = variant_for(spec.kind, self.options.precision, variants)
+        precision = self.build.manifest.graphs[name].runs_in(self.options.precision)
         if self.options.backend == "tensorrt":
-            from controlrt.runtime.trt_backend import open_engine_session
+            from controlrt.engine.session import open_engine_session
 
             return open_engine_session(
                 self.build,
@@ -201,7 +197,7 @@ class SessionFactory:
             )
         if self.options.backend == "openvino":
             return self._open_openvino(name, precision)
-        from controlrt.runtime.ort_backend import OrtSession
+        from controlrt.ort_session import OrtSession
 
         return OrtSession(
             self.build.graph_path(name, precision), spec, self.options.providers, threads=self.options.threads

@@ -52,12 +52,8 @@ def _open_array(path: Path, what: str) -> np.ndarray:
 
 
 def peek_size(source: Any, what: str = "control image") -> tuple[int, int]:
-    """(height, width) of a control (a path, ``KIND:PATH``, PIL image, HxW[xC] array or [B,]CxHxW
-    tensor) without decoding it."""
-    if isinstance(source, str):
-        from controlrt.preprocess import split_control
-
-        source = split_control(source)[1]
+    """(height, width) of an image (a path, PIL image, HxW[xC] array or [B,]CxHxW tensor) without
+    decoding it (a control given as ``KIND:PATH``: runtime.preprocess.peek_control_size)."""
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if path.suffix.lower() == ".npy":

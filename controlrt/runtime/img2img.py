@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from controlrt.errors import InputError
-from controlrt.runtime.session import Session
+from controlrt.session import Session
 
 TILE_OVERLAP = 0.25  # AutoencoderKL's tile_overlap_factor
 LOGVAR_RANGE = (-30.0, 20.0)  # DiagonalGaussianDistribution's clamp

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from controlrt.errors import InputError
 
 if TYPE_CHECKING:
-    from controlrt.models import ModelInfo
+    from controlrt.families.info import ModelInfo
 
 # The largest attention of a Stable Diffusion UNet, per token pair: two CFG halves, up to 8 heads,
 # fp32 scores and their softmax. Memory for it grows with the square of the latent pixel count.

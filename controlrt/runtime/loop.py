@@ -16,7 +16,7 @@ import torch
 
 from controlrt.control import Branches, control_active
 from controlrt.progress import progress_bar
-from controlrt.runtime.session import Session
+from controlrt.session import Session
 from controlrt.specs import GraphKind
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ import torch
 
 from controlrt.cpu import cpu_features, cpu_name
 from controlrt.errors import BackendError, BuildError, InputError
-from controlrt.runtime.session import Session
+from controlrt.session import Session
 from controlrt.specs import GraphSpec
 
 logger = logging.getLogger(__name__)

@@ -12,14 +12,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from controlrt import __version__
 from controlrt.errors import BuildError, InputError
 from controlrt.families import family_of
 from controlrt.io import sha256_file
 from controlrt.manifest import MANIFEST_NAME, Build
 from controlrt.precision import Precision
-from controlrt.preprocess import inpaint as inpaint_condition
-from controlrt.preprocess import load_control, split_control
 from controlrt.runtime.autoprecision import Choice, choose_precision, requested
 from controlrt.runtime.backends import BackendOptions, open_sessions
 from controlrt.runtime.images import (
@@ -34,10 +31,13 @@ from controlrt.runtime.img2img import InitImages, decode, mask_crop, overlay, pr
 from controlrt.runtime.img2img import start as start_latents
 from controlrt.runtime.limits import Limits
 from controlrt.runtime.loop import ControlPlan, UnionInputs, denoise
+from controlrt.runtime.preprocess import inpaint as inpaint_condition
+from controlrt.runtime.preprocess import load_control, peek_control_size, split_control
 from controlrt.runtime.request import GenerationRequest, ResolvedRequest, resolve
 from controlrt.runtime.schedulers import check_steps, make_scheduler, max_steps
-from controlrt.runtime.session import Session
+from controlrt.session import Session
 from controlrt.specs import GraphKind
+from controlrt.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +179,11 @@ class Pipeline:
             )
         # as diffusers: the size defaults to the init image's, else the first control image's
         first = request.image if request.image is not None else (request.controls[0] if request.controls else None)
-        control_size = (
-            peek_size(first, "init image" if first is request.image else "control image") if first is not None else None
-        )
+        control_size = None
+        if request.image is not None:
+            control_size = peek_size(request.image, "init image")
+        elif first is not None:
+            control_size = peek_control_size(first)
         if request.mask is not None:
             peek_size(request.mask, "mask")
         kinds = [s.control_types for s in self.controlnet_specs]
@@ -190,7 +192,7 @@ class Pipeline:
         limits = replace(self.limits, max_steps=min(self.limits.max_steps, most))
         resolved = resolve(request, kinds, self.info, limits, control_size)
         for control in resolved.controls[1:]:
-            peek_size(control)  # each is readable and within bounds
+            peek_control_size(control)  # each is readable and within bounds
         check_steps(self.build.scheduler_config, request.scheduler, request.steps)
         return resolved
 
@@ -270,7 +272,7 @@ class Pipeline:
         image = postprocess(decoded, f)
         if crop is not None:
             image = overlay(mask_image, init_image, image, crop)
-        settings = request.settings() | {"height": resolved.height, "width": resolved.width, "scales": resolved.scales}
+        settings = resolved.settings()
         settings["controls"] = [describe_control(c, i) for c, i in zip(resolved.controls, images, strict=True)]
         if init_image is not None:
             settings["image"] = describe_control(request.image, init_image, digest=True)

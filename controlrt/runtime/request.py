@@ -17,7 +17,7 @@ from controlrt.runtime.limits import Limits
 from controlrt.specs import check_image_size
 
 if TYPE_CHECKING:
-    from controlrt.models import ModelInfo
+    from controlrt.families.info import ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class GenerationRequest:
         """The request as plain JSON-able values (for reports and image metadata); the images (init
         image, mask, controls) are named by the pipeline that reads them."""
         out = {k: v for k, v in self.__dict__.items() if k not in ("controls", "image", "mask")}
-        out["control_mode"] = ControlMode.parse(self.control_mode).value
+        out["control_mode"] = str(self.control_mode)  # as given: ResolvedRequest.settings has the parsed mode
         for key in ("scales", "start", "end"):
             out[key] = list(out[key]) if isinstance(out[key], Sequence) else out[key]
         if out["scales"] is None:
@@ -95,6 +95,16 @@ class ResolvedRequest:
     # per ControlNet of the build, in order: the indices of the controls it takes (plain: at most one)
     assignment: list[list[int]] = field(default_factory=list)
     strength: float | None = None  # image-to-image: the share of the schedule that runs
+
+    def settings(self) -> dict[str, Any]:
+        """The request's settings with what resolving it decided: the control mode, the size, the
+        scales that run."""
+        return self.request.settings() | {
+            "control_mode": self.mode.value,
+            "height": self.height,
+            "width": self.width,
+            "scales": self.scales,
+        }
 
     @property
     def task(self) -> str:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from controlrt.runtime.session import Session
+from controlrt.session import Session
 from controlrt.specs import GraphSpec
 
 

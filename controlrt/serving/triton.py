@@ -19,7 +19,7 @@ from pathlib import Path
 from controlrt.errors import BuildError, InputError
 from controlrt.io import output_folder, sha256_file, staged_folder
 from controlrt.manifest import Build
-from controlrt.precision import Precision, variant_for
+from controlrt.precision import Precision
 from controlrt.specs import Axis, GraphSpec, TensorSpec
 
 TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
@@ -73,7 +73,7 @@ def write_triton_repo(
     plans = {}
     command = f"controlrt build {build.path} --precision {precision}"
     for name, record in build.manifest.graphs.items():
-        variant = variant_for(record.spec.kind, precision, set(record.variants))
+        variant = record.runs_in(precision)
         engine, reasons = store.problems(name, variant)  # TensorRT and GPU are Triton's machine's
         if engine is None:
             raise BuildError(f"build {build.path} has no {variant} engine for {name}; run {command}")

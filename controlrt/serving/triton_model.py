@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from controlrt.errors import BackendError, ControlrtError, InputError
-from controlrt.runtime.session import Session
+from controlrt.session import Session
 
 
 class TritonSession(Session):

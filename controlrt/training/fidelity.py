@@ -9,7 +9,7 @@ import numpy as np
 
 def image_edges(image) -> np.ndarray:
     """The canny edges (100/200) of a generated image, as a boolean map."""
-    from controlrt.preprocess import canny
+    from controlrt.runtime.preprocess import canny
 
     return np.asarray(canny(image))[:, :, 0] > 0
 

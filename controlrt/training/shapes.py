@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from controlrt.preprocess import canny
+from controlrt.runtime.preprocess import canny
 
 COLOURS = {
     "red": (220, 40, 40),

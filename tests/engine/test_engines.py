@@ -22,11 +22,11 @@ from controlrt.compare import compare_feeds, psnr, seeded_cases, tolerance_for
 from controlrt.engine import builder
 from controlrt.engine.cache import BuildOptions, EngineStore, Gpu, TimingCache
 from controlrt.engine.profiles import ProfileSettings
+from controlrt.engine.session import TensorRTSession, open_engine_session
 from controlrt.errors import BackendError, BuildError, InputError
 from controlrt.manifest import Build
+from controlrt.ort_session import OrtSession
 from controlrt.precision import Precision
-from controlrt.runtime.ort_backend import OrtSession
-from controlrt.runtime.trt_backend import TensorRTSession, open_engine_session
 
 FAKE_GPU = Gpu("Fake GPU", "9.0")
 
@@ -228,7 +228,7 @@ def test_cuda_graphs_are_captured_once_per_shape_signature(fake_trt, build):
 
 
 def test_pipeline_on_engines_matches_onnxruntime(fake_trt, build, pipelines, monkeypatch):
-    monkeypatch.setattr("controlrt.runtime.trt_backend.CudaGraph", fake_tensorrt.FakeGraph)
+    monkeypatch.setattr("controlrt.engine.session.CudaGraph", fake_tensorrt.FakeGraph)
     builder.build_engines(build, "fp32")
     from controlrt.runtime.pipeline import Pipeline
 
@@ -358,7 +358,7 @@ def test_parity_on_tensorrt_asks_only_for_shapes_the_engines_accept(fake_trt, bu
 
 
 def test_onnxruntime_waits_for_torchs_stream_unless_it_shares_it():
-    from controlrt.runtime.ort_backend import order_after_torch, provider_entries
+    from controlrt.ort_session import order_after_torch, provider_entries
 
     class Stream:
         def __init__(self, handle):

@@ -73,7 +73,7 @@ def test_repository_refuses_missing_or_stale_engines(engines, tmp_path):
 
 
 def test_python_model_runs_the_loop_through_bls(engines, tmp_path, monkeypatch, pipelines):
-    from controlrt.runtime.ort_backend import OrtSession
+    from controlrt.ort_session import OrtSession
 
     repo = write_triton_repo(engines, tmp_path / "repo", "fp32")
     build = Build.open(engines)

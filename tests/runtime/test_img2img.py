@@ -226,7 +226,7 @@ def test_mask_crop_matches_padding_mask_crop(tiny_models, pipelines):
 
 def test_inpaint_controlnet_condition(sd_reference, pipelines, tmp_path):
     """``inpaint:IMAGE`` is control_v11p_sd15_inpaint's condition: the image, -1 where masked."""
-    from controlrt.preprocess import inpaint
+    from controlrt.runtime.preprocess import inpaint
 
     init, mask = sample_init_image(64, 64, 3), sample_mask(64, 64)
     condition = inpaint(init, mask)

@@ -7,7 +7,7 @@ import torch
 
 from controlrt.errors import BackendError, BuildError, InputError
 from controlrt.manifest import Build
-from controlrt.runtime.session import Session
+from controlrt.session import Session
 
 
 class Fake(Session):
@@ -51,7 +51,7 @@ def test_wrong_outputs_are_caught(unet):
 
 
 def test_onnxruntime_providers(tiny_build):
-    from controlrt.runtime.ort_backend import OrtSession, resolve_providers
+    from controlrt.ort_session import OrtSession, resolve_providers
 
     assert resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
     build = Build.open(tiny_build)
@@ -81,7 +81,7 @@ def test_torch_and_onnxruntime_agree_per_graph_at_two_shapes(builds):
 def test_io_binding_path_matches_plain_runs(tiny_build):
     """The IOBinding path (the one GPU providers use) on the CPU: same outputs as plain runs."""
     from controlrt.manifest import Build
-    from controlrt.runtime.ort_backend import OrtSession
+    from controlrt.ort_session import OrtSession
 
     build = Build.open(tiny_build)
     for name in ("text_encoder", "controlnet_0", "unet"):

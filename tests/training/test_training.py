@@ -9,7 +9,7 @@ import pytest
 
 from controlrt import builtin
 from controlrt.errors import InputError, ModelError
-from controlrt.preprocess import canny
+from controlrt.runtime.preprocess import canny
 from controlrt.training import shapes
 from controlrt.training.fidelity import edge_f1
 from controlrt.training.plot import convergence_step, fidelity_svg

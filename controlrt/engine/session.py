@@ -25,7 +25,7 @@ import torch
 from controlrt.engine.profiles import Profile, admits, select_profile
 from controlrt.engine.trt import import_tensorrt
 from controlrt.errors import BackendError, BuildError
-from controlrt.runtime.session import Session
+from controlrt.session import Session
 from controlrt.specs import GraphSpec
 
 if TYPE_CHECKING:

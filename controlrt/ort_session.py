@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from controlrt.errors import BackendError, BuildError
-from controlrt.runtime.session import Session
+from controlrt.session import Session
 from controlrt.specs import GraphSpec
 
 logger = logging.getLogger(__name__)

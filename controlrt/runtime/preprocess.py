@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from controlrt.errors import InputError
+from controlrt.runtime.images import load_image, peek_size
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +110,6 @@ def inpaint(image, mask) -> np.ndarray:
     """The condition of an inpaint ControlNet (control_v11p_sd15_inpaint): the image's RGB in [0, 1]
     with the masked pixels (mask >= 0.5, white = repaint) set to -1, HxWx3 float32, as diffusers'
     examples make it. -1 has no place in an image file: it is kept as an array (``.npy``)."""
-    from controlrt.runtime.images import load_image
-
     if mask is None:
         raise InputError("the inpaint condition is made from an image and its mask: give the mask (--mask)")
     rgb = _rgb_array(image).astype(np.float32) / 255.0
@@ -143,8 +142,6 @@ def check_kind(kind: str) -> str:
 def preprocess(kind: str, image, annotators: str | Path | None = None, **options: Any) -> Image.Image | np.ndarray:
     """The control map of ``kind`` for ``image`` (a PIL image, an array or a path): an image, or for
     ``inpaint`` (which takes ``mask=``) an HxWx3 float32 array."""
-    from controlrt.runtime.images import load_image
-
     kind = check_kind(kind)
     image = load_image(image)
     if kind in BUILTIN:
@@ -200,10 +197,15 @@ def split_control(text: str) -> tuple[str | None, str]:
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9_+-]+")  # two characters at least: "C:" is a drive, not a kind
 
 
+def peek_control_size(source: Any) -> tuple[int, int]:
+    """(height, width) of a control without decoding it; for ``KIND:PATH``, of the image at PATH."""
+    if isinstance(source, str):
+        source = split_control(source)[1]
+    return peek_size(source)
+
+
 def load_control(source, annotators: str | Path | None = None):
     """A control as the pipeline uses it: ``KIND:PATH`` strings are preprocessed, the rest loaded."""
-    from controlrt.runtime.images import load_image
-
     if isinstance(source, str):
         kind, path = split_control(source)
         if kind is not None:

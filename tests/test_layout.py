@@ -1,0 +1,113 @@
+"""The package's layering: model families in one place each, no import circle, engine/ below runtime/."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+from conftest import write_config_folders
+
+from controlrt.builtin import TINY, Architecture
+from controlrt.families import FAMILIES, StableDiffusion, StableDiffusionXL, family_of
+from controlrt.models import BaseModel
+
+PACKAGE = Path(__file__).resolve().parents[1] / "controlrt"
+
+
+def _imports() -> dict[str, set[str]]:
+    """Every controlrt module and the controlrt modules it imports, at module level or in a function."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    edges: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            edges[name] |= {t for t in targets if t in modules and t != name}
+    return edges
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while (w := stack.pop()) != v:
+                component.append(w)
+            if component:
+                found.append(sorted([v, *component]))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circle_in_the_package():
+    assert _cycles(_imports()) == []
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_engine_does_not_import_runtime():
+    edges = _imports()
+    wrong = sorted((a, b) for a in edges for b in edges[a] if a.startswith("controlrt.engine") and "runtime" in b)
+    assert wrong == []
+
+
+def test_family_switches_live_in_the_family_files():
+    """No "is it SDXL / is it LCM" test outside controlrt/families/: the layers ask the family."""
+    pattern = re.compile(r"\.sdxl\b|embedded_guidance")
+    outside = [
+        f"{path.relative_to(PACKAGE)}:{n}"
+        for path in PACKAGE.rglob("*.py")
+        if "families" not in path.parts
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert outside == []
+
+
+def test_each_model_is_of_one_family(tmp_path):
+    base, _ = write_config_folders(tmp_path)
+    info = BaseModel.open(base).info()
+    assert isinstance(family_of(info), StableDiffusion) and family_of(info).name == "sd"
+    assert family_of(info).added_conditions() == [] and family_of(info).text_layer == "last"
+    sdxl = family_of(type(info)(**{**info.__dict__, "pooled_dim": 32, "time_ids": 6, "text_hidden_sizes": (16, 16)}))
+    assert isinstance(sdxl, StableDiffusionXL)
+    assert sdxl.added_condition_names == ("text_embeds", "time_ids") and sdxl.text_layer == "penultimate"
+    assert [f.name for f in FAMILIES] == ["sdxl", "sd"]  # the specific before the general
+    assert TINY.family == "sd" and Architecture(text_widths=(16, 16), pooled_dim=32).family == "sdxl"
+
+
+@pytest.mark.parametrize("mode", ["uniform", "guess", "cfg-rw"])
+def test_family_weights_are_the_control_modes_block_weights(tmp_path, mode):
+    from controlrt.control import ControlMode, block_weights, residual_divisors
+
+    base, _ = write_config_folders(tmp_path)
+    family = family_of(BaseModel.open(base).info())
+    expected = block_weights(ControlMode(mode), residual_divisors(family.unet_spec()))
+    assert family.control_weights(ControlMode(mode)).tolist() == expected.tolist()
