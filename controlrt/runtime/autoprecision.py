@@ -5,10 +5,12 @@ ran slower than fp32 on one AVX-512 BF16 Xeon and 1.9x faster on an AVX-512 BF16
 measured. At first use of a build on a machine, one UNet call at the model's native size (batch 2,
 as classifier-free guidance runs it) is timed in each precision the build has and the backend can
 compute here (on OpenVINO, int8 pipelines twice: float layers in fp32 and in bf16), after one
-untimed call. Each candidate's output is judged against the fp32 graph's on the same input, on
-the same backend, by the UNet tolerance of the precision it computes in (controlrt.compare's
-gates); the fastest candidate that passes is chosen, and a candidate that fails is never used.
-fp32 is always a candidate, so there is always a choice.
+untimed call. Each candidate's output is judged against the fp32 graph's on the same input (on
+the same backend; for TensorRT, whose candidates are the UNet engines built, at a shape of the
+first engine's profiles, on onnxruntime) by the UNet tolerance of the precision it computes in
+(controlrt.compare's gates); the fastest candidate that passes is chosen, and a candidate that
+fails is never used. On the CPU backends fp32 is always a candidate, so there is always a choice;
+TensorRT engines that all fail are one clear error.
 
 The choice and its table are cached in the build (``BUILD/precision-auto/<key>.json``) under a key
 of the machine (CPU model and features, or the GPU's name), the backend and its settings, the
@@ -162,9 +164,8 @@ def candidates(build: Build, backend: str) -> list[Candidate]:
     if backend == "tensorrt":
         from controlrt.engine.cache import EngineStore
 
-        store = EngineStore(build)
-        have = [p for p in have if p is Precision.FP32 or store.record("unet", p) is not None]
-        return [Candidate(p) for p in have]
+        store = EngineStore(build)  # the engines built (judged against the fp32 graph on onnxruntime)
+        return [Candidate(p) for p in have if store.record("unet", p) is not None]
     if backend != "openvino":
         return [Candidate(p) for p in have]
     from controlrt.runtime.ov_backend import supports_bf16
@@ -230,10 +231,6 @@ def time_calls(call: Callable[[], object], repeats: int = REPEATS) -> float:
     return best
 
 
-def _default_timer(candidate: Candidate, call: Callable[[], object]) -> float:
-    return time_calls(call)
-
-
 def choose_precision(
     build: Build,
     backend: str = "onnxruntime",
@@ -248,6 +245,8 @@ def choose_precision(
     ``options`` are the other BackendOptions (threads, cuda_graphs, weight_streaming_budget).
     """
     cands = candidates(build, backend)
+    if not cands:
+        raise BuildError(f"build {build.path} has no TensorRT engine of its UNet: run controlrt build {build.path}")
     if len(cands) == 1:
         return Choice(cands[0].precision, cands[0].float_precision)
     settings = {"providers": list(providers) if providers else None, "device": device, **options}
@@ -263,7 +262,7 @@ def choose_precision(
         "precision auto: timing one UNet call in %s (first use of this build here; the choice is cached)",
         ", ".join(c.label for c in cands),
     )
-    choice = _measure(build, backend, providers, device, cands, timer or _default_timer, options)
+    choice = _measure(build, backend, providers, device, cands, timer or (lambda _, call: time_calls(call)), options)
     choice.machine = fields["machine"]["cpu"] if backend != "tensorrt" else str(fields["machine"]["gpu"])
     logger.warning("%s", choice.describe())
     _write(path, {"key": fields, "choice": choice.to_dict()})
@@ -275,12 +274,17 @@ def _measure(build, backend, providers, device, cands, timer: Timer, options) ->
     from controlrt.runtime.backends import BackendOptions, SessionFactory
 
     spec = build.manifest.spec("unet")
-    base = BackendOptions(backend, tuple(providers) if providers else None, device, Precision.FP32, **options)
-    first = SessionFactory(build, base)
-    sizes = first.accepted_sizes("unet", [spec.sizes(2, *spec.default_size)])[0]
+    first = cands[0]
+    base = BackendOptions(backend, tuple(providers) if providers else None, device, first.precision, **options)
+    sizes = SessionFactory(build, base).accepted_sizes("unet", [spec.sizes(2, *spec.default_size)])[0]
     shape = f"{sizes['batch']}x{sizes['height']}x{sizes['width']}"
     feeds = spec.dummy_inputs(sizes, seed=SEED)
     reference = None
+    if backend == "tensorrt":  # engines are judged against the fp32 graph, on onnxruntime (CPU)
+        from controlrt.ort_session import OrtSession
+
+        with OrtSession(build.graph_path("unet", Precision.FP32), spec) as session:
+            reference = session.infer(feeds)
     rows: list[Measured] = []
     for candidate in cands:
         opts = replace(base, precision=candidate.precision, float_precision=candidate.float_precision)
@@ -297,7 +301,7 @@ def _measure(build, backend, providers, device, cands, timer: Timer, options) ->
         finally:
             gc.collect()
         float_precision = None if candidate.float_precision is None else str(candidate.float_precision)
-        if reference is None:  # fp32, the first candidate: the reference
+        if reference is None:  # fp32 on a CPU backend, the first candidate: the reference
             reference = got
             rows.append(Measured(candidate.label, "fp32", None, seconds, 0.0, 0.0, passed=True))
             continue
@@ -318,7 +322,14 @@ def _measure(build, backend, providers, device, cands, timer: Timer, options) ->
                 "; ".join(r.note for r in results if r.note),
             )
         )
-    best = min((r for r in rows if r.passed and r.seconds is not None), key=lambda r: r.seconds or math.inf)
+    passed = [r for r in rows if r.passed and r.seconds is not None]
+    if not passed:
+        failed = "; ".join(f"{r.label}: rel L2 {r.rel_l2:.2e}" if r.rel_l2 is not None else r.label for r in rows)
+        raise BuildError(
+            f"build {build.path}: no {backend} UNet of this build reproduces the fp32 graph here ({failed}); "
+            "rebuild the engines (controlrt build --force) or pass --precision"
+        )
+    best = min(passed, key=lambda r: r.seconds or math.inf)
     chosen = next(c for c in cands if c.label == best.label)
     return Choice(chosen.precision, chosen.float_precision, rows, shape, "measured")
 

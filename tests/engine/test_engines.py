@@ -421,3 +421,36 @@ def test_lora_change_refits_the_engines_from_the_new_graphs(fake_trt, build, tin
     set_loras(build, [], device="cpu")
     with Pipeline.load(build, backend="tensorrt", device="cpu") as pipe, Pipeline.load(build) as reference:
         assert psnr(np.asarray(reference("a house", **settings)), np.asarray(pipe("a house", **settings))) >= 60
+
+
+def test_auto_on_tensorrt_times_the_engines_built_against_the_fp32_graph(fake_trt, build, monkeypatch):
+    """TensorRT's candidates are the UNet engines the build has; each is judged against the fp32
+    graph on onnxruntime, so no fp32 engine is needed, and none at all is one clear line."""
+    from controlrt.export.fp16 import convert_build
+    from controlrt.runtime.autoprecision import choose_precision
+
+    with pytest.raises(BuildError, match="no TensorRT engine of its UNet: run controlrt build"):
+        choose_precision(Build.open(build), "tensorrt", device="cpu")
+    convert_build(build, "fp16")
+    builder.build_engines(build, "fp16", graphs=["unet"])
+    only = choose_precision(Build.open(build), "tensorrt", device="cpu")
+    assert only.precision is Precision.FP16 and only.source == "only candidate"
+    builder.build_engines(build, "fp32", graphs=["unet"])
+
+    def timer(candidate, call):
+        call()
+        return {Precision.FP32: 2.0, Precision.FP16: 1.0}[candidate.precision]
+
+    choice = choose_precision(Build.open(build), "tensorrt", device="cpu", timer=timer, use_cache=False)
+    assert choice.precision is Precision.FP16 and choice.source == "measured"
+    rows = {r.label: r for r in choice.rows}
+    assert set(rows) == {"fp32", "fp16"} and all(r.passed for r in rows.values())
+    # both judged against the onnxruntime reference: the fp32 engine (the same graph) matches it
+    # closely, the fp16 one within fp16's gate but not exactly
+    assert rows["fp32"].rel_l2 < 1e-5 < rows["fp16"].rel_l2 < rows["fp16"].tolerance["rel_l2"]
+    # engines that all fail their gates: one line naming them, nothing chosen
+    from controlrt.compare import Tolerance
+
+    monkeypatch.setattr("controlrt.compare.tolerance_for", lambda *a, **k: Tolerance(-1.0, -1.0))  # nothing passes
+    with pytest.raises(BuildError, match="no tensorrt UNet of this build reproduces the fp32 graph here"):
+        choose_precision(Build.open(build), "tensorrt", device="cpu", timer=timer, use_cache=False)
