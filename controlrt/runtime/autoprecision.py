@@ -231,6 +231,10 @@ def time_calls(call: Callable[[], object], repeats: int = REPEATS) -> float:
     return best
 
 
+def _default_timer(_: Candidate, call: Callable[[], object]) -> float:
+    return time_calls(call)
+
+
 def choose_precision(
     build: Build,
     backend: str = "onnxruntime",
@@ -245,7 +249,11 @@ def choose_precision(
     ``options`` are the other BackendOptions (threads, cuda_graphs, weight_streaming_budget).
     """
     cands = candidates(build, backend)
-    if not cands:
+    if not cands:  # only on tensorrt; a missing TensorRT or GPU is the first thing to say
+        from controlrt.engine.trt import import_tensorrt, require_cuda
+
+        import_tensorrt()
+        require_cuda()
         raise BuildError(f"build {build.path} has no TensorRT engine of its UNet: run controlrt build {build.path}")
     if len(cands) == 1:
         return Choice(cands[0].precision, cands[0].float_precision)
@@ -262,7 +270,7 @@ def choose_precision(
         "precision auto: timing one UNet call in %s (first use of this build here; the choice is cached)",
         ", ".join(c.label for c in cands),
     )
-    choice = _measure(build, backend, providers, device, cands, timer or (lambda _, call: time_calls(call)), options)
+    choice = _measure(build, backend, providers, device, cands, timer or _default_timer, options)
     choice.machine = fields["machine"]["cpu"] if backend != "tensorrt" else str(fields["machine"]["gpu"])
     logger.warning("%s", choice.describe())
     _write(path, {"key": fields, "choice": choice.to_dict()})
