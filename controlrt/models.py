@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controlrt.errors import ModelError
-from controlrt.families import family_of
+from controlrt.families import family_for, family_of
 from controlrt.families.info import ModelInfo, Residual
 
 if TYPE_CHECKING:
@@ -156,33 +156,6 @@ def _check_unsupported(config: dict[str, Any], what: str, keys: tuple[str, ...])
             )
 
 
-def _sdxl_conditions(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """ModelInfo's SDXL fields from the configs (empty for a UNet without 'text_time' conditions)."""
-    unet = configs["unet"]
-    if unet.get("addition_embed_type") != "text_time":
-        return {}
-    if "text_encoder_2" not in configs:
-        raise ModelError(
-            "base model: the UNet takes SDXL's added conditions but model_index.json lists no text_encoder_2"
-        )
-    first, second = configs["text_encoder"], configs["text_encoder_2"]
-    pooled = int(second.get("projection_dim") or 0)
-    time_dim = int(unet.get("addition_time_embed_dim") or 0)
-    added = int(unet.get("projection_class_embeddings_input_dim") or 0)
-    if not pooled or not time_dim or (added - pooled) % time_dim or added <= pooled:
-        raise ModelError(
-            f"base model: the UNet's added embedding ({added}) is not text_encoder_2's projection ({pooled}) "
-            f"plus time ids of {time_dim} each"
-        )
-    return {
-        "text_hidden_sizes": (int(first["hidden_size"]), int(second["hidden_size"])),
-        "pooled_dim": pooled,
-        "time_ids": (added - pooled) // time_dim,
-        "force_zeros_for_empty_prompt": bool(configs.get("model_index", {}).get("force_zeros_for_empty_prompt", True)),
-        "vae_force_upcast": bool(configs["vae"].get("force_upcast", True)),
-    }
-
-
 def model_info(configs: dict[str, dict[str, Any]]) -> ModelInfo:
     """What the toolchain needs to know about a base model, from its components' configs
     (unet, vae, text_encoder, tokenizer, scheduler); ModelError if they do not fit together."""
@@ -203,8 +176,9 @@ def model_info(configs: dict[str, dict[str, Any]]) -> ModelInfo:
         if len(set(cross)) != 1:
             raise ModelError("base model unet: per-block cross_attention_dim is not supported")
         cross = cross[0]
-    sdxl = _sdxl_conditions(configs)
-    widths = sdxl.get("text_hidden_sizes", (text.get("hidden_size"),))
+    family = family_for(configs)
+    conditions = family.read_conditions(configs)
+    widths = conditions.get("text_hidden_sizes", (text.get("hidden_size"),))
     if sum(w or 0 for w in widths) != cross:
         raise ModelError(
             f"base model: the text encoders' hidden sizes {list(widths)} do not add up to the UNet's "
@@ -220,8 +194,8 @@ def model_info(configs: dict[str, dict[str, Any]]) -> ModelInfo:
         raise ModelError(f"base model: the UNet predicts {unet['out_channels']} channels, the VAE has {latent}")
     sample = unet["sample_size"]
     sample = (sample, sample) if isinstance(sample, int) else tuple(sample)
-    encoders = [text, *([configs["text_encoder_2"]] if sdxl else [])]
-    tokenizers = [configs["tokenizer"], *([configs["tokenizer_2"]] if sdxl else [])]
+    encoders = [configs[c] for c in family.text_components]
+    tokenizers = [configs[c] for c in family.tokenizer_components]
     lengths = [int(t.get("model_max_length", 77)) for t in tokenizers]
     lengths += [int(e["max_position_embeddings"]) for e in encoders]
     tile = vae.get("sample_size") or 0
@@ -245,7 +219,7 @@ def model_info(configs: dict[str, dict[str, Any]]) -> ModelInfo:
         latents_std=tuple(float(v) for v in vae.get("latents_std") or ()),
         vae_tile_size=int(tile[0] if isinstance(tile, (list, tuple)) else tile),
         requires_aesthetics_score=bool(configs.get("model_index", {}).get("requires_aesthetics_score", False)),
-        **sdxl,
+        **conditions,
     )
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import write_config_folders
 
 from controlrt.builtin import TINY, Architecture
-from controlrt.families import FAMILIES, StableDiffusion, StableDiffusionXL, family_of
+from controlrt.families import FAMILIES, StableDiffusion, StableDiffusionXL, family_for, family_of
 from controlrt.models import BaseModel
 
 PACKAGE = Path(__file__).resolve().parents[1] / "controlrt"
@@ -101,6 +101,21 @@ def test_each_model_is_of_one_family(tmp_path):
     assert sdxl.added_condition_names == ("text_embeds", "time_ids") and sdxl.text_layer == "penultimate"
     assert [f.name for f in FAMILIES] == ["sdxl", "sd"]  # the specific before the general
     assert TINY.family == "sd" and Architecture(text_widths=(16, 16), pooled_dim=32).family == "sdxl"
+
+
+def test_each_family_reads_its_own_configs(tmp_path):
+    base, _ = write_config_folders(tmp_path)
+    configs = BaseModel.open(base).configs
+    assert family_for(configs) is StableDiffusion and StableDiffusion.read_conditions(configs) == {}
+    xl = {**configs, "unet": {**configs["unet"], "addition_embed_type": "text_time"}}
+    assert family_for(xl) is StableDiffusionXL
+    with pytest.raises(Exception, match="lists no text_encoder_2"):  # its configs are the family's to check
+        StableDiffusionXL.read_conditions(xl)
+    two = {**xl, "text_encoder_2": {"hidden_size": 8, "projection_dim": 12}}
+    two["unet"] = {**xl["unet"], "addition_time_embed_dim": 4, "projection_class_embeddings_input_dim": 12 + 6 * 4}
+    read = StableDiffusionXL.read_conditions(two)
+    assert read["time_ids"] == 6 and read["pooled_dim"] == 12
+    assert read["text_hidden_sizes"] == (configs["text_encoder"]["hidden_size"], 8)
 
 
 @pytest.mark.parametrize("mode", ["uniform", "guess", "cfg-rw"])

@@ -11,7 +11,7 @@ Adding a family is adding one file here and its entry in :data:`FAMILIES`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from controlrt.families.base import Family
 from controlrt.families.sd import StableDiffusion
@@ -32,4 +32,12 @@ def family_of(info: ModelInfo) -> Family:
     raise AssertionError("StableDiffusion claims every UNet model")  # pragma: no cover
 
 
-__all__ = ["FAMILIES", "Family", "StableDiffusion", "StableDiffusionXL", "family_of"]
+def family_for(configs: dict[str, dict[str, Any]]) -> type[Family]:
+    """The family of a model folder with these component configs (before its ModelInfo exists)."""
+    for family in FAMILIES:
+        if family.recognises(configs):
+            return family
+    raise AssertionError("StableDiffusion recognises every UNet model")  # pragma: no cover
+
+
+__all__ = ["FAMILIES", "Family", "StableDiffusion", "StableDiffusionXL", "family_for", "family_of"]

@@ -72,6 +72,23 @@ class Family:
         """Whether the model ``info`` describes is of this family."""
         raise NotImplementedError
 
+    # --- reading a model folder's configs ------------------------------------------------------
+
+    text_components: ClassVar[tuple[str, ...]] = ("text_encoder",)  # in order
+    tokenizer_components: ClassVar[tuple[str, ...]] = ("tokenizer",)  # one per text encoder
+
+    @classmethod
+    def recognises(cls, configs: dict[str, dict[str, Any]]) -> bool:
+        """Whether a model folder with these component configs (unet, vae, text_encoder, …) is of
+        this family."""
+        raise NotImplementedError
+
+    @classmethod
+    def read_conditions(cls, configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """ModelInfo fields of this family's text conditioning (``text_hidden_sizes``, …) from the
+        configs; ModelError if they do not fit together. None here: one text encoder."""
+        return {}
+
     # --- graphs -------------------------------------------------------------------------------
 
     def graph_specs(self, controlnets: Sequence[ControlNetSource]) -> list[GraphSpec]:

@@ -3,7 +3,7 @@ no added conditions. Every default of :class:`~controlrt.families.base.Family` i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from controlrt.families.base import Family
 
@@ -19,3 +19,7 @@ class StableDiffusion(Family):
     @classmethod
     def claims(cls, info: ModelInfo) -> bool:
         return True  # asked last: every UNet model not claimed by a more specific family
+
+    @classmethod
+    def recognises(cls, configs: dict[str, dict[str, Any]]) -> bool:
+        return True  # likewise

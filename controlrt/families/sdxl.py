@@ -28,6 +28,40 @@ class StableDiffusionXL(Family):
     def claims(cls, info: ModelInfo) -> bool:
         return info.pooled_dim > 0  # the UNet takes the pooled text embedding: "text_time" conditions
 
+    text_components = ("text_encoder", "text_encoder_2")
+    tokenizer_components = ("tokenizer", "tokenizer_2")
+
+    @classmethod
+    def recognises(cls, configs: dict[str, dict[str, Any]]) -> bool:
+        return configs["unet"].get("addition_embed_type") == "text_time"
+
+    @classmethod
+    def read_conditions(cls, configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Both encoders' widths, the pooled projection's, the number of time ids (from the UNet's
+        added embedding), and model_index's and the VAE's SDXL switches."""
+        unet = configs["unet"]
+        if "text_encoder_2" not in configs:
+            raise ModelError(
+                "base model: the UNet takes SDXL's added conditions but model_index.json lists no text_encoder_2"
+            )
+        first, second = configs["text_encoder"], configs["text_encoder_2"]
+        pooled = int(second.get("projection_dim") or 0)
+        time_dim = int(unet.get("addition_time_embed_dim") or 0)
+        added = int(unet.get("projection_class_embeddings_input_dim") or 0)
+        if not pooled or not time_dim or (added - pooled) % time_dim or added <= pooled:
+            raise ModelError(
+                f"base model: the UNet's added embedding ({added}) is not text_encoder_2's projection ({pooled}) "
+                f"plus time ids of {time_dim} each"
+            )
+        index = configs.get("model_index", {})
+        return {
+            "text_hidden_sizes": (int(first["hidden_size"]), int(second["hidden_size"])),
+            "pooled_dim": pooled,
+            "time_ids": (added - pooled) // time_dim,
+            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
+            "vae_force_upcast": bool(configs["vae"].get("force_upcast", True)),
+        }
+
     def text_encoder_outputs(self, index: int) -> list[TensorSpec]:
         """hidden_states [batch, seq, width], the penultimate layer's, as diffusers takes them, and
         for the second encoder also text_embeds [batch, pooled], its pooled projection."""
