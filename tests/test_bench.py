@@ -68,3 +68,23 @@ def test_bench_keeps_the_best_peak_measured_between_the_runs(tiny_build, monkeyp
     assert next(measured, None) is None
     unet = report.graphs_ms["unet"]
     assert unet["peak_share"] == unet["gflops_per_s"] / 300.0
+
+
+def test_openvino_profile_accounts_for_the_graph_time(tiny_build, capsys):
+    """benchmarks/ov_profile.py: per-node counters that add up to about the graph's wall time."""
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("openvino", reason="needs OpenVINO: pip install openvino")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ov_profile.py"
+    module_spec = importlib.util.spec_from_file_location("ov_profile", path)
+    ov_profile = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(ov_profile)
+    walls, rows = ov_profile.profile(str(tiny_build), "unet", "fp32", "f32", 64, 64, runs=3)
+    assert len(walls) == 3 and len(rows) > 10
+    assert {"Convolution", "MatMul"} <= {r[1] for r in rows} or any("Conv" in r[1] for r in rows)
+    assert 0 < sum(r[3] for r in rows) <= 1.5 * max(walls)
+    ov_profile.report(walls, rows, top=5)
+    assert "share" in capsys.readouterr().out
