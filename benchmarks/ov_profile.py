@@ -17,20 +17,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections import defaultdict
 
 
 def profile(build_dir: str, graph: str, precision: str, inference: str, height: int, width: int, runs: int):
     import numpy as np
 
     from controlrt.manifest import Build
-    from controlrt.runtime.ov_backend import core
+    from controlrt.runtime.ov_backend import compile_config, core
 
     build = Build.open(build_dir)
     spec = build.manifest.spec(graph)
     path = build.graph_path(graph, precision)
-    config = {"INFERENCE_PRECISION_HINT": inference, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": "YES"}
-    compiled = core().compile_model(str(path), "CPU", config)
+    compiled = core().compile_model(str(path), "CPU", {**compile_config(inference), "PERF_COUNT": "YES"})
     request = compiled.create_infer_request()
     feeds = spec.dummy_inputs(spec.sizes(2, height, width), seed=0)
     inputs = {i: np.ascontiguousarray(feeds[name].numpy()) for i, name in enumerate(spec.input_names)}
@@ -49,19 +47,19 @@ def profile(build_dir: str, graph: str, precision: str, inference: str, height: 
 
 def report(walls, rows, top: int) -> None:
     total = sum(r[3] for r in rows)
-    by_kind: dict[tuple[str, str], list[float]] = defaultdict(list)
+    by_kind: dict[tuple[str, str], list] = {}  # (operation, kernel) -> [seconds, nodes]
     for _, node_type, exec_type, seconds in rows:
         if seconds > 0:
-            by_kind[node_type, exec_type].append(seconds)
+            entry = by_kind.setdefault((node_type, exec_type), [0.0, 0])
+            entry[0] += seconds
+            entry[1] += 1
     print(
         f"  wall {statistics.median(walls) * 1e3:.1f} ms per call (min {min(walls) * 1e3:.1f}); "
         f"nodes' sum {total * 1e3:.1f} ms"
     )
     print(f"  {'operation':<28} {'kernel':<34} {'nodes':>5} {'ms':>8} {'share':>6}")
-    kinds = sorted(by_kind.items(), key=lambda kv: -sum(kv[1]))
-    for (node_type, exec_type), times in kinds[:top]:
-        spent = sum(times)
-        print(f"  {node_type:<28} {exec_type:<34} {len(times):>5} {spent * 1e3:>8.1f} {spent / total:>6.1%}")
+    for (node_type, exec_type), (spent, nodes) in sorted(by_kind.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {node_type:<28} {exec_type:<34} {nodes:>5} {spent * 1e3:>8.1f} {spent / total:>6.1%}")
     print("  slowest nodes:")
     for name, node_type, exec_type, seconds in sorted(rows, key=lambda r: -r[3])[: min(top, 10)]:
         print(f"    {seconds * 1e3:7.2f} ms  {node_type:<22} {exec_type:<30} {name[:70]}")

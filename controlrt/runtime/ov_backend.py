@@ -99,6 +99,19 @@ _TYPES = {
 }
 
 
+def compile_config(
+    inference_precision: str = "f32", threads: int | None = None, cache_dir: Path | None = None
+) -> dict[str, str | int]:
+    """The CPU plugin's settings the openvino backend compiles every graph with."""
+    check_inference_precision(inference_precision)
+    config: dict[str, str | int] = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    if cache_dir is not None:
+        config["CACHE_DIR"] = str(cache_dir)
+    return config
+
+
 class OpenVinoSession(Session):
     """Runs one ONNX graph compiled by OpenVINO for the CPU.
 
@@ -121,15 +134,7 @@ class OpenVinoSession(Session):
         cache_dir: Path | None = None,
     ) -> None:
         super().__init__(spec)
-        check_inference_precision(inference_precision)
-        config: dict[str, str | int] = {
-            "INFERENCE_PRECISION_HINT": inference_precision,
-            "PERFORMANCE_HINT": "LATENCY",
-        }
-        if threads is not None:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        if cache_dir is not None:
-            config["CACHE_DIR"] = str(cache_dir)
+        config = compile_config(inference_precision, threads, cache_dir)
         try:
             compiled = core().compile_model(str(path), "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError with long messages
