@@ -22,10 +22,19 @@ import time
 def profile(build_dir: str, graph: str, precision: str, inference: str, height: int, width: int, runs: int):
     import numpy as np
 
+    from controlrt.errors import InputError
     from controlrt.manifest import Build
+    from controlrt.runtime.limits import Limits
     from controlrt.runtime.ov_backend import compile_config, core
 
     build = Build.open(build_dir)
+    if graph not in build.manifest.graphs:
+        raise InputError(f"build {build.path} has no graph {graph!r}; it has {', '.join(build.manifest.graphs)}")
+    if not 1 <= runs <= 100:
+        raise InputError(f"--runs must be from 1 to 100, got {runs}")
+    limits = Limits.for_model(build.manifest.info)
+    if height * width > limits.max_pixels:  # bounded before anything is allocated
+        raise InputError(f"{height}x{width} is more than this model's {limits.max_pixels} pixels")
     spec = build.manifest.spec(graph)
     path = build.graph_path(graph, precision)
     compiled = core().compile_model(str(path), "CPU", {**compile_config(inference), "PERF_COUNT": "YES"})
@@ -86,9 +95,14 @@ def main() -> None:
     print(f"CPU: {cpu.cpu_name()}; features: {', '.join(cpu.cpu_features()) or 'none'}")
     print("torch matrix-multiply peaks, GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items() if v))
     inference = [args.inference] if args.inference else ["f32", *(["bf16"] if supports_bf16() else [])]
+    from controlrt.errors import ControlrtError
+
     for hint in inference:
         print(f"{args.graph} ({args.precision} graph, OpenVINO {hint}), batch 2, {args.height}x{args.width}:")
-        walls, rows = profile(args.build, args.graph, args.precision, hint, args.height, args.width, args.runs)
+        try:
+            walls, rows = profile(args.build, args.graph, args.precision, hint, args.height, args.width, args.runs)
+        except ControlrtError as exc:
+            raise SystemExit(f"error: {exc}") from None
         report(walls, rows, args.top)
 
 
