@@ -73,8 +73,7 @@ def time_torch_loop(arch_name: str, device: str, size: int, steps: int, runs: in
 
     from controlrt import builtin
     from controlrt.control import Branches, ControlMode, block_weights, residual_divisors
-    from controlrt.families import family_of
-    from controlrt.graphs import load_graph_module
+    from controlrt.families import family_of, load_graph_module
     from controlrt.models import BaseModel, ControlNetModelFolder
     from controlrt.runtime.loop import ControlPlan
     from controlrt.runtime.torch_backend import TorchSession

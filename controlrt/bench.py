@@ -142,7 +142,7 @@ def _precision_label(options: BackendOptions) -> str:
 def _meta_module(build, spec):
     """The graph's module built from its source configs on the meta device (no weights), or None."""
     from controlrt.errors import ModelError
-    from controlrt.graphs import load_graph_module
+    from controlrt.families import load_graph_module
     from controlrt.models import BaseModel, ControlNetModelFolder
 
     sources = build.manifest.sources

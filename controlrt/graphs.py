@@ -2,18 +2,15 @@
 
 Each wrapper takes its inputs positionally in spec order and returns its outputs in spec order.
 Export traces exactly these modules, and the torch backend runs them, so the reference and the
-exported graph compute the same thing by construction.
+exported graph compute the same thing by construction. Which wrapper a graph gets, around which
+loaded model, is its family's declaration (``Family.module_factories``); this module knows torch
+and diffusers' model classes only.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from controlrt.families import family_of
-from controlrt.families.base import GUIDANCE_EMBEDDING, INPAINT_INPUTS
-from controlrt.models import BaseModel, ControlNetModelFolder
-from controlrt.specs import GraphKind, GraphSpec
 
 
 class TextEncoderGraph(nn.Module):
@@ -227,29 +224,3 @@ class VaeEncoderGraph(nn.Module):
             moments = self.vae.quant_conv(moments)
         mean, logvar = torch.chunk(moments, 2, dim=1)
         return mean, logvar
-
-
-def load_graph_module(
-    spec: GraphSpec, base: BaseModel, controlnets: list[ControlNetModelFolder], meta: bool = False
-) -> nn.Module:
-    """The PyTorch module that computes ``spec``, loaded from the source folders; with ``meta`` its
-    architecture alone, on the meta device (no weights: for counting its work)."""
-    kind = spec.kind
-    added = family_of(base.info()).added_condition_names
-    if kind is GraphKind.TEXT_ENCODER:
-        component = base.text_encoder_names[spec.index]
-        layer = spec.layer
-        pooled = "text_embeds" in spec.output_names
-        module: nn.Module = TextEncoderGraph(base.load_text_encoder(component, meta), layer, pooled)
-    elif kind is GraphKind.UNET:
-        inpainting = INPAINT_INPUTS[0] in spec.input_names
-        module = UNetGraph(base.load_unet(meta), added, GUIDANCE_EMBEDDING in spec.input_names, inpainting)
-    elif kind is GraphKind.VAE_DECODER:
-        module = VaeDecoderGraph(base.load_vae(meta), base.info().scaling_factor)
-    elif kind is GraphKind.VAE_ENCODER:
-        module = VaeEncoderGraph(base.load_vae(meta))
-    else:
-        folder = controlnets[spec.index]
-        graph = UnionControlNetGraph if folder.union else ControlNetGraph
-        module = graph(folder.load(meta), added)
-    return module.eval()

@@ -126,3 +126,37 @@ def test_family_weights_are_the_control_modes_block_weights(tmp_path, mode):
     family = family_of(BaseModel.open(base).info())
     expected = block_weights(ControlMode(mode), residual_divisors(family.unet_spec()))
     assert family.control_weights(ControlMode(mode)).tolist() == expected.tolist()
+
+
+def test_graph_modules_are_the_familys_declaration(tmp_path):
+    """Which torch module computes each graph is the family's: graphs.py knows neither models nor families."""
+    from controlrt.errors import ModelError
+    from controlrt.families import load_graph_module
+    from controlrt.graphs import ControlNetGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
+    from controlrt.models import ControlNetModelFolder
+    from controlrt.specs import GraphKind
+
+    assert not {m for m in _imports()["controlrt.graphs"] if m.startswith(("controlrt.models", "controlrt.fam"))}
+    base_dir, controlnet_dir = write_config_folders(tmp_path)
+    base, controlnets = BaseModel.open(base_dir), [ControlNetModelFolder.open(controlnet_dir)]
+    family = family_of(base.info())
+    specs = family.graph_specs(controlnets)
+    assert {s.kind for s in specs} == set(family.module_factories())
+    wrappers = {
+        "text_encoder": TextEncoderGraph,
+        "controlnet_0": ControlNetGraph,
+        "unet": UNetGraph,
+        "vae_decoder": VaeDecoderGraph,
+        "vae_encoder": VaeEncoderGraph,
+    }
+    for spec in specs:
+        module = load_graph_module(spec, base, controlnets, meta=True)
+        assert type(module) is wrappers[spec.name] and not module.training
+        assert all(p.is_meta for p in module.parameters())
+
+    class NoVae(StableDiffusion):
+        def module_factories(self):
+            return {k: v for k, v in super().module_factories().items() if k is not GraphKind.VAE_ENCODER}
+
+    with pytest.raises(ModelError, match=r"SD 1\.x/2\.x models have no vae_encoder graph"):
+        NoVae(base.info()).graph_module(specs[-1], base, controlnets, meta=True)

@@ -154,7 +154,7 @@ def calibrate_build(
     names = [n for n, g in build.manifest.graphs.items() if g.spec.kind in kinds]
 
     def module(spec: GraphSpec):
-        from controlrt.graphs import load_graph_module
+        from controlrt.families import load_graph_module
         from controlrt.runtime.backends import open_sources
 
         return lambda: load_graph_module(spec, *open_sources(build.manifest))

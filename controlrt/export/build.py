@@ -12,8 +12,7 @@ from pathlib import Path
 from controlrt.compare import Comparison, compare_in_turn, raise_on_failures, seeded_cases, tolerance_for
 from controlrt.errors import InputError
 from controlrt.export.onnx_export import ExportSettings, export_onnx
-from controlrt.families import family_of
-from controlrt.graphs import load_graph_module
+from controlrt.families import family_of, load_graph_module
 from controlrt.io import output_folder, staged_folder
 from controlrt.lora import Lora
 from controlrt.manifest import FileRecord, GraphRecord, Manifest, Variant, explain_build

@@ -72,7 +72,7 @@ def set_loras(build_dir: str | Path, loras: list[Lora], progress: bool = False, 
     from controlrt.engine.cache import EngineStore
     from controlrt.export.build import check_in_turn
     from controlrt.export.onnx_export import ExportSettings, export_onnx
-    from controlrt.graphs import load_graph_module
+    from controlrt.families import load_graph_module
 
     loras = check_loras(loras)
     build = Build.open(build_dir)

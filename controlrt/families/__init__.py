@@ -1,24 +1,30 @@
 """Model families: each kind of base model declares, in one file, what the toolchain needs of it.
 
-A family (:class:`~controlrt.families.base.Family`) declares its graphs (their specs; the torch
-modules behind them live in :mod:`controlrt.graphs`), how prompts become text conditioning, how
-control residuals are named, shaped and weighted, its request extras (SDXL's time ids, an
-LCM-distilled UNet's guidance embedding) and which LoRA format it reads. Export, the engines, the
-runtime, parity, bench and serve ask the family instead of testing what the model is.
+A family (:class:`~controlrt.families.base.Family`) declares its graphs (their specs, and which
+torch module of :mod:`controlrt.graphs` computes each, around which loaded model), how prompts
+become text conditioning, how control residuals are named, shaped and weighted, its request
+extras (SDXL's time ids, an LCM-distilled UNet's guidance embedding) and which LoRA format it
+reads. Export, the engines, the runtime, parity, bench and serve ask the family instead of testing
+what the model is.
 
 Adding a family is adding one file here and its entry in :data:`FAMILIES`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from controlrt.families.base import Family
+from controlrt.families.base import ControlNetSource, Family
 from controlrt.families.sd import StableDiffusion
 from controlrt.families.sdxl import StableDiffusionXL
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from controlrt.families.base import ModelSource
     from controlrt.families.info import ModelInfo
+    from controlrt.specs import GraphSpec
 
 # Asked in order; the first that claims a model's description is its family.
 FAMILIES: tuple[type[Family], ...] = (StableDiffusionXL, StableDiffusion)
@@ -40,4 +46,13 @@ def family_for(configs: dict[str, dict[str, Any]]) -> type[Family]:
     raise AssertionError("StableDiffusion recognises every UNet model")  # pragma: no cover
 
 
-__all__ = ["FAMILIES", "Family", "StableDiffusion", "StableDiffusionXL", "family_for", "family_of"]
+def load_graph_module(
+    spec: GraphSpec, base: ModelSource, controlnets: Sequence[ControlNetSource], meta: bool = False
+) -> nn.Module:
+    """The torch module that computes graph ``spec`` of a build of ``base`` and ``controlnets``
+    (BaseModel, ControlNetModelFolder), as the base's family declares it; with ``meta`` its
+    architecture alone, on the meta device (no weights: for counting its work)."""
+    return family_of(base.info()).graph_module(spec, base, controlnets, meta)
+
+
+__all__ = ["FAMILIES", "Family", "StableDiffusion", "StableDiffusionXL", "family_for", "family_of", "load_graph_module"]

@@ -10,7 +10,7 @@ differs from these defaults (see sdxl.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from controlrt.control import Branches, ControlMode, block_weights, guidance_embedding
@@ -26,6 +26,7 @@ from controlrt.specs import (
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
     from controlrt.families.info import ModelInfo
 
@@ -37,7 +38,7 @@ INPAINT_INPUTS = ("mask", "masked_image_latents")
 
 
 class ControlNetSource(Protocol):
-    """What a family's graph specs need of a ControlNet folder (controlrt.models.ControlNetModelFolder)."""
+    """What a family's graphs need of a ControlNet folder (controlrt.models.ControlNetModelFolder)."""
 
     @property
     def name(self) -> str: ...
@@ -47,6 +48,21 @@ class ControlNetSource(Protocol):
     def union(self) -> bool: ...
     @property
     def num_control_type(self) -> int: ...
+    def load(self, meta: bool = False) -> nn.Module: ...
+
+
+class ModelSource(Protocol):
+    """What a family's graph modules need of a base model folder (controlrt.models.BaseModel)."""
+
+    @property
+    def text_encoder_names(self) -> list[str]: ...
+    def info(self) -> ModelInfo: ...
+    def load_text_encoder(self, component: str, meta: bool = False) -> nn.Module: ...
+    def load_unet(self, meta: bool = False) -> nn.Module: ...
+    def load_vae(self, meta: bool = False) -> nn.Module: ...
+
+
+ModuleFactory = Callable[[GraphSpec, ModelSource, Sequence[ControlNetSource], bool], "nn.Module"]
 
 
 def image_axes(divisor: int) -> tuple[Axis, Axis]:
@@ -258,6 +274,60 @@ class Family:
             outputs.append(TensorSpec("latent_logvar", "float32", latent))
         image = TensorSpec("image", "float32", (BATCH, info.image_channels, *image_axes(1)), (-1.0, 1.0))
         return self._spec("vae_encoder", GraphKind.VAE_ENCODER, [image], outputs)
+
+    # --- the torch modules behind the graphs ----------------------------------------------------
+
+    def module_factories(self) -> dict[GraphKind, ModuleFactory]:
+        """For each kind of graph this family's builds have, what makes its torch module (in
+        controlrt.graphs) from the source folders: with ``meta``, the architecture alone on the
+        meta device (no weights: for counting its work). A family with other graphs (a
+        transformer) adds its kinds here."""
+        return {
+            GraphKind.TEXT_ENCODER: self.text_encoder_module,
+            GraphKind.CONTROLNET: self.controlnet_module,
+            GraphKind.UNET: self.unet_module,
+            GraphKind.VAE_DECODER: self.vae_decoder_module,
+            GraphKind.VAE_ENCODER: self.vae_encoder_module,
+        }
+
+    def graph_module(
+        self, spec: GraphSpec, base: ModelSource, controlnets: Sequence[ControlNetSource], meta: bool = False
+    ) -> nn.Module:
+        """The torch module that computes ``spec`` (in eval mode), loaded from the source folders."""
+        factory = self.module_factories().get(spec.kind)
+        if factory is None:
+            raise ModelError(f"graph {spec.name}: {self.title} models have no {spec.kind} graph")
+        return factory(spec, base, controlnets, meta).eval()
+
+    def text_encoder_module(self, spec, base, controlnets, meta):
+        from controlrt.graphs import TextEncoderGraph
+
+        encoder = base.load_text_encoder(base.text_encoder_names[spec.index], meta)
+        return TextEncoderGraph(encoder, spec.layer, pooled="text_embeds" in spec.output_names)
+
+    def controlnet_module(self, spec, base, controlnets, meta):
+        from controlrt.graphs import ControlNetGraph, UnionControlNetGraph
+
+        folder = controlnets[spec.index]
+        graph = UnionControlNetGraph if folder.union else ControlNetGraph
+        return graph(folder.load(meta), self.added_condition_names)
+
+    def unet_module(self, spec, base, controlnets, meta):
+        from controlrt.graphs import UNetGraph
+
+        inputs = spec.input_names
+        guidance, inpainting = GUIDANCE_EMBEDDING in inputs, INPAINT_INPUTS[0] in inputs
+        return UNetGraph(base.load_unet(meta), self.added_condition_names, guidance, inpainting)
+
+    def vae_decoder_module(self, spec, base, controlnets, meta):
+        from controlrt.graphs import VaeDecoderGraph
+
+        return VaeDecoderGraph(base.load_vae(meta), self.info.scaling_factor)
+
+    def vae_encoder_module(self, spec, base, controlnets, meta):
+        from controlrt.graphs import VaeEncoderGraph
+
+        return VaeEncoderGraph(base.load_vae(meta))
 
     # --- guidance and control -----------------------------------------------------------------
 

@@ -175,7 +175,7 @@ class SessionFactory:
     def open(self, name: str) -> Session:
         spec = self.build.manifest.spec(name)
         if self.options.backend == "torch":
-            from controlrt.graphs import load_graph_module
+            from controlrt.families import load_graph_module
             from controlrt.runtime.torch_backend import TorchSession
 
             if self._sources is None:

@@ -13,7 +13,7 @@ from controlrt.calibration.quantize import excluded
 from controlrt.calibration.sensitivity import Int8Simulation, LayerShare, choose_float_layers
 from controlrt.cli import cli
 from controlrt.errors import InputError
-from controlrt.graphs import load_graph_module
+from controlrt.families import load_graph_module
 from controlrt.manifest import Build
 from controlrt.parity import run_parity
 from controlrt.runtime.backends import open_sources
