@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from controlrt import cpu
 from controlrt.errors import BackendError, BuildError
 from controlrt.session import Session
 from controlrt.specs import GraphSpec
@@ -74,6 +76,39 @@ def order_after_torch(device: torch.device, ort_stream: int | None, current_stre
     return True
 
 
+DISABLE_QDQ_FUSION = "session.disable_quant_qdq"
+
+
+def session_options(providers: Sequence[str], threads: int | None = None):
+    """onnxruntime's session options for a graph on ``providers``.
+
+    On a CPU whose int8 kernels saturate (``cpu.int8_sums_saturate``: x86 without VNNI), the
+    CPU provider does not fuse Q/DQ pairs into int8 kernels: each quantized layer runs as
+    dequantize, float layer, quantize, which is the graph's stated math (what TensorRT and VNNI
+    CPUs compute), at float speed. Float graphs have no Q/DQ pairs, so nothing changes for them.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads is not None:  # default: one per physical core
+        options.intra_op_num_threads = threads
+    if providers[0] == "CPUExecutionProvider" and cpu.int8_sums_saturate():
+        options.add_session_config_entry(DISABLE_QDQ_FUSION, "1")
+        _say_int8_unfused()
+    return options
+
+
+@cache
+def _say_int8_unfused() -> None:
+    logger.info(
+        "%s has no VNNI: onnxruntime's int8 kernels would saturate here, so int8 graphs run "
+        "dequantized (their exact math, at float speed)",
+        cpu.cpu_name(),
+    )
+
+
 class OrtSession(Session):
     """Runs one ONNX graph with onnxruntime.
 
@@ -100,12 +135,8 @@ class OrtSession(Session):
         import onnxruntime as ort
 
         super().__init__(spec)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        if threads is not None:  # default: one per physical core
-            options.intra_op_num_threads = threads
         names = resolve_providers(providers)
+        options = session_options(names, threads)
         self._stream = None  # the CUDA stream onnxruntime computes on, when it is torch's
         if names[0] in GPU_PROVIDERS:
             self._stream = torch.cuda.current_stream(torch.device("cuda", device_id)).cuda_stream

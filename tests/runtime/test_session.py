@@ -95,3 +95,38 @@ def test_io_binding_path_matches_plain_runs(tiny_build):
         for out in spec.output_names:
             assert want[out].abs().max() > 0
             assert torch.equal(want[out], got[out]), (name, out)
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_int8_graphs_run_unfused_where_the_cpus_int8_kernels_saturate(monkeypatch, saturates):
+    """x86 without VNNI: onnxruntime's fused int8 kernels clip 16-bit sums, so the CPU provider runs
+    Q/DQ graphs dequantized (their stated math); elsewhere, and on GPU providers, it fuses them."""
+    from controlrt import cpu
+    from controlrt.ort_session import DISABLE_QDQ_FUSION, session_options
+
+    monkeypatch.setattr(cpu, "int8_sums_saturate", lambda: saturates)
+    cpu_options = session_options(["CPUExecutionProvider"], threads=2)
+    gpu_options = session_options(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert cpu_options.intra_op_num_threads == 2
+
+    def entry(options):
+        try:
+            return options.get_session_config_entry(DISABLE_QDQ_FUSION)
+        except RuntimeError:  # onnxruntime: "does not have configuration with key"
+            return None
+
+    assert entry(cpu_options) == ("1" if saturates else None)
+    assert entry(gpu_options) is None
+
+
+def test_int8_sums_saturate_on_x86_without_vnni(monkeypatch):
+    from controlrt import cpu
+
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu, "cpu_features", lambda: ("avx2", "avx512f"))
+    assert cpu.int8_sums_saturate()
+    monkeypatch.setattr(cpu, "cpu_features", lambda: ("avx_vnni", "avx2"))
+    assert not cpu.int8_sums_saturate()
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(cpu, "cpu_features", lambda: ())
+    assert not cpu.int8_sums_saturate()
