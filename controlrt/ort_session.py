@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from controlrt import cpu
+from controlrt.cpu import cpu_name, int8_sums_saturate
 from controlrt.errors import BackendError, BuildError
 from controlrt.session import Session
 from controlrt.specs import GraphSpec
@@ -82,7 +82,7 @@ DISABLE_QDQ_FUSION = "session.disable_quant_qdq"
 def session_options(providers: Sequence[str], threads: int | None = None):
     """onnxruntime's session options for a graph on ``providers``.
 
-    On a CPU whose int8 kernels saturate (``cpu.int8_sums_saturate``: x86 without VNNI), the
+    On a CPU whose int8 kernels saturate (``controlrt.cpu.int8_sums_saturate``: x86 without VNNI), the
     CPU provider does not fuse Q/DQ pairs into int8 kernels: each quantized layer runs as
     dequantize, float layer, quantize, which is the graph's stated math (what TensorRT and VNNI
     CPUs compute), at float speed. Float graphs have no Q/DQ pairs, so nothing changes for them.
@@ -94,7 +94,7 @@ def session_options(providers: Sequence[str], threads: int | None = None):
     options.log_severity_level = 3
     if threads is not None:  # default: one per physical core
         options.intra_op_num_threads = threads
-    if providers[0] == "CPUExecutionProvider" and cpu.int8_sums_saturate():
+    if providers[0] == "CPUExecutionProvider" and int8_sums_saturate():
         options.add_session_config_entry(DISABLE_QDQ_FUSION, "1")
         _say_int8_unfused()
     return options
@@ -105,7 +105,7 @@ def _say_int8_unfused() -> None:
     logger.info(
         "%s has no VNNI: onnxruntime's int8 kernels would saturate here, so int8 graphs run "
         "dequantized (their exact math, at float speed)",
-        cpu.cpu_name(),
+        cpu_name(),
     )
 
 

@@ -11,6 +11,11 @@ files' sha256, the OpenVINO version, the CPU's instruction features and the infe
 blob made for other graphs, another OpenVINO or another CPU is never found, so never used. A build
 that cannot be written is compiled without a cache.
 
+On x86 CPUs without VNNI (``controlrt.cpu.int8_sums_saturate``) OpenVINO's int8 kernels add u8 x s8
+products in 16-bit sums that saturate (oneDNN's "int8 computation aspects"; NNCF's overflow fix halves
+weights for it): there the low-precision transformations are off, so the Q/DQ layers compute in
+float, which is the graph's own math, at float speed.
+
 Tensors are exchanged without copies: inputs are shared with OpenVINO from torch's CPU memory, and
 outputs are torch tensors allocated here that OpenVINO writes into.
 """
@@ -27,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from controlrt.cpu import cpu_features, cpu_name
+from controlrt.cpu import cpu_features, cpu_name, int8_sums_saturate
 from controlrt.errors import BackendError, BuildError, InputError
 from controlrt.session import Session
 from controlrt.specs import GraphSpec
@@ -82,6 +87,7 @@ def cache_key(files: tuple[tuple[str, str], ...], inference_precision: str, thre
             "cpu": cpu_features(),
             "inference_precision": inference_precision,
             "threads": threads,
+            "int8_fused": LOW_PRECISION_TRANSFORMS not in compile_config(inference_precision),
         },
         sort_keys=True,
     )
@@ -90,6 +96,7 @@ def cache_key(files: tuple[tuple[str, str], ...], inference_precision: str, thre
 
 # OpenVINO's runtime layer types that hold a graph's multiply-accumulate work
 _COMPUTE_LAYERS = ("Convolution", "Deconvolution", "FullyConnected", "MatMul")
+_KERNEL_PRECISIONS = ("f32", "bf16", "f16", "u8", "i8")
 _TYPES = {
     "f32": torch.float32,
     "f16": torch.float16,
@@ -99,16 +106,47 @@ _TYPES = {
 }
 
 
+LOW_PRECISION_TRANSFORMS = "LP_TRANSFORMS_MODE"  # the CPU plugin's switch for its int8 fusion
+
+
+@cache
+def _int8_unfused() -> dict[str, str]:
+    """The setting that keeps Q/DQ layers in float, where this OpenVINO takes it (it is not among
+    the CPU plugin's listed properties: tried once on a one-node model); else nothing, said once."""
+    import openvino.opset13 as ops
+
+    param = ops.parameter([1], import_openvino().Type.f32)
+    model = import_openvino().Model([ops.relu(param)], [param])
+    try:
+        core().compile_model(model, "CPU", {LOW_PRECISION_TRANSFORMS: "NO"})
+    except RuntimeError:
+        logger.warning(
+            "%s has no VNNI and this OpenVINO cannot keep int8 graphs in float: its int8 kernels may "
+            "saturate here (check with controlrt parity --backend openvino --precision int8)",
+            cpu_name(),
+        )
+        return {}
+    logger.info(
+        "%s has no VNNI: OpenVINO's int8 kernels would saturate here, so int8 graphs run dequantized "
+        "(their exact math, at float speed)",
+        cpu_name(),
+    )
+    return {LOW_PRECISION_TRANSFORMS: "NO"}
+
+
 def compile_config(
     inference_precision: str = "f32", threads: int | None = None, cache_dir: Path | None = None
 ) -> dict[str, str | int]:
-    """The CPU plugin's settings the openvino backend compiles every graph with."""
+    """The CPU plugin's settings the openvino backend compiles every graph with (on a CPU whose int8
+    kernels saturate, int8 fusion off)."""
     check_inference_precision(inference_precision)
     config: dict[str, str | int] = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     if cache_dir is not None:
         config["CACHE_DIR"] = str(cache_dir)
+    if int8_sums_saturate():
+        config.update(_int8_unfused())
     return config
 
 
@@ -185,13 +223,16 @@ class OpenVinoSession(Session):
     def kernel_precisions(self) -> dict[str, int]:
         """How many of the compiled graph's convolutions and matrix multiplies run in each
         precision (OpenVINO's runtime model): ``{"int8": 92, "bf16": 29}``, say. An int8 Q/DQ
-        graph's quantized layers show as int8 (u8 or i8 kernels) where OpenVINO fused them."""
+        graph's quantized layers show as int8 (u8 or i8 kernels) where OpenVINO fused them. The
+        precision is the kernel's (``primitiveType``, "jit_avx2_I8", "undef_f32"): a layer whose
+        weights are stored int8 but computed in float counts as float."""
         counts: dict[str, int] = {}
         for op in self._compiled.get_runtime_model().get_ordered_ops():
             info = op.get_rt_info()
             if info["layerType"].astype(str) not in _COMPUTE_LAYERS:
                 continue
-            precision = info["runtimePrecision"].astype(str)
+            kernel = info["primitiveType"].astype(str).rsplit("_", 1)[-1].lower()
+            precision = kernel if kernel in _KERNEL_PRECISIONS else info["runtimePrecision"].astype(str)
             precision = "int8" if precision in ("u8", "i8") else precision
             counts[precision] = counts.get(precision, 0) + 1
         return counts

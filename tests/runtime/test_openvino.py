@@ -9,6 +9,7 @@ import pytest
 
 from controlrt.builtin import sample_control_images
 from controlrt.compare import end_to_end_gate, psnr
+from controlrt.cpu import int8_sums_saturate
 from controlrt.errors import InputError
 from controlrt.parity import run_parity
 
@@ -94,5 +95,74 @@ def test_int8_graphs_run_on_openvino(tiny_build, tmp_path):
     with Pipeline.load(build, backend="openvino", precision="int8") as pipe:
         counts = pipe.sessions["unet"].kernel_precisions()
         fp32_counts = pipe.sessions["text_encoder"].kernel_precisions()
-    assert counts.get("int8", 0) > sum(counts.values()) / 2, counts  # Q/DQ layers run as int8 kernels
+    if int8_sums_saturate():  # x86 without VNNI: the Q/DQ layers compute in float (their exact math)
+        assert "int8" not in counts, counts
+    else:
+        assert counts.get("int8", 0) > sum(counts.values()) / 2, counts  # Q/DQ layers run as int8 kernels
     assert "int8" not in fp32_counts
+
+
+def _saturating_qdq_matmul(path):
+    """A Q/DQ int8 matrix multiply whose inputs line up with one weight column, so that u8 x s8
+    pairs summed in 16 bits (x86 without VNNI) clip; and its exact fake-quantized result."""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    weight = rng.uniform(-1, 1, (512, 64)).astype(np.float32)
+    x = rng.uniform(-1, 1, (64, 512)).astype(np.float32)
+    x[:32] = 0.99 * np.sign(weight[:, 0])
+    scale = np.float32(1 / 127)
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("QuantizeLinear", ["w", "s", "z"], ["wq"]),
+        helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"]),
+        helper.make_node("MatMul", ["xd", "wd"], ["y"]),
+    ]
+    inits = [nh.from_array(weight, "w"), nh.from_array(np.array(scale), "s"), nh.from_array(np.array(0, np.int8), "z")]
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 64])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+    def fake_quant(a):
+        return np.clip(np.round(a / scale), -127, 127) * scale
+
+    return x, fake_quant(x) @ fake_quant(weight)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_int8_graphs_compute_their_own_math_where_int8_kernels_saturate(tmp_path, monkeypatch, backend):
+    """Where controlrt.cpu.int8_sums_saturate (x86 without VNNI), both CPU engines keep Q/DQ layers
+    in float: the int8 graph's exact math. Said to saturate here, so the setting is taken on any CPU."""
+    import onnxruntime as ort
+
+    from controlrt import ort_session
+    from controlrt.runtime import ov_backend
+
+    monkeypatch.setattr(ort_session, "int8_sums_saturate", lambda: True)
+    monkeypatch.setattr(ov_backend, "int8_sums_saturate", lambda: True)
+    path = tmp_path / "qdq.onnx"
+    x, expected = _saturating_qdq_matmul(path)
+    if backend == "onnxruntime":
+        options = ort_session.session_options(["CPUExecutionProvider"])
+        got = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    else:
+        config = ov_backend.compile_config()
+        assert config[ov_backend.LOW_PRECISION_TRANSFORMS] == "NO"
+        got = ov_backend.core().compile_model(str(path), "CPU", config)({"x": x})[0]
+    assert np.abs(expected).max() > 100  # the aligned rows' sums are large
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_int8_fusion_stays_on_where_int8_kernels_do_not_saturate(monkeypatch):
+    from controlrt.runtime import ov_backend
+
+    monkeypatch.setattr(ov_backend, "int8_sums_saturate", lambda: False)
+    assert ov_backend.LOW_PRECISION_TRANSFORMS not in ov_backend.compile_config()

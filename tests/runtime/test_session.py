@@ -101,10 +101,10 @@ def test_io_binding_path_matches_plain_runs(tiny_build):
 def test_int8_graphs_run_unfused_where_the_cpus_int8_kernels_saturate(monkeypatch, saturates):
     """x86 without VNNI: onnxruntime's fused int8 kernels clip 16-bit sums, so the CPU provider runs
     Q/DQ graphs dequantized (their stated math); elsewhere, and on GPU providers, it fuses them."""
-    from controlrt import cpu
+    from controlrt import ort_session
     from controlrt.ort_session import DISABLE_QDQ_FUSION, session_options
 
-    monkeypatch.setattr(cpu, "int8_sums_saturate", lambda: saturates)
+    monkeypatch.setattr(ort_session, "int8_sums_saturate", lambda: saturates)
     cpu_options = session_options(["CPUExecutionProvider"], threads=2)
     gpu_options = session_options(["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert cpu_options.intra_op_num_threads == 2
