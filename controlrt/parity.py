@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from controlrt.compare import (
 )
 from controlrt.errors import ParityError
 from controlrt.precision import Precision
+
+if TYPE_CHECKING:
+    from controlrt.families import Family
 
 __all__ = ["EndToEnd", "ParityError", "ParityReport", "run_parity"]
 
@@ -54,10 +57,11 @@ class ParityReport:
     quantizer: str | None = None
     graphs: list[Comparison] = field(default_factory=list)
     end_to_end: EndToEnd | None = None
+    family: Family | None = field(default=None, repr=False)  # whose gates judge; None: compare's
 
     @property
     def gate(self) -> Gate:
-        return gate(self.precision, self.quantizer)
+        return (self.family.gate if self.family else gate)(self.precision, self.quantizer)
 
     @property
     def passed(self) -> bool:
@@ -145,6 +149,7 @@ def run_parity(
     go to BackendOptions (cuda_graphs, weight_streaming_budget).
     """
     from controlrt.builtin import sample_control_images
+    from controlrt.families import family_of
     from controlrt.manifest import Build
     from controlrt.runtime.backends import BackendOptions, SessionFactory
     from controlrt.runtime.pipeline import Pipeline
@@ -153,7 +158,9 @@ def run_parity(
     precision = Precision.parse(precision)
     build = Build.open(build_dir)
     options = BackendOptions(backend, tuple(providers) if providers else None, device, precision, **backend_options)
-    report = ParityReport(backend, precision, build.int8_quantizer if precision is Precision.INT8 else None)
+    family = family_of(build.manifest.info)
+    quantizer = build.int8_quantizer if precision is Precision.INT8 else None
+    report = ParityReport(backend, precision, quantizer, family=family)
     # One graph at a time, and the reference closed before the candidate opens: full-size
     # models do not fit in memory twice over.
     reference_sessions = SessionFactory(build, BackendOptions("torch"))
@@ -171,7 +178,7 @@ def run_parity(
         else:
             cases = captured_cases(held_out[name])
         computes = candidate_sessions.computes(name)
-        tolerance = gate(computes, report.quantizer if computes is Precision.INT8 else None).tolerances[spec.kind]
+        tolerance = family.tolerance(computes, spec.kind, quantizer if computes is Precision.INT8 else None)
         report.graphs += compare_in_turn(
             lambda name=name: reference_sessions.open(name),
             lambda name=name: candidate_sessions.open(name),

@@ -62,3 +62,19 @@ def test_parity_reports_its_gate_and_quantizer(builds):
     data = report.to_dict()
     assert data["quantizer"] is None and data["end_to_end_threshold_db"] == gate("fp32").psnr_db
     assert Build.open(builds["tiny"]).int8_quantizer is None
+
+
+def test_parity_judges_by_the_familys_gate(builds, monkeypatch):
+    """A family declares its tolerances (Family.gate); parity, export, convert, calibrate and auto ask
+    it. A family that asks for exactness no fp32 graph reaches fails every graph, and is reported."""
+    from dataclasses import replace
+
+    from controlrt.compare import Tolerance
+    from controlrt.families import StableDiffusion
+
+    exact = replace(gate("fp32"), tolerances=dict.fromkeys(GraphKind, Tolerance(rel_l2=0.0, max_rel=0.0)))
+    monkeypatch.setattr(StableDiffusion, "gate", lambda self, precision, quantizer=None: exact)
+    report = run_parity(builds["tiny"], steps=1, end_to_end=False)
+    assert report.graphs and not any(r.passed for r in report.graphs if r.max_abs > 0)
+    assert any(r.max_abs > 0 for r in report.graphs)  # onnxruntime's graphs are not bit-exact
+    assert report.to_dict()["tolerances"]["unet"] == {"rel_l2": 0.0, "max_rel": 0.0}

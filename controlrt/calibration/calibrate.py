@@ -134,13 +134,15 @@ def calibrate_build(
     Each int8 graph is checked against the fp32 graph on held-out captured inputs with the
     quantizer's int8 tolerances (controlrt.compare) before it is recorded.
     """
-    from controlrt.compare import captured_cases, compare_in_turn, tolerance_for
+    from controlrt.compare import captured_cases, compare_in_turn
+    from controlrt.families import family_of
     from controlrt.ort_session import OrtSession
 
     settings = settings or CalibrationSettings()
     settings.check()
     quantizer = make_quantizer(settings.method, settings.calibration)
     build = Build.open(build_dir)
+    family = family_of(build.manifest.info)
     cap = _capture_settings(build, settings.steps, settings.height, settings.width, settings.seed)
     count = len(sample_control_types(build.manifest.controlnet_specs))
     if data_dir is None:
@@ -174,7 +176,7 @@ def calibrate_build(
             lambda: OrtSession(build.graph_path(spec.name), spec),
             lambda: OrtSession(path, spec),
             captured_cases(held_out[spec.name]),
-            tolerance_for(Precision.INT8, spec.kind, quantizer.name),
+            family.tolerance(Precision.INT8, spec.kind, quantizer.name),
         )
 
     recorded = {

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from controlrt.engine.cache import EngineRecord, EngineStore, Gpu
 from controlrt.errors import BuildError, InputError
@@ -25,6 +26,9 @@ from controlrt.export.variants import new_graph_name
 from controlrt.manifest import Build, GraphRecord, Manifest, Variant
 from controlrt.precision import Precision
 from controlrt.specs import GraphSpec
+
+if TYPE_CHECKING:
+    from controlrt.compare import Tolerance
 
 logger = logging.getLogger(__name__)
 
@@ -160,31 +164,34 @@ def _export_controlnet(build: Build, spec: GraphSpec, folder_path: Path, staging
         raise InputError(
             f"ControlNet {folder.name} takes {folder.conditioning_channels}-channel controls, the engine {channels}"
         )
-    module = ControlNetGraph(folder.load(), family_of(build.manifest.info).added_condition_names).eval()
+    family = family_of(build.manifest.info)
+    module = ControlNetGraph(folder.load(), family.added_condition_names).eval()
     settings = ExportSettings.from_dict(build.manifest.settings)
     files = export_onnx(module, spec, staging / new_graph_name(spec.name, Precision.FP32), settings)
     owner = [module]
     del module
-    rows = check_in_turn(owner, spec, files[0])
+    rows = check_in_turn(owner, spec, files[0], family)
     raise_on_failures(rows, f"{folder.name} does not reproduce PyTorch on onnxruntime")
     return folder, files
 
 
-def check_refitted(spec: GraphSpec, precision: Precision, plan: bytes, profiles, onnx_path: Path, device) -> None:
+def check_refitted(
+    spec: GraphSpec, precision: Precision, plan: bytes, profiles, onnx_path: Path, device, tolerance: Tolerance
+) -> None:
     """ValidationError unless the refitted engine computes what its new ONNX graph computes on
     onnxruntime, at the shapes of its profiles.
 
     A refit that did not take (old weights, or a blend of old and new) is off by far more than
-    the tolerance: fp16's per-output bounds, for fp32 and fp16 engines alike.
+    ``tolerance`` (the family's fp16 bounds, for fp32 and fp16 engines alike).
     """
-    from controlrt.compare import compare_feeds, raise_on_failures, seeded_cases, tolerance_for
+    from controlrt.compare import compare_feeds, raise_on_failures, seeded_cases
     from controlrt.engine.profiles import profile_sizes
     from controlrt.engine.session import TensorRTSession
     from controlrt.ort_session import OrtSession
 
     cases = seeded_cases(spec, profile_sizes(profiles, spec)[:2], seed=97)
     with TensorRTSession(plan, spec, profiles, device=device) as engine, OrtSession(onnx_path, spec) as reference:
-        rows = compare_feeds(reference, engine, cases, tolerance_for(Precision.FP16, spec.kind))
+        rows = compare_feeds(reference, engine, cases, tolerance)
     raise_on_failures(
         rows, f"the refitted {precision} {spec.name} engine does not reproduce its new graph (the build is unchanged)"
     )
@@ -202,6 +209,7 @@ def refit_engines(
     never carries a blend of old and new weights."""
     from controlrt.engine.session import refit_from_onnx
     from controlrt.engine.trt import import_tensorrt, require_cuda
+    from controlrt.families import family_of
 
     import_tensorrt()
     require_cuda()
@@ -219,7 +227,8 @@ def refit_engines(
             raise BuildError(f"TensorRT could not deserialize the {precision} {graph} engine")
         refit_from_onnx(engine, new_onnx[precision], trt_logger)
         plans[precision] = bytes(engine.serialize())
-        check_refitted(spec, precision, plans[precision], record.key.profiles, new_onnx[precision], device)
+        tolerance = family_of(build.manifest.info).tolerance(Precision.FP16, spec.kind)
+        check_refitted(spec, precision, plans[precision], record.key.profiles, new_onnx[precision], device, tolerance)
     return plans
 
 

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from controlrt.compare import Comparison, compare_in_turn, raise_on_failures, seeded_cases, tolerance_for
+from controlrt.compare import Comparison, compare_in_turn, raise_on_failures, seeded_cases
 from controlrt.errors import InputError
 from controlrt.export.onnx_export import ExportSettings, export_onnx
-from controlrt.families import family_of, load_graph_module
+from controlrt.families import Family, family_of, load_graph_module
 from controlrt.io import output_folder, staged_folder
 from controlrt.lora import Lora
 from controlrt.manifest import FileRecord, GraphRecord, Manifest, Variant, explain_build
@@ -37,8 +37,8 @@ def _copy_assets(base: BaseModel, staging: Path) -> list[Path]:
     return files
 
 
-def check_in_turn(owner: list, spec: GraphSpec, onnx_path: Path) -> list[Comparison]:
-    """The exported graph against its module at fp32 tolerances, never holding both: the module
+def check_in_turn(owner: list, spec: GraphSpec, onnx_path: Path, family: Family) -> list[Comparison]:
+    """The exported graph against its module at the family's fp32 tolerances, never holding both: the module
     (the only reference, in ``owner``) runs every case and is let go before onnxruntime loads."""
     from controlrt.ort_session import OrtSession
     from controlrt.runtime.torch_backend import TorchSession
@@ -47,7 +47,7 @@ def check_in_turn(owner: list, spec: GraphSpec, onnx_path: Path) -> list[Compari
         lambda: TorchSession(owner.pop(), spec),
         lambda: OrtSession(onnx_path, spec),
         seeded_cases(spec),
-        tolerance_for(Precision.FP32, spec.kind),
+        family.tolerance(Precision.FP32, spec.kind),
     )
 
 
@@ -92,7 +92,8 @@ def export_build(
     with staged_folder(out_dir, "export", force, explain=explain_build, owner=False) as staging:
         (staging / "graphs").mkdir()
         records = {}
-        specs = family_of(info).graph_specs(controlnets)
+        family = family_of(info)
+        specs = family.graph_specs(controlnets)
         for spec in progress_bar(specs, progress, "export", "graph"):
             logger.info("exporting %s", spec.name)
             module = load_graph_module(spec, base, controlnets)
@@ -103,7 +104,7 @@ def export_build(
             if validate:
                 # PyTorch runs every case and lets the module go before onnxruntime loads the graph,
                 # so that a full-size UNet and its session need not fit in memory together
-                rows = check_in_turn(owner, spec, files[0])
+                rows = check_in_turn(owner, spec, files[0], family)
                 raise_on_failures(rows, f"{spec.name} does not reproduce PyTorch on onnxruntime")
             variant = Variant(
                 tuple(FileRecord.of(staging, f) for f in files),

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from controlrt.compare import compare_in_turn, seeded_cases, tolerance_for
+from controlrt.compare import compare_in_turn, seeded_cases
 from controlrt.errors import InputError
 from controlrt.export.onnx_export import save_onnx
 from controlrt.export.variants import write_variants
+from controlrt.families import family_of
 from controlrt.manifest import Build, Manifest
 from controlrt.precision import Precision
 from controlrt.specs import GraphKind, GraphSpec
@@ -101,6 +102,7 @@ def convert_build(
     build = Build.open(build_dir)
 
     upcast = build.manifest.info.vae_force_upcast
+    family = family_of(build.manifest.info)
 
     def produce(spec: GraphSpec, target: Path) -> list[Path]:
         source = build.graph_path(spec.name)
@@ -115,7 +117,7 @@ def convert_build(
             lambda: OrtSession(build.graph_path(spec.name), spec),
             lambda: OrtSession(path, spec),
             seeded_cases(spec),
-            tolerance_for(Precision.FP16, spec.kind),
+            family.tolerance(Precision.FP16, spec.kind),
         )
 
     settings = {

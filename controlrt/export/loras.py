@@ -21,10 +21,10 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from controlrt.compare import compare_in_turn, raise_on_failures, seeded_cases, tolerance_for
+from controlrt.compare import compare_in_turn, raise_on_failures, seeded_cases
 from controlrt.errors import BackendError, BuildError
 from controlrt.export.variants import commit_graphs, new_graph_name
-from controlrt.families import family_of
+from controlrt.families import Family, family_of
 from controlrt.lora import Lora, adapted_components, check_loras
 from controlrt.manifest import Build, Manifest, Variant
 from controlrt.models import BaseModel, source_differences
@@ -77,6 +77,7 @@ def set_loras(build_dir: str | Path, loras: list[Lora], progress: bool = False, 
     loras = check_loras(loras)
     build = Build.open(build_dir)
     manifest = build.manifest
+    family = family_of(manifest.info)
     recorded = manifest.sources["base"]
     try:
         base = BaseModel.open(recorded["path"]).with_vae(recorded.get("vae"))
@@ -108,7 +109,7 @@ def set_loras(build_dir: str | Path, loras: list[Lora], progress: bool = False, 
             files = export_onnx(module, spec, staging / new_graph_name(spec.name, Precision.FP32), settings)
             owner = [module]
             del module
-            rows = check_in_turn(owner, spec, files[0])
+            rows = check_in_turn(owner, spec, files[0], family)
             raise_on_failures(rows, f"{spec.name} with the new LoRAs does not reproduce PyTorch on onnxruntime")
             old = manifest.graphs[spec.name]
             made[spec.name, "fp32"] = (files, Variant((), [asdict(r) for r in rows], old.variants["fp32"].settings))
@@ -116,7 +117,7 @@ def set_loras(build_dir: str | Path, loras: list[Lora], progress: bool = False, 
             new_onnx = {Precision.FP32: files[0]}
             for precision in old.variants:
                 if precision == "fp16":
-                    fp16 = _remake_fp16(spec, files[0], staging)
+                    fp16 = _remake_fp16(spec, files[0], staging, family)
                     made[spec.name, "fp16"] = (fp16[0], Variant((), fp16[1], old.variants["fp16"].settings))
                     new_onnx[Precision.FP16] = fp16[0][0]
                     remade.append(f"{spec.name} fp16")
@@ -157,7 +158,7 @@ def set_loras(build_dir: str | Path, loras: list[Lora], progress: bool = False, 
     return LoraChange(tuple(s.name for s in specs), tuple(remade), tuple(dropped), engines, tuple(stale))
 
 
-def _remake_fp16(spec: GraphSpec, fp32: Path, staging: Path) -> tuple[list[Path], list[dict]]:
+def _remake_fp16(spec: GraphSpec, fp32: Path, staging: Path, family: Family) -> tuple[list[Path], list[dict]]:
     """The fp16 variant of a new fp32 graph, checked against it as ``controlrt convert`` checks."""
     from controlrt.export.fp16 import convert_graph_fp16
     from controlrt.ort_session import OrtSession
@@ -167,7 +168,7 @@ def _remake_fp16(spec: GraphSpec, fp32: Path, staging: Path) -> tuple[list[Path]
         lambda: OrtSession(fp32, spec),
         lambda: OrtSession(files[0], spec),
         seeded_cases(spec),
-        tolerance_for(Precision.FP16, spec.kind),
+        family.tolerance(Precision.FP16, spec.kind),
     )
     raise_on_failures(rows, f"the fp16 {spec.name} graph with the new LoRAs is out of tolerance")
     return files, [asdict(r) for r in rows]

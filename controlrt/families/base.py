@@ -13,8 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from controlrt.compare import Gate, Tolerance
+from controlrt.compare import gate as default_gate
 from controlrt.control import Branches, ControlMode, block_weights, guidance_embedding
 from controlrt.errors import InputError, ModelError
+from controlrt.precision import Precision
 from controlrt.specs import (
     DOWN_BLOCK_RESIDUAL,
     MID_BLOCK_RESIDUAL,
@@ -328,6 +331,19 @@ class Family:
         from controlrt.graphs import VaeEncoderGraph
 
         return VaeEncoderGraph(base.load_vae(meta))
+
+    # --- tolerances --------------------------------------------------------------------------
+
+    def gate(self, precision: Precision | str, quantizer: str | None = None) -> Gate:
+        """What this family's graphs and images are judged by in ``precision`` (int8: per
+        quantizer), wherever a graph is checked: export, convert, calibrate, LoRA fusing, refit,
+        parity and ``--precision auto``. The defaults are controlrt.compare's gates, measured on
+        SD 1.x/2.x and SDXL; a family whose numerics differ (a transformer in fp16) returns its
+        own, with what it measured."""
+        return default_gate(precision, quantizer)
+
+    def tolerance(self, precision: Precision | str, kind: GraphKind, quantizer: str | None = None) -> Tolerance:
+        return self.gate(precision, quantizer).tolerances[kind]
 
     # --- guidance and control -----------------------------------------------------------------
 

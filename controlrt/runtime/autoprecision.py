@@ -278,7 +278,8 @@ def choose_precision(
 
 
 def _measure(build, backend, providers, device, cands, timer: Timer, options) -> Choice:
-    from controlrt.compare import judge, tolerance_for
+    from controlrt.compare import judge
+    from controlrt.families import family_of
     from controlrt.runtime.backends import BackendOptions, SessionFactory
 
     spec = build.manifest.spec("unet")
@@ -315,7 +316,7 @@ def _measure(build, backend, providers, device, cands, timer: Timer, options) ->
             continue
         computes = factory.computes("unet")
         quantizer = build.int8_quantizer if computes is Precision.INT8 else None
-        tolerance = tolerance_for(computes, GraphKind.UNET, quantizer)
+        tolerance = family_of(build.manifest.info).tolerance(computes, GraphKind.UNET, quantizer)
         results = [judge("unet", shape, n, reference[n], got[n], tolerance) for n in spec.output_names]
         rows.append(
             Measured(
