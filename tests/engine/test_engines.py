@@ -450,7 +450,8 @@ def test_auto_on_tensorrt_times_the_engines_built_against_the_fp32_graph(fake_tr
     assert rows["fp32"].rel_l2 < 1e-5 < rows["fp16"].rel_l2 < rows["fp16"].tolerance["rel_l2"]
     # engines that all fail their gates: one line naming them, nothing chosen
     from controlrt.compare import Tolerance
+    from controlrt.families import StableDiffusion
 
-    monkeypatch.setattr("controlrt.compare.tolerance_for", lambda *a, **k: Tolerance(-1.0, -1.0))  # nothing passes
+    monkeypatch.setattr(StableDiffusion, "tolerance", lambda *a, **k: Tolerance(-1.0, -1.0))  # nothing passes
     with pytest.raises(BuildError, match="no tensorrt UNet of this build reproduces the fp32 graph here"):
         choose_precision(Build.open(build), "tensorrt", device="cpu", timer=timer, use_cache=False)

@@ -54,8 +54,10 @@ def test_the_faster_precision_is_chosen(build):
 
 def test_a_candidate_that_fails_its_gate_is_never_used(build, monkeypatch):
     from controlrt.compare import Tolerance
+    from controlrt.families import StableDiffusion
 
-    monkeypatch.setattr("controlrt.compare.tolerance_for", lambda *a, **k: Tolerance(rel_l2=1e-9, max_rel=1e-9))
+    # the family's gate judges each candidate: one no fp16 graph meets
+    monkeypatch.setattr(StableDiffusion, "tolerance", lambda *a, **k: Tolerance(rel_l2=1e-9, max_rel=1e-9))
     choice = choose_precision(build, "onnxruntime", timer=fake_timer({"fp32": 1.0, "fp16": 0.1}))
     assert choice.precision is Precision.FP32
     assert [r.passed for r in choice.rows] == [True, False]
