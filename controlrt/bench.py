@@ -285,7 +285,9 @@ def run_bench(
             if gflop:
                 row["gflop"] = gflop
                 row["gflops_per_s"] = gflop / median
-                peak = report.matmul_peaks.get(PEAK_OF.get(computes, "fp32")) if on_cpu else None
+                # a precision without its own peak here computes in fp32 (int8 graphs on x86 without VNNI)
+                peaks_here = report.matmul_peaks
+                peak = (peaks_here.get(PEAK_OF.get(computes, "fp32")) or peaks_here.get("fp32")) if on_cpu else None
                 row["peak_share"] = row["gflops_per_s"] / peak if peak else None
             report.graphs_ms[name] = row
         report.step_gflop = step_gflop(pipe.build, h, w, count, branches)

@@ -78,7 +78,9 @@ def describe() -> dict[str, object]:
 
 def matmul_peaks(size: int = 2048, repeats: int = 4, threads: int | None = None) -> dict[str, float | None]:
     """GFLOP/s of a square matrix multiply through torch (oneDNN), best of ``repeats``, per
-    precision: fp32, bf16 (None without bf16 instructions) and int8 (int8 x int8 -> int32)."""
+    precision: fp32, bf16 (None without bf16 instructions) and int8 (int8 x int8 -> int32; None
+    where the CPU engines run no int8 kernels, ``int8_sums_saturate``: there torch's int8 product is
+    a reference loop, about 1 GFLOP/s and a minute to time, and no engine's rate to judge)."""
     import torch
 
     previous = torch.get_num_threads()
@@ -91,7 +93,8 @@ def matmul_peaks(size: int = 2048, repeats: int = 4, threads: int | None = None)
         operands = {"fp32": (a, b)}
         if has_bf16():
             operands["bf16"] = (a.bfloat16(), b.bfloat16())
-        operands["int8"] = tuple(m.clamp(-1, 1).mul(127).to(torch.int8) for m in (a, b))  # type: ignore[assignment]
+        if not int8_sums_saturate():
+            operands["int8"] = tuple(m.clamp(-1, 1).mul(127).to(torch.int8) for m in (a, b))  # type: ignore[assignment]
         runs = {
             name: (lambda x=x, y=y, name=name: torch._int_mm(x, y) if name == "int8" else x @ y)
             for name, (x, y) in operands.items()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from controlrt.bench import run_bench
@@ -50,7 +51,9 @@ def test_bench_reports_the_cpu_its_peaks_and_each_graphs_share_of_them(tiny_buil
 
     report = run_bench(tiny_build, backend="openvino", steps=2, runs=1, warmup=0)
     assert report.cpu["name"] == cpu.cpu_name() and report.cpu["features"] == list(cpu.cpu_features())
-    assert report.matmul_peaks["fp32"] > 0 and report.matmul_peaks["int8"] > 0
+    assert report.matmul_peaks["fp32"] > 0
+    # no int8 peak where the engines run no int8 kernels (x86 without VNNI: int8 graphs compute in f32)
+    assert (report.matmul_peaks["int8"] is None) == cpu.int8_sums_saturate()
     unet = report.graphs_ms["unet"]
     assert unet["computes"] == "fp32" and unet["gflop"] > 0
     assert unet["peak_share"] == unet["gflops_per_s"] / report.matmul_peaks["fp32"]
@@ -88,3 +91,13 @@ def test_openvino_profile_accounts_for_the_graph_time(tiny_build, capsys):
     assert 0 < sum(r[3] for r in rows) <= 1.5 * max(walls)
     ov_profile.report(walls, rows, top=5)
     assert "share" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_no_int8_peak_where_the_engines_run_no_int8_kernels(monkeypatch, saturates):
+    from controlrt import cpu
+
+    monkeypatch.setattr(cpu, "int8_sums_saturate", lambda: saturates)
+    peaks = cpu.matmul_peaks(size=128, repeats=1)
+    assert peaks["fp32"] > 0
+    assert (peaks["int8"] is None) == saturates
