@@ -286,8 +286,8 @@ def run_bench(
                 row["gflop"] = gflop
                 row["gflops_per_s"] = gflop / median
                 # a precision without its own peak here computes in fp32 (int8 graphs on x86 without VNNI)
-                peaks_here = report.matmul_peaks
-                peak = (peaks_here.get(PEAK_OF.get(computes, "fp32")) or peaks_here.get("fp32")) if on_cpu else None
+                own = report.matmul_peaks.get(PEAK_OF.get(computes, "fp32"))
+                peak = (own or report.matmul_peaks.get("fp32")) if on_cpu else None
                 row["peak_share"] = row["gflops_per_s"] / peak if peak else None
             report.graphs_ms[name] = row
         report.step_gflop = step_gflop(pipe.build, h, w, count, branches)

@@ -154,7 +154,6 @@ def _export_controlnet(build: Build, spec: GraphSpec, folder_path: Path, staging
     from controlrt.export.build import check_in_turn
     from controlrt.export.onnx_export import ExportSettings, export_onnx
     from controlrt.families import family_of
-    from controlrt.graphs import ControlNetGraph
     from controlrt.models import ControlNetModelFolder
 
     folder = ControlNetModelFolder.open(folder_path)
@@ -165,7 +164,7 @@ def _export_controlnet(build: Build, spec: GraphSpec, folder_path: Path, staging
             f"ControlNet {folder.name} takes {folder.conditioning_channels}-channel controls, the engine {channels}"
         )
     family = family_of(build.manifest.info)
-    module = ControlNetGraph(folder.load(), family.added_condition_names).eval()
+    module = family.controlnet_graph(folder).eval()
     settings = ExportSettings.from_dict(build.manifest.settings)
     files = export_onnx(module, spec, staging / new_graph_name(spec.name, Precision.FP32), settings)
     owner = [module]
@@ -218,6 +217,7 @@ def refit_engines(
     version, gpu = str(trt.__version__), Gpu.current()
     store = EngineStore(build)
     spec = build.manifest.spec(graph)
+    tolerance = family_of(build.manifest.info).tolerance(Precision.FP16, spec.kind)
     plans = {}
     for precision, record in records.items():
         store.check_runnable(graph, precision, version, gpu)  # only current engines are refitted
@@ -227,7 +227,6 @@ def refit_engines(
             raise BuildError(f"TensorRT could not deserialize the {precision} {graph} engine")
         refit_from_onnx(engine, new_onnx[precision], trt_logger)
         plans[precision] = bytes(engine.serialize())
-        tolerance = family_of(build.manifest.info).tolerance(Precision.FP16, spec.kind)
         check_refitted(spec, precision, plans[precision], record.key.profiles, new_onnx[precision], device, tolerance)
     return plans
 

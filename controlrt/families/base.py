@@ -309,9 +309,12 @@ class Family:
         return TextEncoderGraph(encoder, spec.layer, pooled="text_embeds" in spec.output_names)
 
     def controlnet_module(self, spec, base, controlnets, meta):
+        return self.controlnet_graph(controlnets[spec.index], meta)
+
+    def controlnet_graph(self, folder: ControlNetSource, meta: bool = False) -> nn.Module:
+        """The ControlNet graph's module around ``folder``'s model (a build's, or one swapped in)."""
         from controlrt.graphs import ControlNetGraph, UnionControlNetGraph
 
-        folder = controlnets[spec.index]
         graph = UnionControlNetGraph if folder.union else ControlNetGraph
         return graph(folder.load(meta), self.added_condition_names)
 

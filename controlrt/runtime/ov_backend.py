@@ -115,8 +115,9 @@ def _int8_unfused() -> dict[str, str]:
     the CPU plugin's listed properties: tried once on a one-node model); else nothing, said once."""
     import openvino.opset13 as ops
 
-    param = ops.parameter([1], import_openvino().Type.f32)
-    model = import_openvino().Model([ops.relu(param)], [param])
+    openvino = import_openvino()
+    param = ops.parameter([1], openvino.Type.f32)
+    model = openvino.Model([ops.relu(param)], [param])
     try:
         core().compile_model(model, "CPU", {LOW_PRECISION_TRANSFORMS: "NO"})
     except RuntimeError:
