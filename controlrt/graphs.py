@@ -182,17 +182,77 @@ class UNetGraph(nn.Module):
         )[0]
 
 
+class SD3ControlNetGraph(nn.Module):
+    """An SD3 ControlNet (SD3ControlNetModel) with unit conditioning scale.
+
+    Inputs: sample, timestep, encoder_hidden_states, pooled_projections, controlnet_cond (the
+    control image's latents, ``(z - shift) * scaling`` as the transformer's). Outputs: one residual
+    per block, laid out on the patch grid [B, h, w, width] (diffusers' [B, h * w, width], row-major).
+    A ControlNet that force_zeros_for_pooled_projection (InstantX's) gets zeros as its pooled
+    projection and its latents without the shift (``shift`` = shift x scaling is added back), as
+    diffusers' pipeline feeds it.
+    """
+
+    def __init__(self, controlnet: nn.Module, shift: float) -> None:
+        super().__init__()
+        self.controlnet = controlnet
+        self.zero_pooled = bool(controlnet.config.force_zeros_for_pooled_projection)
+        self.shift = shift if self.zero_pooled else 0.0
+        self.patch = int(controlnet.config.patch_size)
+
+    def forward(self, sample, timestep, encoder_hidden_states, pooled_projections, controlnet_cond):
+        if self.zero_pooled:
+            pooled_projections = torch.zeros_like(pooled_projections)
+            controlnet_cond = controlnet_cond + self.shift
+        blocks = self.controlnet(
+            hidden_states=sample,
+            timestep=timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            controlnet_cond=controlnet_cond,
+            conditioning_scale=1.0,
+            return_dict=False,
+        )[0]
+        h, w = sample.shape[-2] // self.patch, sample.shape[-1] // self.patch
+        return tuple(b.reshape(b.shape[0], h, w, b.shape[-1]) for b in blocks)
+
+
+class SD3TransformerGraph(nn.Module):
+    """SD3's transformer (SD3Transformer2DModel) with the ControlNet blocks' residuals as explicit
+    inputs (zeros mean no control), laid out as SD3ControlNetGraph gives them.
+
+    Inputs: sample, timestep, encoder_hidden_states, pooled_projections, block_res_0 … (none for
+    a build without ControlNets). Output: noise_pred.
+    """
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, sample, timestep, encoder_hidden_states, pooled_projections, *residuals):
+        blocks = [r.flatten(1, 2) for r in residuals] or None
+        return self.transformer(
+            hidden_states=sample,
+            timestep=timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            block_controlnet_hidden_states=blocks,
+            return_dict=False,
+        )[0]
+
+
 class VaeDecoderGraph(nn.Module):
     """Denoised latents (still scaled) -> image in [-1, 1].
 
-    Unscaled as diffusers does: by the scaling factor, or, for VAEs whose config has
-    latents_mean and latents_std, ``latent * std / scaling_factor + mean``.
+    Unscaled as diffusers does: by the scaling factor (SD3's: ``latent / scaling_factor + shift``),
+    or, for VAEs whose config has latents_mean and latents_std, ``latent * std / scaling_factor + mean``.
     """
 
-    def __init__(self, vae: nn.Module, scaling_factor: float) -> None:
+    def __init__(self, vae: nn.Module, scaling_factor: float, shift_factor: float = 0.0) -> None:
         super().__init__()
         self.vae = vae
         self.scaling_factor = scaling_factor
+        self.shift_factor = shift_factor
         config = getattr(vae, "config", None)
         mean = getattr(config, "latents_mean", None)
         std = getattr(config, "latents_std", None)
@@ -203,6 +263,8 @@ class VaeDecoderGraph(nn.Module):
         if self.latents_mean is not None and self.latents_std is not None:
             mean, std = self.latents_mean.to(latent), self.latents_std.to(latent)
             return self.vae.decode(latent * std / self.scaling_factor + mean, return_dict=False)[0]
+        if self.shift_factor:
+            return self.vae.decode(latent / self.scaling_factor + self.shift_factor, return_dict=False)[0]
         return self.vae.decode(latent / self.scaling_factor, return_dict=False)[0]
 
 

@@ -37,8 +37,16 @@ BASE_COMPONENTS = {
 }
 # SDXL's second text encoder and tokenizer, present when model_index.json lists them.
 SDXL_COMPONENTS = {"text_encoder_2": "config.json", "tokenizer_2": "tokenizer_config.json"}
+# SD3's: a transformer in place of the UNet, three text encoders
+SD3_COMPONENTS = {
+    "transformer": "config.json",
+    "vae": "config.json",
+    **{f"text_encoder{s}": "config.json" for s in ("", "_2", "_3")},
+    **{f"tokenizer{s}": "tokenizer_config.json" for s in ("", "_2", "_3")},
+    "scheduler": "scheduler_config.json",
+}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-CONTROLNET_CLASSES = ("ControlNetModel", "ControlNetUnionModel")
+CONTROLNET_CLASSES = ("ControlNetModel", "ControlNetUnionModel", "SD3ControlNetModel")
 # AutoencoderKL encodes to a distribution (sampled with the request's generator), AutoencoderTiny
 # (TAESD) to latents directly
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
@@ -142,6 +150,8 @@ def _require_dir(path: Path, what: str) -> Path:
 
 def _components(index: dict[str, Any]) -> dict[str, str]:
     """The components a base folder must have, with their config file names."""
+    if index.get("transformer") and index["transformer"][0] is not None:
+        return dict(SD3_COMPONENTS)
     sdxl = bool(index.get("text_encoder_2") and index["text_encoder_2"][0] is not None)
     return {**BASE_COMPONENTS, **(SDXL_COMPONENTS if sdxl else {})}
 
@@ -158,7 +168,11 @@ def _check_unsupported(config: dict[str, Any], what: str, keys: tuple[str, ...])
 
 def model_info(configs: dict[str, dict[str, Any]]) -> ModelInfo:
     """What the toolchain needs to know about a base model, from its components' configs
-    (unet, vae, text_encoder, tokenizer, scheduler); ModelError if they do not fit together."""
+    (unet, vae, text_encoder, tokenizer, scheduler); ModelError if they do not fit together. A
+    family whose denoiser is not a UNet (SD3's transformer) reads its own."""
+    family = family_for(configs)
+    if family.denoiser_component != "unet":
+        return family.read_info(configs)
     unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
     if unet.get("_class_name") != "UNet2DConditionModel":
         raise ModelError(f"base model: the unet is a {unet.get('_class_name')}, expected UNet2DConditionModel")
@@ -176,7 +190,6 @@ def model_info(configs: dict[str, dict[str, Any]]) -> ModelInfo:
         if len(set(cross)) != 1:
             raise ModelError("base model unet: per-block cross_attention_dim is not supported")
         cross = cross[0]
-    family = family_for(configs)
     conditions = family.read_conditions(configs)
     widths = conditions.get("text_hidden_sizes", (text.get("hidden_size"),))
     if sum(w or 0 for w in widths) != cross:
@@ -242,7 +255,10 @@ class BaseModel:
         from controlrt.lora import check_loras, read_lora
 
         loras = tuple(check_loras(list(loras)))
-        pipeline = family_of(self.info()).lora_pipeline
+        family = family_of(self.info())
+        if loras and family.denoiser_component != "unet":
+            raise ModelError(f"LoRA fusing for {family.title} models is not supported yet")
+        pipeline = family.lora_pipeline
         for lora in loras:
             missing = set(read_lora(lora, pipeline)) - {"unet", *self.text_encoder_names}
             if missing:
@@ -290,8 +306,13 @@ class BaseModel:
 
     @property
     def text_encoder_names(self) -> list[str]:
-        """The text encoder components: text_encoder (and text_encoder_2 for SDXL)."""
-        return [c for c in ("text_encoder", "text_encoder_2") if c in self.configs]
+        """The text encoder components, in order (text_encoder, and text_encoder_2 for SDXL, …)."""
+        return list(family_for(self.configs).text_components)
+
+    @property
+    def denoiser_component(self) -> str:
+        """The denoiser's folder: unet/, or transformer/ (SD3)."""
+        return family_for(self.configs).denoiser_component
 
     def source_record(self) -> dict[str, Any]:
         """Paths, config hashes and weight files' sizes and sha256, for the manifest's staleness checks."""
@@ -300,7 +321,9 @@ class BaseModel:
         return {
             "path": str(self.path),
             "config_sha256": {c: _config_hash(folders[c] / name) for c, name in components.items()},
-            "weights": {c: _weight_files(folders[c]) for c in ("unet", "vae", *self.text_encoder_names)},
+            "weights": {
+                c: _weight_files(folders[c]) for c in (self.denoiser_component, "vae", *self.text_encoder_names)
+            },
             **({"loras": self._lora_records()} if self.loras else {}),
             **({"vae": str(self.vae_dir)} if self.vae_dir else {}),
         }
@@ -308,11 +331,14 @@ class BaseModel:
     # --- loading (weights) -------------------------------------------------------------------
 
     def load_unet(self, meta: bool = False) -> torch.nn.Module:
-        """The UNet with the LoRAs fused in; with ``meta`` its architecture alone, on the meta device."""
-        from diffusers import UNet2DConditionModel
+        """The denoiser (the UNet, or SD3's transformer) with the LoRAs fused in; with ``meta`` its
+        architecture alone, on the meta device."""
+        import diffusers
 
-        unet = _load(UNet2DConditionModel, self.path / "unet", "base model unet", meta)
-        return unet if meta else self._fused(unet, "unet")
+        component = self.denoiser_component
+        cls = getattr(diffusers, str(self.configs[component]["_class_name"]))
+        unet = _load(cls, self.path / component, f"base model {component}", meta)
+        return unet if meta else self._fused(unet, component)
 
     def _lora_records(self) -> list[dict[str, Any]]:
         from controlrt.lora import adapted_components
@@ -380,12 +406,21 @@ class ControlNetModelFolder:
 
     @property
     def conditioning_channels(self) -> int:
+        """The control input's channels: an image's (3), or for an SD3 ControlNet the latents' and
+        its extra conditioning channels."""
+        if self.config.get("_class_name") == "SD3ControlNetModel":
+            return int(self.config["in_channels"]) + int(self.config.get("extra_conditioning_channels") or 0)
         return int(self.config.get("conditioning_channels", 3))
 
     def check_fits(self, info: ModelInfo) -> None:
         """Raise ModelError unless this ControlNet's residuals and inputs fit the base UNet."""
         what = f"ControlNet {self.name!r} does not fit the base UNet"
         config = self.config
+        family = family_of(info)
+        family.check_controlnet_class(config, f"ControlNet {self.name!r} does not fit the base model")
+        if family.denoiser_component != "unet":
+            family.check_controlnet(config, f"ControlNet {self.name!r} does not fit the base model")
+            return
         _check_unsupported(config, f"ControlNet {self.name!r}", ("addition_embed_type", "class_embed_type"))
         if config.get("global_pool_conditions"):
             raise ModelError(
@@ -396,7 +431,7 @@ class ControlNetModelFolder:
             raise ModelError(
                 f"{what}: it takes {config['in_channels']} latent channels, the UNet {info.latent_channels}"
             )
-        family_of(info).check_controlnet(config, what)
+        family.check_controlnet(config, what)
         cross = config["cross_attention_dim"]
         cross = cross[0] if isinstance(cross, list) else cross
         if cross != info.cross_attention_dim:

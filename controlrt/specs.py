@@ -24,11 +24,12 @@ if TYPE_CHECKING:
 SYMBOLS = ("batch", "height", "width", "controls")  # controls: a union ControlNet's condition images
 MID_BLOCK_RESIDUAL = "mid_block_res"
 DOWN_BLOCK_RESIDUAL = "down_block_res_"
+BLOCK_RESIDUAL = "block_res_"  # a transformer's (SD3): one per ControlNet block
 
 
 def is_residual(name: str) -> bool:
-    """Whether a tensor name is a control residual (a ControlNet output, a UNet input)."""
-    return name == MID_BLOCK_RESIDUAL or name.startswith(DOWN_BLOCK_RESIDUAL)
+    """Whether a tensor name is a control residual (a ControlNet output, a denoiser input)."""
+    return name == MID_BLOCK_RESIDUAL or name.startswith((DOWN_BLOCK_RESIDUAL, BLOCK_RESIDUAL))
 
 
 def check_image_size(height: Any, width: Any, multiple: int, what: str = "") -> None:
@@ -67,7 +68,7 @@ Dim = int | Axis
 class GraphKind(StrEnum):
     TEXT_ENCODER = "text_encoder"
     CONTROLNET = "controlnet"
-    UNET = "unet"
+    UNET = "unet"  # the denoiser: a UNet, or a transformer (SD3's graph "transformer")
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
 

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 def _copy_assets(base: BaseModel, staging: Path) -> list[Path]:
     """The tokenizer(s) and scheduler config the runtime needs, so a build stands on its own."""
     files = []
-    for name in ["tokenizer", *(["tokenizer_2"] if "tokenizer_2" in base.configs else [])]:
+    for name in family_of(base.info()).tokenizer_components:
         tokenizer = staging / name
         shutil.copytree(base.path / name, tokenizer)
         files += sorted(p for p in tokenizer.rglob("*") if p.is_file())

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from controlrt.families.base import ControlNetSource, Family
 from controlrt.families.sd import StableDiffusion
+from controlrt.families.sd3 import StableDiffusion3
 from controlrt.families.sdxl import StableDiffusionXL
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from controlrt.specs import GraphSpec
 
 # Asked in order; the first that claims a model's description is its family.
-FAMILIES: tuple[type[Family], ...] = (StableDiffusionXL, StableDiffusion)
+FAMILIES: tuple[type[Family], ...] = (StableDiffusion3, StableDiffusionXL, StableDiffusion)
 
 
 def family_of(info: ModelInfo) -> Family:
@@ -55,4 +56,13 @@ def load_graph_module(
     return family_of(base.info()).graph_module(spec, base, controlnets, meta)
 
 
-__all__ = ["FAMILIES", "Family", "StableDiffusion", "StableDiffusionXL", "family_for", "family_of", "load_graph_module"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "StableDiffusion",
+    "StableDiffusion3",
+    "StableDiffusionXL",
+    "family_for",
+    "family_of",
+    "load_graph_module",
+]

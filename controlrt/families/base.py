@@ -51,6 +51,8 @@ class ControlNetSource(Protocol):
     def union(self) -> bool: ...
     @property
     def num_control_type(self) -> int: ...
+    @property
+    def config(self) -> dict[str, Any]: ...
     def load(self, meta: bool = False) -> nn.Module: ...
 
 
@@ -79,6 +81,9 @@ class Family:
     title: ClassVar[str] = ""  # as the family is named in messages: "SD 1.x/2.x"
     lora_pipeline: ClassVar[str] = ""  # the diffusers pipeline class whose lora_state_dict reads its LoRA files
     text_layer: ClassVar[str] = "last"  # which hidden states of the text encoders condition the UNet
+    denoiser: ClassVar[str] = "unet"  # the denoiser graph's name in a build (GraphKind.UNET)
+    denoiser_component: ClassVar[str] = "unet"  # its folder in the base model
+    controlnet_classes: ClassVar[tuple[str, ...]] = ("ControlNetModel", "ControlNetUnionModel")
 
     def __init__(self, info: ModelInfo) -> None:
         self.info = info
@@ -100,6 +105,12 @@ class Family:
     def recognises(cls, configs: dict[str, dict[str, Any]]) -> bool:
         """Whether a model folder with these component configs (unet, vae, text_encoder, …) is of
         this family."""
+        raise NotImplementedError
+
+    @classmethod
+    def read_info(cls, configs: dict[str, dict[str, Any]]) -> ModelInfo:
+        """The ModelInfo of a model whose denoiser is not a UNet (``denoiser_component`` other than
+        unet), read from its configs; UNet models are read by controlrt.models.model_info."""
         raise NotImplementedError
 
     @classmethod
@@ -255,7 +266,7 @@ class Family:
             else []
         )
         inputs = [*self.denoiser_inputs(), *guidance, *inpaint, *self.residual_specs()]
-        return self._spec("unet", GraphKind.UNET, inputs, [out])
+        return self._spec(self.denoiser, GraphKind.UNET, inputs, [out])
 
     def vae_decoder_spec(self) -> GraphSpec:
         """latent [batch, C, height/f, width/f] (denoised, still scaled) -> image in [-1, 1]."""
@@ -366,14 +377,33 @@ class Family:
             return {}
         return {GUIDANCE_EMBEDDING: guidance_embedding(guidance, self.info.guidance_embedding_dim)}
 
-    def control_weights(self, mode: ControlMode) -> torch.Tensor:
-        """Per-residual weights for ``mode`` (CFG-RW's 64 / h_i, guess mode's curve), in UNet order."""
+    def control_weights(self, mode: ControlMode, denoiser: GraphSpec | None = None) -> torch.Tensor:
+        """Per-residual weights for ``mode`` (CFG-RW's 64 / h_i, guess mode's curve), in the order
+        the build's denoiser graph (``denoiser``) takes its residuals."""
         info = self.info
         return block_weights(mode, [info.vae_scale_factor * 2**r.level for r in info.residuals])
 
+    def control_channels(self, spec: GraphSpec) -> int:
+        """The channels a control image of ControlNet graph ``spec`` is read with (preprocessing):
+        those of its controlnet_cond here; a family that encodes control images, the image's."""
+        return int(spec.tensor("controlnet_cond").shape[1])  # type: ignore[arg-type]
+
+    def control_condition(self, images: torch.Tensor, encode: Callable, generator: torch.Generator) -> torch.Tensor:
+        """What the ControlNet graphs' controlnet_cond gets from control images [batch, C, H, W] in
+        [0, 1]: the images themselves here. A family whose ControlNets take latents (SD3) encodes
+        them with ``encode`` (the VAE encoder graph: image in [-1, 1] -> its outputs), drawing
+        from ``generator``."""
+        return images
+
+    def check_controlnet_class(self, config: dict[str, Any], what: str) -> None:
+        """ModelError unless a ControlNet with ``config`` is of a class this family's builds take."""
+        if config.get("_class_name") not in self.controlnet_classes:
+            raise ModelError(f"{what}: it is a {config.get('_class_name')} and the base is a {self.title} model")
+
     def check_controlnet(self, config: dict[str, Any], what: str) -> None:
         """ModelError unless a ControlNet with ``config`` was made for this family (``what`` names
-        it and says it does not fit)."""
+        it and says it does not fit), after its class (check_controlnet_class) and, for a UNet
+        family, its residual layout (controlrt.models)."""
         if config.get("addition_embed_type") == "text_time":
             raise ModelError(f"{what}: it is a SDXL ControlNet and the base is a Stable Diffusion 1.x/2.x model")
 

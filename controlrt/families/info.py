@@ -58,6 +58,18 @@ class ModelInfo:
     # SDXL img2img and inpainting: the time ids end with an aesthetic score instead of the target size
     # (model_index.json's requires_aesthetics_score, as diffusers' SDXL img2img pipelines read it)
     requires_aesthetics_score: bool = False
+    # A transformer denoiser (SD3): its patch size (latent pixels per token side), width and block
+    # count; residuals is then empty (a ControlNet's block count sets the residuals a build takes).
+    patch_size: int = 0
+    transformer_width: int = 0
+    transformer_layers: int = 0
+    # SD3's VAE: latents are (z - shift_factor) * scaling_factor
+    shift_factor: float = 0.0
+    # SD3's T5 text encoder: its token count (the pipelines' max_sequence_length) and width
+    t5_sequence_length: int = 0
+    t5_width: int = 0
+    # SD3's CLIP encoders: each one's pooled projection width (pooled_dim is their sum)
+    text_projection_dims: tuple[int, ...] = ()
 
     @property
     def vae_samples(self) -> bool:
@@ -72,11 +84,14 @@ class ModelInfo:
 
     @property
     def text_encoders(self) -> int:
-        return max(1, len(self.text_hidden_sizes))
+        return max(1, len(self.text_hidden_sizes)) + (1 if self.t5_width else 0)
 
     @property
     def size_multiple(self) -> int:
-        """Image sizes must be multiples of this: the VAE factor times the UNet downsampling."""
+        """Image sizes must be multiples of this: the VAE factor times the UNet downsampling (a
+        transformer's: times its patch size)."""
+        if self.patch_size:
+            return self.vae_scale_factor * self.patch_size
         return self.vae_scale_factor * 2 ** max(r.level for r in self.residuals)
 
     @property
@@ -95,6 +110,6 @@ class ModelInfo:
         data = dict(data)
         data["sample_size"] = tuple(data["sample_size"])
         data["residuals"] = tuple(Residual(**r) for r in data["residuals"])
-        for key in ("text_hidden_sizes", "latents_mean", "latents_std"):
+        for key in ("text_hidden_sizes", "latents_mean", "latents_std", "text_projection_dims"):
             data[key] = tuple(data.get(key, ()))
         return cls(**data)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from controlrt.errors import InputError
+from controlrt.runtime.schedulers import init_noise_sigma
 from controlrt.session import Session
 
 TILE_OVERLAP = 0.25  # AutoencoderKL's tile_overlap_factor
@@ -275,7 +276,7 @@ def start(
     scheduler.set_timesteps(steps, device=device)
     if init is None:
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-        return Start(scheduler.timesteps, noise.to(device) * scheduler.init_noise_sigma)
+        return Start(scheduler.timesteps, noise.to(device) * init_noise_sigma(scheduler))
     if encoder is None or info is None:
         raise ValueError("an init image needs the VAE encoder graph and the model's info")
     timesteps = kept_timesteps(scheduler, steps, strength)
@@ -296,7 +297,7 @@ def start(
     pure_noise = strength == 1.0
     image_latents = latents_of(init.image, shift=False) if not info.inpainting_unet or not pure_noise else None
     noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-    latents = noise * scheduler.init_noise_sigma if pure_noise else scheduler.add_noise(image_latents, noise, first)
+    latents = noise * init_noise_sigma(scheduler) if pure_noise else scheduler.add_noise(image_latents, noise, first)
     masked_latents = latents_of(init.image * (init.mask < 0.5), shift=False)  # drawn for every UNet, as diffusers
     mask = F.interpolate(init.mask, size=shape[-2:]).to(device)
     if info.inpainting_unet:

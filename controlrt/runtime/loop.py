@@ -16,6 +16,7 @@ import torch
 
 from controlrt.control import Branches, control_active
 from controlrt.progress import progress_bar
+from controlrt.runtime.schedulers import init_noise_sigma
 from controlrt.session import Session
 from controlrt.specs import GraphKind
 
@@ -163,7 +164,7 @@ def denoise(
     if start is None:
         scheduler.set_timesteps(steps, device=device)
         timesteps = scheduler.timesteps
-        latents = noise.to(device) * scheduler.init_noise_sigma
+        latents = noise.to(device) * init_noise_sigma(scheduler)
     else:
         timesteps, latents = start.timesteps, start.latents.to(device)
         unet_only = {**(unet_only or {}), **start.unet_inputs}
@@ -176,6 +177,7 @@ def denoise(
     # overwritten each step (allocated once, not per step).
     padded = _zero_residuals(unet, batch, latents.shape[2:], device) if cond_slice.start else {}
     extra = step_kwargs(scheduler, generator)
+    scale_input = getattr(scheduler, "scale_model_input", None)  # flow-matching schedulers have none
     cn_embeds = prompt_embeds[cond_slice]
     added = {name: value.to(device) for name, value in (added or {}).items()}
     cn_added = {name: value[cond_slice] for name, value in added.items()}
@@ -184,7 +186,8 @@ def denoise(
     t_inputs = timesteps.to(device=device, dtype=torch.float32)
     for i, t in enumerate(progress_bar(timesteps, progress, "denoise", "step")):
         model_input = torch.cat([latents] * 2) if cfg else latents
-        model_input = scheduler.scale_model_input(model_input, t)
+        if scale_input is not None:
+            model_input = scale_input(model_input, t)
         cn_input = model_input[cond_slice]
         cn_feeds = {
             "sample": cn_input,

@@ -76,7 +76,7 @@ class Pipeline:
         self.info = manifest.info
         self.family = family_of(self.info)
         self.limits = limits or Limits.for_model(self.info)
-        self.unet_spec = manifest.spec("unet")
+        self.unet_spec = manifest.spec(self.family.denoiser)  # the denoiser: a UNet or a transformer
         self.controlnet_specs = manifest.controlnet_specs
         self.annotators: str | Path | None = None  # controlnet-aux weights for KIND:PATH controls
         self.precision_choice: Choice | None = None  # what --precision auto measured, if it ran
@@ -204,7 +204,7 @@ class Pipeline:
         The image carries its settings as JSON in ``image.info["controlrt"]``.
         """
         resolved = self.check(request)
-        device = self.sessions["unet"].device
+        device = self.sessions[self.unet_spec.name].device
         info = self.info
         # read (and preprocess, for KIND:PATH controls) every image before any work
         init_image = load_image(request.image, "init image") if request.image is not None else None
@@ -220,7 +220,9 @@ class Pipeline:
         # 1. text: [uncond, cond] for classifier-free guidance (and SDXL's pooled embeddings and time ids)
         embeds, added, truncated = self._prompt(request, branches.cfg, resolved.height, resolved.width, resolved.task)
         # 2. controls: preprocessed once, at the ControlNets' batch size
-        controls = self._plan_controls(resolved, images, branches.per_image(GraphKind.CONTROLNET), device, crop)
+        controls = self._plan_controls(
+            resolved, images, branches.per_image(GraphKind.CONTROLNET), device, crop, request.seed
+        )
         # 3. initial latents, drawn as diffusers draws them (the init image's sample before the noise)
         generator = torch.Generator("cpu").manual_seed(request.seed)
         shape = (1, info.latent_channels, resolved.height // f, resolved.width // f)
@@ -249,7 +251,7 @@ class Pipeline:
         # 4. denoise
         started = time.perf_counter()
         latents = denoise(
-            self.sessions["unet"],
+            self.sessions[self.unet_spec.name],
             controls,
             scheduler,
             embeds,
@@ -313,13 +315,13 @@ class Pipeline:
     def _encode(self, texts: list[str]) -> tuple[list[list[torch.Tensor]], list[str]]:
         """Each text encoder's outputs for ``texts``, and the text the tokenizers cut off (warned
         about, as in diffusers)."""
-        length = self.info.sequence_length
         specs = sorted(
             (s.spec for s in self.sessions.values() if s.spec.kind is GraphKind.TEXT_ENCODER),
             key=lambda spec: spec.index,
         )
         outputs, truncated = [], []
         for tokenizer, spec in zip(self.tokenizers, specs, strict=True):
+            length = spec.tensor("input_ids").shape[1]  # the encoder's own (SD3's T5: 256)
             tokens = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
             full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
             for row in range(len(texts)) if full.shape[-1] > length else ():
@@ -350,12 +352,23 @@ class Pipeline:
         return load_control(control, self.annotators)
 
     def _plan_controls(
-        self, resolved: ResolvedRequest, images: list, batch: int, device: torch.device, crop: tuple | None = None
+        self,
+        resolved: ResolvedRequest,
+        images: list,
+        batch: int,
+        device: torch.device,
+        crop: tuple | None = None,
+        seed: int = 0,
     ) -> list[ControlPlan]:
         """One plan per ControlNet given controls (resolved.assignment), at the ControlNets' batch
-        (cropped as the init image is, for a mask crop)."""
-        base = self.family.control_weights(resolved.mode)
+        (cropped as the init image is, for a mask crop), as the family's ControlNets take them (SD3's:
+        VAE-encoded, sampled from a generator seeded with ``seed``, in ControlNet order)."""
+        base = self.family.control_weights(resolved.mode, self.unet_spec)
         plans = []
+        generator = torch.Generator("cpu").manual_seed(seed)
+
+        def encode(image: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self.session("vae_encoder").infer({"image": image.to(self.session("vae_encoder").device)})
 
         def prepared(i: int, channels: int) -> torch.Tensor:
             tensor = preprocess_control(
@@ -368,10 +381,11 @@ class Pipeline:
                 continue
             first = indices[0]
             if not spec.union:
+                image = prepared(first, self.family.control_channels(spec))
                 plans.append(
                     ControlPlan(
                         session=self.sessions[spec.name],
-                        image=prepared(first, spec.tensor("controlnet_cond").shape[1]).to(device),
+                        image=self.family.control_condition(image, encode, generator).to(device),
                         weights=(base * resolved.scales[first]).to(device),
                         start=resolved.starts[first],
                         end=resolved.ends[first],

@@ -36,15 +36,24 @@ def make_scheduler(config: dict[str, Any], name: str | None = None):
     return cls.from_config(config)
 
 
+def init_noise_sigma(scheduler) -> float:
+    """What the initial noise is scaled by: the scheduler's init_noise_sigma (flow-matching
+    schedulers have none: 1)."""
+    return getattr(scheduler, "init_noise_sigma", 1.0)
+
+
 def _takes(scheduler, steps: int, train_steps: int) -> bool:
     """Whether ``scheduler`` can run ``steps`` inference steps: set_timesteps accepts the count and
-    every timestep it makes lies in the trained range [0, train_steps)."""
+    every timestep it makes lies in the trained range [0, train_steps) (a flow-matching
+    scheduler's are sigma x train_steps, so up to train_steps itself)."""
     try:
         scheduler.set_timesteps(steps)
     except (ValueError, IndexError, ZeroDivisionError):
         return False
     timesteps = scheduler.timesteps
-    return len(timesteps) > 0 and float(timesteps.min()) >= 0 and float(timesteps.max()) < train_steps
+    top = float(timesteps.max()) if len(timesteps) else 0.0
+    in_range = top <= train_steps if not hasattr(scheduler, "alphas_cumprod") else top < train_steps
+    return len(timesteps) > 0 and float(timesteps.min()) >= 0 and in_range
 
 
 @lru_cache(maxsize=64)

@@ -1,0 +1,110 @@
+"""SD3 with SD3 ControlNets against diffusers' StableDiffusion3ControlNetPipeline.
+
+A small SD3 set made in code (tests/sd3_files.py): three text encoders, a patch-2 transformer, a
+16-channel VAE with a shift, a flow-matching scheduler. Two InstantX-style ControlNets summed block
+by block, and one that takes the pooled projection and shifted latents, must match diffusers at the
+fp32 gate on every CPU backend; the controls must change the image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sd3_files import NAMES, SIZE, write_sd3
+
+from controlrt.builtin import sample_control_images
+from controlrt.compare import end_to_end_gate, psnr
+from controlrt.errors import InputError, ModelError
+
+GATE = end_to_end_gate("fp32")
+PROMPT = "a red house beside a tree"
+BACKENDS = ["torch", "onnxruntime", "openvino"]
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    from controlrt.export.build import export_build
+
+    root = tmp_path_factory.mktemp("sd3")
+    base, controlnets = write_sd3(root)
+    export_build(base, controlnets[:2], root / "multi")  # canny and pose: InstantX-style
+    export_build(base, controlnets[2:], root / "single")  # depth: pooled projection and shift
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipelines(sd3):
+    from controlrt.runtime.pipeline import Pipeline
+
+    opened = {(b, k): Pipeline.load(sd3 / k, backend=b) for b in BACKENDS for k in ("multi", "single")}
+    yield opened
+    for pipe in opened.values():
+        pipe.close()
+
+
+def _reference(root, names, seed: int, **settings):
+    """diffusers' image; torch's global generator seeded with ``seed`` first, since the pipeline
+    samples the control images' latents from it (controlrt: from a generator seeded so)."""
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+    from diffusers.models.controlnets import SD3MultiControlNetModel
+
+    nets = [SD3ControlNetModel.from_pretrained(root / n) for n in names]
+    controlnet = SD3MultiControlNetModel(nets) if len(nets) > 1 else nets[0]
+    pipe = StableDiffusion3ControlNetPipeline.from_pretrained(root / "base", controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(seed)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return np.asarray(pipe(PROMPT, generator=generator, height=SIZE, width=SIZE, **settings).images[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_sd3_controlnets_match_diffusers(backend, sd3, pipelines):
+    images = sample_control_images(2, SIZE, SIZE)
+    expected = _reference(
+        sd3,
+        NAMES[:2],
+        seed=5,
+        control_image=images,
+        controlnet_conditioning_scale=[0.9, 0.7],
+        control_guidance_end=[1.0, 0.5],
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        negative_prompt="blurry",
+    )
+    pipe = pipelines[(backend, "multi")]
+    ours = {"steps": 4, "guidance": 5.0, "seed": 5, "negative_prompt": "blurry", "height": SIZE, "width": SIZE}
+    got = np.asarray(pipe(PROMPT, controls=images, scales=[0.9, 0.7], end=[1.0, 0.5], **ours))
+    assert expected.std() > 5
+    assert psnr(expected, got) >= GATE
+    plain = np.asarray(pipe(PROMPT, **ours))  # the ControlNets steer the image, so the comparison can fail
+    assert psnr(got, plain) < 40
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_controlnet_that_takes_the_pooled_projection_matches_diffusers(backend, sd3, pipelines):
+    image = sample_control_images(3, SIZE, SIZE)[2]
+    settings = {"num_inference_steps": 3, "guidance_scale": 4.0}
+    expected = _reference(sd3, NAMES[2:], seed=2, control_image=image, controlnet_conditioning_scale=0.8, **settings)
+    pipe = pipelines[(backend, "single")]
+    got = np.asarray(pipe(PROMPT, controls=[image], scales=0.8, steps=3, guidance=4.0, seed=2))
+    assert expected.std() > 5
+    assert psnr(expected, got) >= GATE
+    other = np.asarray(pipe(PROMPT, controls=[image], scales=0.8, steps=3, guidance=4.0, seed=3))
+    assert psnr(got, other) < 40  # the seed draws the control latents and the noise
+
+
+def test_sd3_builds_say_what_they_do_not_take(sd3, pipelines, tiny_models, tmp_path):
+    from controlrt.export.build import export_build
+
+    pipe = pipelines[("torch", "multi")]
+    image = sample_control_images(1, SIZE, SIZE)[0]
+    with pytest.raises(InputError, match="transformer's blocks share one"):
+        pipe(PROMPT, controls=[image], control_mode="cfg-rw", steps=1)
+    with pytest.raises(InputError, match="image-to-image and inpainting with SD3"):
+        pipe(PROMPT, controls=[image], image=image, steps=1)
+    with pytest.raises(ModelError, match="it is a ControlNetModel and the base is a SD3 model"):
+        export_build(sd3 / "base", [tiny_models.controlnets[0]], tmp_path / "out")
+    with pytest.raises(ModelError, match=r"it is a SD3ControlNetModel and the base is a SD 1\.x/2\.x model"):
+        export_build(tiny_models.base, [sd3 / "canny"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
