@@ -172,7 +172,7 @@ def graph_gflop(build, name: str, batch: int, height: int, width: int) -> float 
 
 def step_gflop(build, height: int, width: int, controls: int, branches: Branches) -> float | None:
     """GFLOP of one denoising step (UNet + active ControlNets), or None without the source configs."""
-    names = ["unet", *(s.name for s in build.manifest.controlnet_specs[:controls])]
+    names = [build.manifest.denoiser, *(s.name for s in build.manifest.controlnet_specs[:controls])]
     counts = [graph_gflop(build, n, branches.per_image(build.manifest.spec(n).kind), height, width) for n in names]
     return None if any(c is None for c in counts) else sum(counts)  # type: ignore[misc]
 
@@ -247,7 +247,8 @@ def run_bench(
         report.precision_choice = None if choice is None else choice.to_dict()
         for _ in range(warmup):
             pipe.generate(request)
-        on_cpu = pipe.sessions["unet"].device.type == "cpu"
+        denoiser = pipe.unet_spec.name
+        on_cpu = pipe.sessions[denoiser].device.type == "cpu"
         peaks: list[dict[str, float | None]] = []
 
         def measure_peaks() -> None:  # between generations: the best the CPU did while they ran
@@ -262,9 +263,9 @@ def run_bench(
             start = time.perf_counter()
             pipe.generate(request, timings=timings)
             report.image_s.append(time.perf_counter() - start)
-            iterations = len(log["unet"]) or steps  # some schedulers (PNDM) run one more than asked
+            iterations = len(log[denoiser]) or steps  # some schedulers (PNDM) run one more than asked
             report.step_s.append(timings["denoise"] / iterations)
-            in_graphs = sum(sum(v) for n, v in log.items() if n == "unet" or n.startswith("controlnet"))
+            in_graphs = sum(sum(v) for n, v in log.items() if n == denoiser or n.startswith("controlnet"))
             report.loop_overhead.append(max(0.0, timings["denoise"] - in_graphs) / timings["denoise"])
             per_run.append({n: list(v) for n, v in log.items()})
             measure_peaks()

@@ -146,6 +146,11 @@ class Manifest:
         return self.graphs[name].spec
 
     @property
+    def denoiser(self) -> str:
+        """The denoiser graph's name: "unet", or "transformer" (SD3)."""
+        return next(name for name, g in self.graphs.items() if g.spec.kind is GraphKind.UNET)
+
+    @property
     def controlnet_specs(self) -> list[GraphSpec]:
         """The ControlNet graphs in the order they were given to export."""
         specs = [g.spec for g in self.graphs.values() if g.spec.kind is GraphKind.CONTROLNET]
@@ -317,7 +322,7 @@ class Build:
     @property
     def int8_quantizer(self) -> str | None:
         """The quantizer that made the build's int8 graphs (None without int8 graphs)."""
-        unet = self.manifest.graphs["unet"].variants.get("int8")
+        unet = self.manifest.graphs[self.manifest.denoiser].variants.get("int8")
         return None if unet is None else unet.settings.get("quantizer")
 
     @property

@@ -210,10 +210,10 @@ def _generation_size(build, sessions, height: int | None, width: int | None) -> 
     native = build.manifest.info.default_size
     wanted = (height or native[0], width or native[1])
     names = list(build.manifest.graphs)
-    unet = build.manifest.spec("unet")
+    unet = build.manifest.spec(build.manifest.denoiser)
     candidates = [unet.sizes(1, *wanted)]
     if height is None and width is None:
-        candidates += sessions.own_sizes("unet")  # an engine's profile sizes
+        candidates += sessions.own_sizes(unet.name)  # an engine's profile sizes
     for sizes in candidates:
         size = (sizes["height"], sizes["width"])
         if all(sessions.admits(n, build.manifest.spec(n).sizes(1, *size)) for n in names):

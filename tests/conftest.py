@@ -58,6 +58,21 @@ def xl_build(xl_models, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sd3(tmp_path_factory) -> Path:
+    """A small SD3 set (tests/sd3_files.py) and two builds of it: root/multi with the two
+    InstantX-style ControlNets, root/single with the one that takes the pooled projection."""
+    from sd3_files import write_sd3
+
+    from controlrt.export.build import export_build
+
+    root = tmp_path_factory.mktemp("sd3")
+    base, controlnets = write_sd3(root)
+    export_build(base, controlnets[:2], root / "multi")
+    export_build(base, controlnets[2:], root / "single")
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_models(models) -> BuiltinModels:
     return models["tiny"]
 

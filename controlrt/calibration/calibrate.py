@@ -72,7 +72,7 @@ def _capture_settings(build: Build, steps: int, height: int | None, width: int |
     info = build.manifest.info
     height = height or info.default_size[0]
     width = width or info.default_size[1]
-    build.manifest.spec("unet").sizes(1, height, width)  # InputError unless a valid size
+    build.manifest.spec(build.manifest.denoiser).sizes(1, height, width)  # InputError unless a valid size
     return CaptureSettings(steps=steps, height=height, width=width, seed=seed)
 
 
@@ -83,7 +83,7 @@ def held_out_captures(
 
     Size and steps default to those of the build's int8 calibration, else native size, 4 steps.
     """
-    unet = build.manifest.graphs["unet"]
+    unet = build.manifest.graphs[build.manifest.denoiser]
     recorded = unet.variants[Precision.INT8].settings.get("capture", {}) if Precision.INT8 in unet.variants else {}
     cap = _capture_settings(
         build,

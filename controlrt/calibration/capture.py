@@ -76,6 +76,10 @@ def _load(folder: Path, names: list[str]) -> dict[str, list[Feeds]]:
     return out
 
 
+def _batch(feeds: Feeds) -> int:
+    return len(next(iter(feeds.values())))
+
+
 def capture(
     build: Build, data: CalibrationData, settings: CaptureSettings, progress: bool = False
 ) -> dict[str, list[Feeds]]:
@@ -120,6 +124,10 @@ def capture(
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
         for name, feeds in records.items():
+            if len({tuple((k, v.shape) for k, v in f.items()) for f in feeds}) > 1:
+                # calls at several batch sizes (SD3's VAE encoder: control images at the CFG batch,
+                # then the generated image): kept as one-row calls
+                feeds[:] = [{k: v[i : i + 1] for k, v in f.items()} for f in feeds for i in range(_batch(f))]
             stacked = {k: np.stack([f[k] for f in feeds]) for k in feeds[0]} if feeds else {}
             np.savez(staging / f"{name}.npz", **stacked)
         with file_lock(build.path):

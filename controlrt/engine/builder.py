@@ -25,6 +25,7 @@ from controlrt.engine.cache import BuildOptions, EngineKey, EngineStore, Gpu, Ti
 from controlrt.engine.profiles import Profile, ProfileSettings, derive_profiles
 from controlrt.engine.trt import import_tensorrt, require_cuda
 from controlrt.errors import BuildError, InputError
+from controlrt.families import family_of
 from controlrt.manifest import Build
 from controlrt.precision import Precision
 from controlrt.progress import progress_bar
@@ -85,11 +86,13 @@ def build_engines(
         raise InputError(f"build {build.path} has no graph {', '.join(unknown)} (it has {have})")
     # every graph's variant and profiles are checked before TensorRT, the GPU or a slow build
     wanted = []
+    family = family_of(build.manifest.info)
     for name in names:
         spec = build.manifest.spec(name)
         variant = build.manifest.graphs[name].runs_in(precision)
         onnx = onnx_identity(build, name, variant)  # BuildError naming convert/calibrate if missing
-        wanted.append((name, variant, onnx, derive_profiles(spec, profile), options_for(spec, options)))
+        profiles = derive_profiles(spec, profile, family.batches(spec.kind))
+        wanted.append((name, variant, onnx, profiles, options_for(spec, options)))
     import_tensorrt()
     require_cuda()
     import tensorrt as trt

@@ -98,17 +98,20 @@ class ProfileSettings:
         return asdict(self)
 
 
-def derive_profiles(spec: GraphSpec, settings: ProfileSettings) -> list[Profile]:
+def derive_profiles(
+    spec: GraphSpec, settings: ProfileSettings, branches: tuple[int, ...] | None = None
+) -> list[Profile]:
     """The optimization profiles of one graph's engine.
 
     Dynamic: one profile spanning every batch and size the settings allow, tuned at the opt size
     with CFG (the common case); a union ControlNet's number of condition images from 1 to its
     number of types, tuned at 2. Static: one fixed profile per graph batch the loop can use (and
-    for a union ControlNet per 1 and 2 condition images).
+    for a union ControlNet per 1 and 2 condition images). ``branches``: the graph's per-image
+    batches, as its family says (Family.batches; default Branches.possible).
     """
     low, opt, high = settings.sizes(spec)
     b_min, b_opt, b_max = settings.batches()
-    branches = Branches.possible(spec.kind)
+    branches = branches or Branches.possible(spec.kind)
     counts = (1, 2, max(2, spec.control_types))  # union condition images
     if settings.static:
         images = counts[:2] if spec.uses("controls") else counts[:1]

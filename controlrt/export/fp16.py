@@ -21,9 +21,8 @@ from controlrt.export.variants import write_variants
 from controlrt.families import family_of
 from controlrt.manifest import Build, Manifest
 from controlrt.precision import Precision
-from controlrt.specs import GraphKind, GraphSpec
+from controlrt.specs import GraphSpec
 
-VAE_KINDS = (GraphKind.VAE_DECODER, GraphKind.VAE_ENCODER)
 FP16_OP_BLOCK_LIST = (
     "InstanceNormalization",
     "GroupNormalization",
@@ -101,12 +100,12 @@ def convert_build(
         raise InputError(f"convert makes fp16 graphs; {precision} graphs come from {hint}")
     build = Build.open(build_dir)
 
-    upcast = build.manifest.info.vae_force_upcast
     family = family_of(build.manifest.info)
+    kept = family.kept_in_fp32()  # graph name -> why its fp16 variant is its fp32 graph
 
     def produce(spec: GraphSpec, target: Path) -> list[Path]:
         source = build.graph_path(spec.name)
-        if upcast and spec.kind in VAE_KINDS:  # as diffusers' SDXL pipelines: encoded and decoded in fp32
+        if spec.name in kept:
             import onnx
 
             return save_onnx(onnx.load(str(source)), target)
@@ -126,7 +125,6 @@ def convert_build(
         "op_block_list": list(FP16_OP_BLOCK_LIST),
         "node_patterns": list(FP16_NODE_PATTERNS),
         "checked_against": "fp32 graph",
-        **({"vae_decoder": "kept in fp32: its config sets force_upcast"} if upcast else {}),
-        **({"vae_encoder": "kept in fp32: its config sets force_upcast"} if upcast else {}),
+        **{name: f"kept in fp32: {why}" for name, why in kept.items() if name in build.manifest.graphs},
     }
     return write_variants(build, precision, list(build.manifest.graphs), produce, check, settings, progress)

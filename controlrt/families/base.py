@@ -348,6 +348,13 @@ class Family:
 
     # --- tolerances --------------------------------------------------------------------------
 
+    def kept_in_fp32(self) -> dict[str, str]:
+        """Graphs whose fp16 variant is their fp32 graph, with the reason: the VAE of a model whose
+        config sets force_upcast, as diffusers' SDXL pipelines encode and decode in fp32."""
+        if not self.info.vae_force_upcast:
+            return {}
+        return {name: "its config sets force_upcast" for name in ("vae_decoder", "vae_encoder")}
+
     def gate(self, precision: Precision | str, quantizer: str | None = None) -> Gate:
         """What this family's graphs and images are judged by in ``precision`` (int8: per
         quantizer), wherever a graph is checked: export, convert, calibrate, LoRA fusing, refit,
@@ -371,6 +378,10 @@ class Family:
         takes guidance as an embedding, so there is no CFG batch whatever the scale, as in diffusers."""
         return Branches.of(guidance, mode, cfg_batch=not self.embedded_guidance)
 
+    def batches(self, kind: GraphKind) -> tuple[int, ...]:
+        """Every per-image batch a graph of ``kind`` may run with (engine profiles)."""
+        return Branches.possible(kind)
+
     def unet_extras(self, guidance: float) -> dict[str, torch.Tensor]:
         """Inputs only the UNet takes, per request: an LCM-distilled UNet's guidance embedding."""
         if not self.embedded_guidance:
@@ -388,11 +399,10 @@ class Family:
         those of its controlnet_cond here; a family that encodes control images, the image's."""
         return int(spec.tensor("controlnet_cond").shape[1])  # type: ignore[arg-type]
 
-    def control_condition(self, images: torch.Tensor, encode: Callable, generator: torch.Generator) -> torch.Tensor:
+    def control_condition(self, images: torch.Tensor, encode: Callable) -> torch.Tensor:
         """What the ControlNet graphs' controlnet_cond gets from control images [batch, C, H, W] in
         [0, 1]: the images themselves here. A family whose ControlNets take latents (SD3) encodes
-        them with ``encode`` (the VAE encoder graph: image in [-1, 1] -> its outputs), drawing
-        from ``generator``."""
+        them with ``encode`` (image in [-1, 1] -> a sample of the VAE's latents, unscaled)."""
         return images
 
     def check_controlnet_class(self, config: dict[str, Any], what: str) -> None:

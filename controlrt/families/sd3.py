@@ -225,6 +225,10 @@ class StableDiffusion3(Family):
 
         return VaeDecoderGraph(base.load_vae(meta), self.info.scaling_factor, self.info.shift_factor)
 
+    def kept_in_fp32(self) -> dict[str, str]:
+        """T5 as well: its activations overflow fp16 (transformers keeps T5's wo layers in fp32)."""
+        return {**super().kept_in_fp32(), "text_encoder_3": "T5's activations overflow fp16"}
+
     # --- guidance and control -----------------------------------------------------------------
 
     def control_weights(self, mode: ControlMode, denoiser: GraphSpec | None = None) -> torch.Tensor:
@@ -232,6 +236,12 @@ class StableDiffusion3(Family):
         other modes are refused by check_request."""
         blocks = len(denoiser.residual_inputs) if denoiser is not None else 0
         return block_weights(ControlMode.UNIFORM, [1] * blocks)
+
+    def batches(self, kind: GraphKind) -> tuple[int, ...]:
+        """The VAE encoder also encodes control images, at the ControlNets' batch."""
+        if kind is GraphKind.VAE_ENCODER:
+            return tuple(sorted({*super().batches(kind), *super().batches(GraphKind.CONTROLNET)}))
+        return super().batches(kind)
 
     def check_controlnet(self, config: dict[str, Any], what: str) -> None:
         info = self.info
@@ -286,11 +296,7 @@ class StableDiffusion3(Family):
     def control_channels(self, spec: GraphSpec) -> int:
         return self.info.image_channels
 
-    def control_condition(self, images, encode, generator):
-        """Control images [batch, C, H, W] in [0, 1] -> their latents, as diffusers'
-        SD3 ControlNet pipeline makes them: encoded from [-1, 1], one sample per row drawn from
-        ``generator`` (diffusers draws from torch's global generator), ``(z - shift) * scaling``."""
-        from controlrt.runtime.img2img import sample_latents
-
-        latents = sample_latents(encode(images * 2.0 - 1.0), generator)
-        return (latents - self.info.shift_factor) * self.info.scaling_factor
+    def control_condition(self, images, encode):
+        """Control images [batch, C, H, W] in [0, 1] -> their latents, as diffusers' SD3 ControlNet
+        pipeline makes them: a sample of each row's encoding from [-1, 1], ``(z - shift) * scaling``."""
+        return (encode(images * 2.0 - 1.0) - self.info.shift_factor) * self.info.scaling_factor

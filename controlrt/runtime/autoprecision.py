@@ -165,7 +165,7 @@ def candidates(build: Build, backend: str) -> list[Candidate]:
         from controlrt.engine.cache import EngineStore
 
         store = EngineStore(build)  # the engines built (judged against the fp32 graph on onnxruntime)
-        return [Candidate(p) for p in have if store.record("unet", p) is not None]
+        return [Candidate(p) for p in have if store.record(build.manifest.denoiser, p) is not None]
     if backend != "openvino":
         return [Candidate(p) for p in have]
     from controlrt.runtime.ov_backend import supports_bf16
@@ -212,7 +212,7 @@ def cache_key(build: Build, backend: str, settings: Mapping[str, Any], cands: Se
         import torch
 
         fields["machine"]["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    unet = build.manifest.graphs["unet"]
+    unet = build.manifest.graphs[build.manifest.denoiser]
     fields["unet"] = {c.label: [f.sha256 for f in unet.variants[unet.runs_in(c.precision)].files] for c in cands}
     return fields
 
@@ -282,24 +282,25 @@ def _measure(build, backend, providers, device, cands, timer: Timer, options) ->
     from controlrt.families import family_of
     from controlrt.runtime.backends import BackendOptions, SessionFactory
 
-    spec = build.manifest.spec("unet")
+    spec = build.manifest.spec(build.manifest.denoiser)
+    name = spec.name
     first = cands[0]
     base = BackendOptions(backend, tuple(providers) if providers else None, device, first.precision, **options)
-    sizes = SessionFactory(build, base).accepted_sizes("unet", [spec.sizes(2, *spec.default_size)])[0]
+    sizes = SessionFactory(build, base).accepted_sizes(name, [spec.sizes(2, *spec.default_size)])[0]
     shape = f"{sizes['batch']}x{sizes['height']}x{sizes['width']}"
     feeds = spec.dummy_inputs(sizes, seed=SEED)
     reference = None
     if backend == "tensorrt":  # engines are judged against the fp32 graph, on onnxruntime (CPU)
         from controlrt.ort_session import OrtSession
 
-        with OrtSession(build.graph_path("unet", Precision.FP32), spec) as session:
+        with OrtSession(build.graph_path(name, Precision.FP32), spec) as session:
             reference = session.infer(feeds)
     rows: list[Measured] = []
     for candidate in cands:
         opts = replace(base, precision=candidate.precision, float_precision=candidate.float_precision)
         factory = SessionFactory(build, opts)
         try:
-            with factory.open("unet") as session:
+            with factory.open(name) as session:
                 got = session.infer(feeds)  # untimed: compilation, first allocations
                 seconds = timer(candidate, lambda session=session: session.infer(feeds))
         except (BackendError, BuildError) as exc:
@@ -314,10 +315,10 @@ def _measure(build, backend, providers, device, cands, timer: Timer, options) ->
             reference = got
             rows.append(Measured(candidate.label, "fp32", None, seconds, 0.0, 0.0, passed=True))
             continue
-        computes = factory.computes("unet")
+        computes = factory.computes(name)
         quantizer = build.int8_quantizer if computes is Precision.INT8 else None
         tolerance = family_of(build.manifest.info).tolerance(computes, GraphKind.UNET, quantizer)
-        results = [judge("unet", shape, n, reference[n], got[n], tolerance) for n in spec.output_names]
+        results = [judge(name, shape, n, reference[n], got[n], tolerance) for n in spec.output_names]
         rows.append(
             Measured(
                 candidate.label,

@@ -27,7 +27,7 @@ from controlrt.runtime.images import (
     preprocess_control,
     with_settings,
 )
-from controlrt.runtime.img2img import InitImages, decode, mask_crop, overlay, preprocess_image
+from controlrt.runtime.img2img import InitImages, decode, mask_crop, overlay, preprocess_image, sample_latents
 from controlrt.runtime.img2img import start as start_latents
 from controlrt.runtime.limits import Limits
 from controlrt.runtime.loop import ControlPlan, UnionInputs, denoise
@@ -367,8 +367,9 @@ class Pipeline:
         plans = []
         generator = torch.Generator("cpu").manual_seed(seed)
 
-        def encode(image: torch.Tensor) -> dict[str, torch.Tensor]:
-            return self.session("vae_encoder").infer({"image": image.to(self.session("vae_encoder").device)})
+        def encode(image: torch.Tensor) -> torch.Tensor:
+            encoder = self.session("vae_encoder")
+            return sample_latents(encoder.infer({"image": image.to(encoder.device)}), generator)
 
         def prepared(i: int, channels: int) -> torch.Tensor:
             tensor = preprocess_control(
@@ -385,7 +386,7 @@ class Pipeline:
                 plans.append(
                     ControlPlan(
                         session=self.sessions[spec.name],
-                        image=self.family.control_condition(image, encode, generator).to(device),
+                        image=self.family.control_condition(image, encode).to(device),
                         weights=(base * resolved.scales[first]).to(device),
                         start=resolved.starts[first],
                         end=resolved.ends[first],

@@ -455,3 +455,21 @@ def test_auto_on_tensorrt_times_the_engines_built_against_the_fp32_graph(fake_tr
     monkeypatch.setattr(StableDiffusion, "tolerance", lambda *a, **k: Tolerance(-1.0, -1.0))  # nothing passes
     with pytest.raises(BuildError, match="no tensorrt UNet of this build reproduces the fp32 graph here"):
         choose_precision(Build.open(build), "tensorrt", device="cpu", timer=timer, use_cache=False)
+
+
+def test_sd3_builds_run_on_engines(fake_trt, sd3, tmp_path):
+    """An SD3 build's graphs (three text encoders, ControlNets with block residuals, the transformer)
+    get engines with profiles from their specs, and the pipeline on them matches onnxruntime."""
+    from controlrt.runtime.pipeline import Pipeline
+
+    build = shutil.copytree(sd3 / "multi", tmp_path / "build")
+    built = builder.build_engines(build, "fp32")
+    assert {r.graph for r in built} == set(Build.open(build).manifest.graphs)
+    settings = {"controls": sample_control_images(2, 64, 64), "steps": 3, "seed": 2, "guidance": 5.0}
+    with Pipeline.load(build, backend="tensorrt", device="cpu") as pipe:
+        assert pipe.sessions["transformer"].backend == "tensorrt"
+        got = np.asarray(pipe("a red house", **settings))
+    with Pipeline.load(build, backend="onnxruntime") as pipe:
+        expected = np.asarray(pipe("a red house", **settings))
+    assert expected.std() > 5
+    assert psnr(expected, got) >= 60

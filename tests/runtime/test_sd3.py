@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sd3_files import NAMES, SIZE, write_sd3
+from sd3_files import NAMES, SIZE
 
 from controlrt.builtin import sample_control_images
 from controlrt.compare import end_to_end_gate, psnr
@@ -20,17 +20,6 @@ from controlrt.errors import InputError, ModelError
 GATE = end_to_end_gate("fp32")
 PROMPT = "a red house beside a tree"
 BACKENDS = ["torch", "onnxruntime", "openvino"]
-
-
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    from controlrt.export.build import export_build
-
-    root = tmp_path_factory.mktemp("sd3")
-    base, controlnets = write_sd3(root)
-    export_build(base, controlnets[:2], root / "multi")  # canny and pose: InstantX-style
-    export_build(base, controlnets[2:], root / "single")  # depth: pooled projection and shift
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +97,29 @@ def test_sd3_builds_say_what_they_do_not_take(sd3, pipelines, tiny_models, tmp_p
     with pytest.raises(ModelError, match=r"it is a SD3ControlNetModel and the base is a SD 1\.x/2\.x model"):
         export_build(tiny_models.base, [sd3 / "canny"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_sd3_fp16_and_int8_builds_pass_parity(sd3, tmp_path):
+    """convert and calibrate on an SD3 build: the T5 encoder stays fp32 in fp16 builds (its
+    activations overflow fp16); the transformer and the ControlNets are quantized; every graph and
+    the image pass the precision's gate."""
+    import shutil
+
+    from controlrt.calibration.calibrate import CalibrationSettings, calibrate_build
+    from controlrt.export.fp16 import convert_build
+    from controlrt.manifest import Build
+    from controlrt.parity import run_parity
+
+    build = shutil.copytree(sd3 / "multi", tmp_path / "build")
+    convert_build(build)
+    calibrate_build(build, settings=CalibrationSettings(samples=2, steps=2))
+    manifest = Build.open(build).manifest
+    assert manifest.graphs["text_encoder_3"].variants["fp16"].settings["text_encoder_3"].startswith("kept in fp32")
+    assert {n for n, g in manifest.graphs.items() if "int8" in g.variants} == {
+        "controlnet_0",
+        "controlnet_1",
+        "transformer",
+    }
+    for precision in ("fp16", "int8"):
+        report = run_parity(build, precision=precision, steps=2)
+        assert report.passed, report.table()
