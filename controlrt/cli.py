@@ -279,7 +279,9 @@ def _backend_settings(backend: str, cuda_graphs: bool, budget_gb: float | None, 
     help="uniform | guess | cfg-rw | cfg-rw-normalized",
 )
 @click.option("--steps", type=int, default=50, show_default=True)
-@click.option("--guidance", type=float, default=7.5, show_default=True)
+@click.option(
+    "--guidance", type=float, default=None, help="Default: the model's, as diffusers: SD 7.5, SDXL 5.0, SD3 7.0."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--height", type=int, default=None, help="Default: the first control image's (as diffusers), else native."

@@ -160,3 +160,20 @@ def test_graph_modules_are_the_familys_declaration(tmp_path):
 
     with pytest.raises(ModelError, match=r"SD 1\.x/2\.x models have no vae_encoder graph"):
         NoVae(base.info()).graph_module(specs[-1], base, controlnets, meta=True)
+
+
+def test_each_familys_default_guidance_is_its_diffusers_pipelines():
+    import inspect
+
+    import diffusers
+
+    from controlrt.families import StableDiffusion3
+
+    pipelines = {
+        StableDiffusion: "StableDiffusionControlNetPipeline",
+        StableDiffusionXL: "StableDiffusionXLControlNetPipeline",
+        StableDiffusion3: "StableDiffusion3ControlNetPipeline",
+    }
+    for family, name in pipelines.items():
+        call = inspect.signature(getattr(diffusers, name).__call__)
+        assert family.default_guidance == call.parameters["guidance_scale"].default, name

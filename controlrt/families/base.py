@@ -451,6 +451,8 @@ class Family:
             return 1.0
         return 0.8 if request.mask is None else 0.5
 
+    default_guidance: ClassVar[float] = 7.5  # the guidance scale when none is given, as diffusers' pipelines
+
     def default_strength(self, request: Any) -> float:
         """Image-to-image strength when none is given: diffusers' 1.0 for inpainting, 0.8 for img2img."""
         return 1.0 if request.mask is not None else 0.8

@@ -41,6 +41,7 @@ class StableDiffusion3(Family):
     title = "SD3"
     lora_pipeline = "StableDiffusion3Pipeline"
     text_layer = "penultimate"
+    default_guidance = 7.0  # diffusers' StableDiffusion3ControlNetPipeline
     denoiser = "transformer"
     denoiser_component = "transformer"
     controlnet_classes = ("SD3ControlNetModel",)

@@ -23,6 +23,7 @@ class StableDiffusionXL(Family):
     title = "SDXL"
     lora_pipeline = "StableDiffusionXLPipeline"
     text_layer = "penultimate"
+    default_guidance = 5.0  # diffusers' SDXL ControlNet pipelines
 
     @classmethod
     def claims(cls, info: ModelInfo) -> bool:

@@ -211,7 +211,7 @@ class Pipeline:
         mask_image = load_image(request.mask, "mask") if request.mask is not None else None
         images = [self._control_image(c, mask_image) for c in resolved.controls]
         scheduler = make_scheduler(self.build.scheduler_config, request.scheduler)
-        branches = self.family.branches(request.guidance, resolved.mode)
+        branches = self.family.branches(resolved.guidance, resolved.mode)
         f = info.vae_scale_factor
         crop = None
         if request.mask_crop is not None:  # diffusers' padding_mask_crop: work on the region around the mask
@@ -247,7 +247,7 @@ class Pipeline:
             tiling=request.vae_tiling,
         )
         # an LCM-distilled UNet takes guidance as an embedding instead of a CFG batch
-        unet_only = self.family.unet_extras(request.guidance)
+        unet_only = self.family.unet_extras(resolved.guidance)
         # 4. denoise
         started = time.perf_counter()
         latents = denoise(
@@ -257,7 +257,7 @@ class Pipeline:
             embeds,
             begin.latents,
             steps=request.steps,
-            guidance=float(request.guidance),
+            guidance=resolved.guidance,
             branches=branches,
             generator=generator,
             progress=progress,

@@ -42,7 +42,7 @@ class GenerationRequest:
     negative_prompt: str | None = None
     control_mode: ControlMode | str = ControlMode.UNIFORM
     steps: int = 50
-    guidance: float = 7.5
+    guidance: float | None = None  # default as diffusers' pipeline for the model: see Family.default_guidance
     seed: int = 0
     height: int | None = None
     width: int | None = None
@@ -95,11 +95,13 @@ class ResolvedRequest:
     # per ControlNet of the build, in order: the indices of the controls it takes (plain: at most one)
     assignment: list[list[int]] = field(default_factory=list)
     strength: float | None = None  # image-to-image: the share of the schedule that runs
+    guidance: float = 7.5  # the classifier-free guidance scale that runs
 
     def settings(self) -> dict[str, Any]:
         """The request's settings with what resolving it decided: the control mode, the size, the
-        scales that run."""
+        scales and the guidance that run."""
         return self.request.settings() | {
+            "guidance": self.guidance,
             "control_mode": self.mode.value,
             "height": self.height,
             "width": self.width,
@@ -262,10 +264,11 @@ def resolve(
         or not 1 <= request.steps <= limits.max_steps
     ):
         raise InputError(f"steps must be a whole number from 1 to {limits.max_steps}, got {request.steps!r}")
-    if isinstance(request.guidance, bool) or not isinstance(request.guidance, (int, float)):
-        raise InputError(f"guidance {request.guidance!r} is not a number")
-    if not math.isfinite(float(request.guidance)) or request.guidance < 0:
-        raise InputError(f"guidance {request.guidance} must be finite and non-negative")
+    guidance = family.default_guidance if request.guidance is None else request.guidance
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+        raise InputError(f"guidance {guidance!r} is not a number")
+    if not math.isfinite(float(guidance)) or guidance < 0:
+        raise InputError(f"guidance {guidance} must be finite and non-negative")
     if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
         raise InputError(f"seed must be a whole number in [0, 2**63), got {request.seed!r}")
     family.check_request(request)
@@ -277,7 +280,9 @@ def resolve(
             f"(about {math.isqrt(limits.max_pixels)} px square; the max_pixels limit raises it: --max-pixels on "
             "the command line, Pipeline.load(..., max_pixels=N) in Python)"
         )
-    return ResolvedRequest(request, mode, scales, starts, ends, height, width, controls, types, assignment, strength)
+    return ResolvedRequest(
+        request, mode, scales, starts, ends, height, width, controls, types, assignment, strength, float(guidance)
+    )
 
 
 MAX_MASK_CROP = 8192

@@ -107,7 +107,7 @@ def parse_request(body: Any) -> GenerationRequest:
             raise InputError(f"'{key}' must be a whole number")
     for key in ("guidance", "strength", "aesthetic_score", "negative_aesthetic_score"):
         value = settings.get(key)
-        given = key in settings and (value is not None or key == "guidance")
+        given = key in settings and value is not None
         if given and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise InputError(f"'{key}' must be a number")
     if "vae_tiling" in settings and not isinstance(settings["vae_tiling"], bool):

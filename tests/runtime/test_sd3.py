@@ -8,9 +8,12 @@ fp32 gate on every CPU backend; the controls must change the image.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sd3_files import NAMES, SIZE
 
 from controlrt.builtin import sample_control_images
@@ -85,9 +88,11 @@ def test_a_controlnet_that_takes_the_pooled_projection_matches_diffusers(backend
 
 def test_sd3_builds_say_what_they_do_not_take(sd3, pipelines, tiny_models, tmp_path):
     from controlrt.export.build import export_build
+    from controlrt.runtime.request import GenerationRequest
 
     pipe = pipelines[("torch", "multi")]
     image = sample_control_images(1, SIZE, SIZE)[0]
+    assert pipe.generate(GenerationRequest(PROMPT, steps=1)).settings["guidance"] == 7.0  # diffusers' SD3 default
     with pytest.raises(InputError, match="transformer's blocks share one"):
         pipe(PROMPT, controls=[image], control_mode="cfg-rw", steps=1)
     with pytest.raises(InputError, match="image-to-image and inpainting with SD3"):
@@ -123,3 +128,27 @@ def test_sd3_fp16_and_int8_builds_pass_parity(sd3, tmp_path):
     for precision in ("fp16", "int8"):
         report = run_parity(build, precision=precision, steps=2)
         assert report.passed, report.table()
+
+
+def test_the_readmes_sd3_commands_run(sd3, tmp_path, monkeypatch):
+    """README, "SD3 and SD3.5 ControlNets": its commands as written, on the small set's folders."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from controlrt.cli import cli
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"## SD3 and SD3\.5 ControlNets\n\n```bash\n(.*?)```", readme, re.S)[1]
+    for k, image in enumerate(sample_control_images(2, SIZE, SIZE)):
+        image.save(tmp_path / ("edges.png", "depth.png")[k])
+    folders = {"sd3-medium": "base", "sd3-controlnet-canny": "canny", "sd3-controlnet-depth": "depth"}
+    monkeypatch.chdir(tmp_path)
+    for line in block.strip().splitlines():
+        argv = [str(sd3 / folders[a]) if a in folders else a for a in shlex.split(line)]
+        result = CliRunner().invoke(cli, argv[1:])
+        assert result.exit_code == 0, f"{line}:\n{result.output}"
+    with Image.open(tmp_path / "house.png") as image:
+        assert image.size == (SIZE, SIZE) and json.loads(image.info["controlrt"])["guidance"] == 7.0
