@@ -225,7 +225,7 @@ def run_bench(
             control_mode=control_mode,
             height=h,
             width=w,
-            negative_prompt="",
+            negative_prompt="" if pipe.family.negative_prompts else None,
             scheduler=scheduler,
             image=sample_init_image(h, w) if task != "txt2img" else None,
             mask=sample_mask(h, w) if task == "inpaint" else None,

@@ -19,7 +19,8 @@ class TextEncoderGraph(nn.Module):
     SD 1.x/2.x (``layer="last"``): input_ids [B, S] int64 (and, where the config asks for it,
     attention_mask [B, S] int64) -> last_hidden_state [B, S, D]. SDXL (``layer="penultimate"``):
     input_ids -> the penultimate layer's hidden states [B, S, D] and, with ``pooled``, the
-    projection's text_embeds [B, P] (CLIPTextModelWithProjection).
+    projection's text_embeds [B, P] (CLIPTextModelWithProjection). Flux's CLIP (``layer="pooled"``):
+    input_ids -> pooler_output [B, D] (CLIPTextModel).
     """
 
     def __init__(self, text_encoder: nn.Module, layer: str = "last", pooled: bool = False) -> None:
@@ -29,6 +30,8 @@ class TextEncoderGraph(nn.Module):
         self.pooled = pooled
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        if self.layer == "pooled":  # Flux's CLIP: the pooled output alone
+            return self.text_encoder(input_ids, attention_mask=attention_mask, return_dict=False)[1]
         if self.layer == "last":
             return self.text_encoder(input_ids, attention_mask=attention_mask, return_dict=False)[0]
         out = self.text_encoder(input_ids, attention_mask=attention_mask, output_hidden_states=True)
@@ -239,6 +242,153 @@ class SD3TransformerGraph(nn.Module):
             block_controlnet_hidden_states=blocks,
             return_dict=False,
         )[0]
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> Flux's packed tokens [B, (h/2)(w/2), 4C], as diffusers' _pack_latents."""
+    b, c, h, w = latents.shape
+    packed = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return packed.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Flux's packed tokens [B, (h/2)(w/2), 4C] -> [B, C, h, w], as diffusers' _unpack_latents."""
+    b, _, channels = tokens.shape
+    latents = tokens.reshape(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(b, channels // 4, h, w)
+
+
+def flux_ids(latents: torch.Tensor, text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flux's rotary position ids for latents [B, C, h, w]: the text's (zeros [text_tokens, 3]) and
+    the image tokens' ((0, row, column) [(h/2)(w/2), 3]), as diffusers' pipeline makes them."""
+    h, w = latents.shape[-2] // 2, latents.shape[-1] // 2
+    rows = torch.arange(h, device=latents.device, dtype=latents.dtype)[:, None].expand(h, w)
+    cols = torch.arange(w, device=latents.device, dtype=latents.dtype)[None, :].expand(h, w)
+    image = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(h * w, 3)
+    text = torch.zeros(text_tokens, 3, device=latents.device, dtype=latents.dtype)
+    return text, image
+
+
+class FluxRotaryTable(nn.Module):
+    """Flux's rotary embedding (FluxPosEmbed) as a table lookup: each axis' cos and sin for every
+    whole position below ``positions``, computed once as diffusers computes them (float64, then
+    float32), gathered by the ids. The same values, with no float64 and no shape-dependent
+    repeat_interleave in the exported graph (which traces the sequence length as a constant)."""
+
+    def __init__(self, pos_embed: nn.Module, positions: int = 1024) -> None:
+        super().__init__()
+        from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+        cos, sin = [], []
+        for dim in pos_embed.axes_dim:
+            c, s = get_1d_rotary_pos_embed(
+                dim,
+                torch.arange(positions, dtype=torch.float32),
+                theta=pos_embed.theta,
+                repeat_interleave_real=True,
+                use_real=True,
+                freqs_dtype=torch.float64,
+            )
+            cos.append(c)
+            sin.append(s)
+        self.dims = list(pos_embed.axes_dim)
+        self.positions = positions
+        self.register_buffer("cos", torch.cat(cos, dim=-1), persistent=False)  # [positions, sum(dims)]
+        self.register_buffer("sin", torch.cat(sin, dim=-1), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = ids.long()
+        cos, sin, start = [], [], 0
+        for axis, dim in enumerate(self.dims):
+            rows = index[:, axis]
+            cos.append(self.cos[:, start : start + dim][rows])
+            sin.append(self.sin[:, start : start + dim][rows])
+            start += dim
+        return torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)
+
+
+def _tabled(model: nn.Module) -> nn.Module:
+    """``model`` (a Flux transformer or ControlNet) with its rotary embedding as FluxRotaryTable."""
+    if not isinstance(model.pos_embed, FluxRotaryTable) and model.pos_embed.__class__.__name__ == "FluxPosEmbed":
+        model.pos_embed = FluxRotaryTable(model.pos_embed)
+    return model
+
+
+def _grid(blocks, h: int, w: int) -> tuple[torch.Tensor, ...]:
+    """Block outputs [B, (h/2)(w/2), width] laid out on the patch grid [B, h/2, w/2, width]."""
+    return tuple(b.reshape(b.shape[0], h // 2, w // 2, b.shape[-1]) for b in blocks or ())
+
+
+class FluxControlNetGraph(nn.Module):
+    """A Flux ControlNet (FluxControlNetModel without an input hint block, InstantX's) with unit
+    conditioning scale, on unpacked latents.
+
+    Inputs: sample [B, C, h, w], timestep (the scheduler's, divided by 1000 here as diffusers'
+    pipeline does), encoder_hidden_states (T5's), pooled_projections (CLIP's pooled output),
+    guidance [B] (for ControlNets with guidance_embeds), controlnet_cond (the control image's
+    latents [B, C, h, w], ``(z - shift) * scaling``). Latents are packed and the position ids made
+    inside. Outputs: one residual per double-stream block, then one per single-stream block, each
+    on the patch grid [B, h/2, w/2, width].
+    """
+
+    def __init__(self, controlnet: nn.Module) -> None:
+        super().__init__()
+        self.controlnet = _tabled(controlnet)
+        self.guidance = bool(controlnet.config.guidance_embeds)
+
+    def forward(self, sample, timestep, encoder_hidden_states, pooled_projections, *rest):
+        guidance, controlnet_cond = rest if self.guidance else (None, *rest)
+        h, w = sample.shape[-2:]
+        text_ids, image_ids = flux_ids(sample, encoder_hidden_states.shape[1])
+        blocks, singles = self.controlnet(
+            hidden_states=pack_latents(sample),
+            controlnet_cond=pack_latents(controlnet_cond),
+            conditioning_scale=1.0,
+            timestep=timestep / 1000,
+            guidance=guidance,
+            pooled_projections=pooled_projections,
+            encoder_hidden_states=encoder_hidden_states,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )
+        return (*_grid(blocks, h, w), *_grid(singles, h, w))
+
+
+class FluxTransformerGraph(nn.Module):
+    """Flux's transformer (FluxTransformer2DModel) on unpacked latents, with the ControlNet blocks'
+    residuals as explicit inputs (zeros mean no control), laid out as FluxControlNetGraph gives them.
+
+    Inputs: sample [B, C, h, w], timestep, encoder_hidden_states, pooled_projections, guidance [B]
+    (a transformer with guidance_embeds), block_res_0 … (``doubles`` of them), single_block_res_0 ….
+    Output: noise_pred [B, C, h, w] (unpacked).
+    """
+
+    def __init__(self, transformer: nn.Module, doubles: int) -> None:
+        super().__init__()
+        self.transformer = _tabled(transformer)
+        self.guidance = bool(transformer.config.guidance_embeds)
+        self.doubles = doubles
+
+    def forward(self, sample, timestep, encoder_hidden_states, pooled_projections, *rest):
+        guidance, residuals = (rest[0], rest[1:]) if self.guidance else (None, rest)
+        h, w = sample.shape[-2:]
+        text_ids, image_ids = flux_ids(sample, encoder_hidden_states.shape[1])
+        blocks = [r.flatten(1, 2) for r in residuals[: self.doubles]] or None
+        singles = [r.flatten(1, 2) for r in residuals[self.doubles :]] or None
+        out = self.transformer(
+            hidden_states=pack_latents(sample),
+            timestep=timestep / 1000,
+            guidance=guidance,
+            pooled_projections=pooled_projections,
+            encoder_hidden_states=encoder_hidden_states,
+            controlnet_block_samples=blocks,
+            controlnet_single_block_samples=singles,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+        return unpack_latents(out, h, w)
 
 
 class VaeDecoderGraph(nn.Module):

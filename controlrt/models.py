@@ -45,8 +45,16 @@ SD3_COMPONENTS = {
     **{f"tokenizer{s}": "tokenizer_config.json" for s in ("", "_2", "_3")},
     "scheduler": "scheduler_config.json",
 }
+# Flux's: a transformer, CLIP and T5
+FLUX_COMPONENTS = {
+    "transformer": "config.json",
+    "vae": "config.json",
+    **{f"text_encoder{s}": "config.json" for s in ("", "_2")},
+    **{f"tokenizer{s}": "tokenizer_config.json" for s in ("", "_2")},
+    "scheduler": "scheduler_config.json",
+}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-CONTROLNET_CLASSES = ("ControlNetModel", "ControlNetUnionModel", "SD3ControlNetModel")
+CONTROLNET_CLASSES = ("ControlNetModel", "ControlNetUnionModel", "SD3ControlNetModel", "FluxControlNetModel")
 # AutoencoderKL encodes to a distribution (sampled with the request's generator), AutoencoderTiny
 # (TAESD) to latents directly
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
@@ -151,7 +159,8 @@ def _require_dir(path: Path, what: str) -> Path:
 def _components(index: dict[str, Any]) -> dict[str, str]:
     """The components a base folder must have, with their config file names."""
     if index.get("transformer") and index["transformer"][0] is not None:
-        return dict(SD3_COMPONENTS)
+        flux = index["transformer"][-1] == "FluxTransformer2DModel"
+        return dict(FLUX_COMPONENTS if flux else SD3_COMPONENTS)
     sdxl = bool(index.get("text_encoder_2") and index["text_encoder_2"][0] is not None)
     return {**BASE_COMPONENTS, **(SDXL_COMPONENTS if sdxl else {})}
 
@@ -407,9 +416,12 @@ class ControlNetModelFolder:
     @property
     def conditioning_channels(self) -> int:
         """The control input's channels: an image's (3), or for an SD3 ControlNet the latents' and
-        its extra conditioning channels."""
+        its extra conditioning channels, for a Flux ControlNet without an input hint block the
+        latents' (its in_channels are 2 x 2 packed)."""
         if self.config.get("_class_name") == "SD3ControlNetModel":
             return int(self.config["in_channels"]) + int(self.config.get("extra_conditioning_channels") or 0)
+        if self.config.get("_class_name") == "FluxControlNetModel":
+            return int(self.config["in_channels"]) // 4
         return int(self.config.get("conditioning_channels", 3))
 
     def check_fits(self, info: ModelInfo) -> None:

@@ -189,7 +189,7 @@ def run_parity(
         types = sample_control_types(build.manifest.controlnet_specs)
         request = GenerationRequest(
             prompt="a red circle and a blue square",
-            negative_prompt="blurry",
+            negative_prompt="blurry" if family.negative_prompts else None,
             controls=sample_control_images(len(types), *size),
             control_types=types,
             steps=steps,

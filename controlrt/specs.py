@@ -24,12 +24,13 @@ if TYPE_CHECKING:
 SYMBOLS = ("batch", "height", "width", "controls")  # controls: a union ControlNet's condition images
 MID_BLOCK_RESIDUAL = "mid_block_res"
 DOWN_BLOCK_RESIDUAL = "down_block_res_"
-BLOCK_RESIDUAL = "block_res_"  # a transformer's (SD3): one per ControlNet block
+BLOCK_RESIDUAL = "block_res_"  # a transformer's (SD3, Flux's double-stream blocks): one per ControlNet block
+SINGLE_BLOCK_RESIDUAL = "single_block_res_"  # Flux's single-stream blocks
 
 
 def is_residual(name: str) -> bool:
     """Whether a tensor name is a control residual (a ControlNet output, a denoiser input)."""
-    return name == MID_BLOCK_RESIDUAL or name.startswith((DOWN_BLOCK_RESIDUAL, BLOCK_RESIDUAL))
+    return name == MID_BLOCK_RESIDUAL or name.startswith((DOWN_BLOCK_RESIDUAL, BLOCK_RESIDUAL, SINGLE_BLOCK_RESIDUAL))
 
 
 def check_image_size(height: Any, width: Any, multiple: int, what: str = "") -> None:

@@ -73,6 +73,21 @@ def sd3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def flux(tmp_path_factory) -> Path:
+    """A small Flux set (tests/flux_files.py) and two builds of it: root/multi with the two ControlNets
+    alike, root/single with the one that has no single-stream blocks and no guidance embedding."""
+    from flux_files import write_flux
+
+    from controlrt.export.build import export_build
+
+    root = tmp_path_factory.mktemp("flux")
+    base, controlnets = write_flux(root)
+    export_build(base, controlnets[:2], root / "multi")
+    export_build(base, controlnets[2:], root / "single")
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_models(models) -> BuiltinModels:
     return models["tiny"]
 

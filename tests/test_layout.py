@@ -99,7 +99,7 @@ def test_each_model_is_of_one_family(tmp_path):
     sdxl = family_of(type(info)(**{**info.__dict__, "pooled_dim": 32, "time_ids": 6, "text_hidden_sizes": (16, 16)}))
     assert isinstance(sdxl, StableDiffusionXL)
     assert sdxl.added_condition_names == ("text_embeds", "time_ids") and sdxl.text_layer == "penultimate"
-    assert [f.name for f in FAMILIES] == ["sd3", "sdxl", "sd"]  # the specific before the general
+    assert [f.name for f in FAMILIES] == ["flux", "sd3", "sdxl", "sd"]  # the specific before the general
     assert TINY.family == "sd" and Architecture(text_widths=(16, 16), pooled_dim=32).family == "sdxl"
 
 
@@ -167,9 +167,10 @@ def test_each_familys_default_guidance_is_its_diffusers_pipelines():
 
     import diffusers
 
-    from controlrt.families import StableDiffusion3
+    from controlrt.families import Flux, StableDiffusion3
 
     pipelines = {
+        Flux: "FluxControlNetPipeline",
         StableDiffusion: "StableDiffusionControlNetPipeline",
         StableDiffusionXL: "StableDiffusionXLControlNetPipeline",
         StableDiffusion3: "StableDiffusion3ControlNetPipeline",

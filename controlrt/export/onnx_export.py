@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,61 @@ def _initializer_bytes(model) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
+@contextmanager
+def _decomposed_rms_norms(module: nn.Module):
+    """torch.nn.RMSNorm layers (Flux's and SD3.5's query and key norms) traced as their math: the
+    TorchScript exporter has no aten::rms_norm below opset 23 (ONNX's RMSNormalization)."""
+
+    def decomposed(norm: nn.RMSNorm):
+        dims = tuple(range(-len(norm.normalized_shape), 0))
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+            y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+            return y * norm.weight if norm.weight is not None else y
+
+        return forward
+
+    norms = [m for m in module.modules() if isinstance(m, nn.RMSNorm)]
+    for norm in norms:
+        norm.forward = decomposed(norm)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for norm in norms:
+            del norm.forward
+
+
+def _rotary(x, freqs_cis, use_real=True, use_real_unbind_dim=-1, sequence_dim=2):
+    """diffusers' apply_rotary_emb for Flux (real cos/sin, pairs on the last axis), written with
+    unflatten so that the traced reshapes keep the batch and sequence symbolic (the original's
+    ``x.reshape(*x.shape[:-1], -1, 2)`` traces them as constants)."""
+    if not use_real or use_real_unbind_dim != -1:
+        raise ExportError("only Flux-style rotary embeddings (real, pairs on the last axis) can be exported")
+    cos, sin = freqs_cis
+    index = (None, None, slice(None), slice(None)) if sequence_dim == 2 else (None, slice(None), None, slice(None))
+    cos, sin = cos[index].to(x.device), sin[index].to(x.device)
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+@contextmanager
+def _traceable_rotary():
+    """Flux's attention traced with :func:`_rotary` in place of apply_rotary_emb."""
+    try:
+        from diffusers.models.transformers import transformer_flux
+    except ImportError:  # pragma: no cover (diffusers is a dependency)
+        yield
+        return
+    original = transformer_flux.apply_rotary_emb
+    transformer_flux.apply_rotary_emb = _rotary
+    try:
+        yield
+    finally:
+        transformer_flux.apply_rotary_emb = original
+
+
 def export_onnx(module: nn.Module, spec: GraphSpec, path: Path, settings: ExportSettings) -> list[Path]:
     """Trace ``module`` at the spec's native size and write ``path`` (plus ``path.data`` if large).
 
@@ -77,7 +133,13 @@ def export_onnx(module: nn.Module, spec: GraphSpec, path: Path, settings: Export
     with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
         try:
-            with warnings.catch_warnings(), torch.no_grad(), stdout_to_log(logger):
+            with (
+                warnings.catch_warnings(),
+                torch.no_grad(),
+                stdout_to_log(logger),
+                _decomposed_rms_norms(module),
+                _traceable_rotary(),
+            ):
                 warnings.simplefilter("ignore")  # tracer and deprecation chatter
                 torch.onnx.export(
                     module,

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from controlrt.families.base import ControlNetSource, Family
+from controlrt.families.flux import Flux
 from controlrt.families.sd import StableDiffusion
 from controlrt.families.sd3 import StableDiffusion3
 from controlrt.families.sdxl import StableDiffusionXL
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from controlrt.specs import GraphSpec
 
 # Asked in order; the first that claims a model's description is its family.
-FAMILIES: tuple[type[Family], ...] = (StableDiffusion3, StableDiffusionXL, StableDiffusion)
+FAMILIES: tuple[type[Family], ...] = (Flux, StableDiffusion3, StableDiffusionXL, StableDiffusion)
 
 
 def family_of(info: ModelInfo) -> Family:
@@ -59,6 +60,7 @@ def load_graph_module(
 __all__ = [
     "FAMILIES",
     "Family",
+    "Flux",
     "StableDiffusion",
     "StableDiffusion3",
     "StableDiffusionXL",

@@ -452,6 +452,15 @@ class Family:
         return 0.8 if request.mask is None else 0.5
 
     default_guidance: ClassVar[float] = 7.5  # the guidance scale when none is given, as diffusers' pipelines
+    negative_prompts: ClassVar[bool] = True  # whether requests may give one (guidance-distilled models: no)
+    # Whether control images' latents are drawn from the request's generator before the noise (Flux's
+    # pipeline), rather than from a generator of their own seeded with the request's seed
+    controls_draw_first: ClassVar[bool] = False
+
+    def schedule(self, steps: int, latent_hw: tuple[int, int], scheduler_config: dict[str, Any]) -> dict[str, Any]:
+        """The scheduler's set_timesteps arguments for ``steps`` steps at a latent size, as the
+        family's diffusers pipeline sets them: the step count here."""
+        return {"num_inference_steps": steps}
 
     def default_strength(self, request: Any) -> float:
         """Image-to-image strength when none is given: diffusers' 1.0 for inpainting, 0.8 for img2img."""

@@ -70,6 +70,12 @@ class ModelInfo:
     t5_width: int = 0
     # SD3's CLIP encoders: each one's pooled projection width (pooled_dim is their sum)
     text_projection_dims: tuple[int, ...] = ()
+    # The denoiser's class where it is not a UNet (SD3Transformer2DModel, FluxTransformer2DModel)
+    denoiser_class: str = ""
+    # Flux's transformer: its single-stream block count, and whether it takes the guidance scale as
+    # an input (guidance_embeds: FLUX.1-dev's distilled guidance, no classifier-free batch)
+    transformer_single_layers: int = 0
+    guidance_input: bool = False
 
     @property
     def vae_samples(self) -> bool:

@@ -50,7 +50,7 @@ class StableDiffusion3(Family):
 
     @classmethod
     def claims(cls, info: ModelInfo) -> bool:
-        return info.patch_size > 0
+        return info.patch_size > 0 and info.denoiser_class in ("", TRANSFORMER_CLASS)  # "": builds of 0.17.0
 
     @classmethod
     def recognises(cls, configs: dict[str, dict[str, Any]]) -> bool:
@@ -103,6 +103,7 @@ class StableDiffusion3(Family):
             pooled_dim=pooled,
             vae_class="AutoencoderKL",
             vae_tile_size=int(vae.get("sample_size") or 0),
+            denoiser_class=TRANSFORMER_CLASS,
             patch_size=int(transformer["patch_size"]),
             transformer_width=int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"]),
             transformer_layers=int(transformer["num_layers"]),
@@ -284,11 +285,11 @@ class StableDiffusion3(Family):
     def check_request(self, request: Any) -> None:
         super().check_request(request)
         if request.image is not None:
-            raise InputError("image-to-image and inpainting with SD3 models are not supported yet")
+            raise InputError(f"image-to-image and inpainting with {self.title} models are not supported yet")
         if ControlMode.parse(request.control_mode) is not ControlMode.UNIFORM:
             raise InputError(
-                f"control mode {request.control_mode} weighs a UNet's residuals by their resolution; an SD3 "
-                "transformer's blocks share one: use uniform"
+                f"control mode {request.control_mode} weighs a UNet's residuals by their resolution; the "
+                f"blocks of a {self.title} transformer share one: use uniform"
             )
 
     def default_scale(self, request: Any) -> float:

@@ -258,6 +258,7 @@ def start(
     strength: float = 1.0,
     unet_batch: int = 1,
     tiling: bool = False,
+    schedule: dict | None = None,
 ) -> Start:
     """The loop's start for text-to-image (noise x init_noise_sigma), img2img or inpainting, drawing
     from ``generator`` in diffusers' order (see the module's docstring).
@@ -270,10 +271,11 @@ def start(
         strength: How much of the schedule runs (img2img and inpainting).
         unet_batch: The UNet's batch per image (2 with classifier-free guidance).
         tiling: Encode in tiles (diffusers' enable_tiling).
+        schedule: set_timesteps' arguments (the family's, Family.schedule; default: ``steps``).
     """
     import torch.nn.functional as F
 
-    scheduler.set_timesteps(steps, device=device)
+    scheduler.set_timesteps(**(schedule or {"num_inference_steps": steps}), device=device)
     if init is None:
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         return Start(scheduler.timesteps, noise.to(device) * init_noise_sigma(scheduler))

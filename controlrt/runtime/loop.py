@@ -114,7 +114,8 @@ def _summed_residuals(
         own = control.feeds(step, num_steps)
         if own is None:
             continue
-        out = control.session.infer({**feeds, **own})
+        spec = control.session.spec  # a ControlNet takes the added conditions its config asks for
+        out = control.session.infer({n: v for n, v in {**feeds, **own}.items() if n in spec.input_names})
         weighted = {name: out[name] * control.weights[i] for i, name in enumerate(names)}
         total = weighted if total is None else {n: total[n] + weighted[n] for n in names}
     return total

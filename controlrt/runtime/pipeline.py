@@ -219,12 +219,18 @@ class Pipeline:
 
         # 1. text: [uncond, cond] for classifier-free guidance (and SDXL's pooled embeddings and time ids)
         embeds, added, truncated = self._prompt(request, branches.cfg, resolved.height, resolved.width, resolved.task)
-        # 2. controls: preprocessed once, at the ControlNets' batch size
+        # 2. controls: preprocessed once, at the ControlNets' batch size (a family whose pipeline
+        # samples their latents from the request's generator draws them before the noise)
+        generator = torch.Generator("cpu").manual_seed(request.seed)
         controls = self._plan_controls(
-            resolved, images, branches.per_image(GraphKind.CONTROLNET), device, crop, request.seed
+            resolved,
+            images,
+            branches.per_image(GraphKind.CONTROLNET),
+            device,
+            crop,
+            generator if self.family.controls_draw_first else torch.Generator("cpu").manual_seed(request.seed),
         )
         # 3. initial latents, drawn as diffusers draws them (the init image's sample before the noise)
-        generator = torch.Generator("cpu").manual_seed(request.seed)
         shape = (1, info.latent_channels, resolved.height // f, resolved.width // f)
         init = None
         if init_image is not None:
@@ -245,6 +251,7 @@ class Pipeline:
             strength=resolved.strength or 1.0,
             unet_batch=branches.per_image(GraphKind.UNET),
             tiling=request.vae_tiling,
+            schedule=self.family.schedule(request.steps, shape[2:], self.build.scheduler_config),
         )
         # an LCM-distilled UNet takes guidance as an embedding instead of a CFG batch
         unet_only = self.family.unet_extras(resolved.guidance)
@@ -358,14 +365,14 @@ class Pipeline:
         batch: int,
         device: torch.device,
         crop: tuple | None = None,
-        seed: int = 0,
+        generator: torch.Generator | None = None,
     ) -> list[ControlPlan]:
         """One plan per ControlNet given controls (resolved.assignment), at the ControlNets' batch
-        (cropped as the init image is, for a mask crop), as the family's ControlNets take them (SD3's:
-        VAE-encoded, sampled from a generator seeded with ``seed``, in ControlNet order)."""
+        (cropped as the init image is, for a mask crop), as the family's ControlNets take them (SD3's
+        and Flux's: VAE-encoded, sampled from ``generator``, in ControlNet order)."""
         base = self.family.control_weights(resolved.mode, self.unet_spec)
         plans = []
-        generator = torch.Generator("cpu").manual_seed(seed)
+        generator = generator or torch.Generator("cpu").manual_seed(0)
 
         def encode(image: torch.Tensor) -> torch.Tensor:
             encoder = self.session("vae_encoder")

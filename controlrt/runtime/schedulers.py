@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from functools import lru_cache
 from typing import Any
@@ -46,8 +47,12 @@ def _takes(scheduler, steps: int, train_steps: int) -> bool:
     """Whether ``scheduler`` can run ``steps`` inference steps: set_timesteps accepts the count and
     every timestep it makes lies in the trained range [0, train_steps) (a flow-matching
     scheduler's are sigma x train_steps, so up to train_steps itself)."""
+    # the count a scheduler takes does not depend on a dynamic shift (Flux's mu): any will do
+    takes_mu = "mu" in inspect.signature(scheduler.set_timesteps).parameters
+    dynamic = scheduler.config.get("use_dynamic_shifting") and takes_mu
+    shift = {"mu": 0.0} if dynamic else {}
     try:
-        scheduler.set_timesteps(steps)
+        scheduler.set_timesteps(steps, **shift)
     except (ValueError, IndexError, ZeroDivisionError):
         return False
     timesteps = scheduler.timesteps

@@ -473,3 +473,24 @@ def test_sd3_builds_run_on_engines(fake_trt, sd3, tmp_path):
         expected = np.asarray(pipe("a red house", **settings))
     assert expected.std() > 5
     assert psnr(expected, got) >= 60
+
+
+def test_flux_builds_run_on_engines(fake_trt, flux, tmp_path):
+    """A Flux build's graphs (CLIP and T5, ControlNets with double- and single-block residuals, the
+    transformer with its guidance input) get engines with batch-1 profiles (no CFG batch), and the
+    pipeline on them matches onnxruntime."""
+    from controlrt.engine.profiles import ProfileSettings
+    from controlrt.runtime.pipeline import Pipeline
+
+    build = shutil.copytree(flux / "multi", tmp_path / "build")
+    built = builder.build_engines(build, "fp32", ProfileSettings(min_size=(64, 64), opt_size=(64, 64)))
+    assert {r.graph for r in built} == set(Build.open(build).manifest.graphs)
+    settings = {"controls": sample_control_images(2, 64, 64), "steps": 3, "seed": 2, "guidance": 3.5}
+    size = {"height": 64, "width": 64}
+    with Pipeline.load(build, backend="tensorrt", device="cpu") as pipe:
+        assert pipe.sessions["transformer"].backend == "tensorrt"
+        got = np.asarray(pipe("a red house", **settings, **size))
+    with Pipeline.load(build, backend="onnxruntime") as pipe:
+        expected = np.asarray(pipe("a red house", **settings, **size))
+    assert expected.std() > 5
+    assert psnr(expected, got) >= 60

@@ -93,7 +93,7 @@ def test_sd3_builds_say_what_they_do_not_take(sd3, pipelines, tiny_models, tmp_p
     pipe = pipelines[("torch", "multi")]
     image = sample_control_images(1, SIZE, SIZE)[0]
     assert pipe.generate(GenerationRequest(PROMPT, steps=1)).settings["guidance"] == 7.0  # diffusers' SD3 default
-    with pytest.raises(InputError, match="transformer's blocks share one"):
+    with pytest.raises(InputError, match="blocks of a SD3 transformer share one"):
         pipe(PROMPT, controls=[image], control_mode="cfg-rw", steps=1)
     with pytest.raises(InputError, match="image-to-image and inpainting with SD3"):
         pipe(PROMPT, controls=[image], image=image, steps=1)

@@ -1,0 +1,176 @@
+"""Flux with Flux ControlNets against diffusers' FluxControlNetPipeline.
+
+A small Flux set made in code (tests/flux_files.py): CLIP and T5, a transformer with double- and
+single-stream blocks taking packed latents, the distilled guidance embedding and rotary ids, a
+16-channel VAE with a shift, a flow-matching scheduler with dynamic shifting. Two ControlNets
+summed block by block, and one with no single-stream blocks and no guidance embedding, must match
+diffusers at the fp32 gate on every CPU backend, at a non-square size; the controls, the guidance
+and the seed must change the image.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flux_files import NAMES, SIZE
+from PIL import Image
+
+from controlrt.builtin import sample_control_images
+from controlrt.compare import end_to_end_gate, psnr
+from controlrt.errors import InputError, ModelError
+
+GATE = end_to_end_gate("fp32")
+PROMPT = "a red house beside a tree"
+BACKENDS = ["torch", "onnxruntime", "openvino"]
+HEIGHT, WIDTH = SIZE, SIZE + 32  # not square: the packed token grid is 4 x 6
+
+
+@pytest.fixture(scope="module")
+def pipelines(flux):
+    from controlrt.runtime.pipeline import Pipeline
+
+    opened = {(b, k): Pipeline.load(flux / k, backend=b) for b in BACKENDS for k in ("multi", "single")}
+    yield opened
+    for pipe in opened.values():
+        pipe.close()
+
+
+def _reference(root, names, seed: int, **settings):
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+    from diffusers.models.controlnets import FluxMultiControlNetModel
+
+    nets = [FluxControlNetModel.from_pretrained(root / n) for n in names]
+    controlnet = FluxMultiControlNetModel(nets) if len(nets) > 1 else nets[0]
+    pipe = FluxControlNetPipeline.from_pretrained(root / "base", controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    image = pipe(PROMPT, generator=generator, height=HEIGHT, width=WIDTH, **settings).images[0]
+    return np.asarray(image)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_flux_controlnets_match_diffusers(backend, flux, pipelines):
+    images = sample_control_images(2, HEIGHT, WIDTH)
+    expected = _reference(
+        flux,
+        NAMES[:2],
+        seed=5,
+        control_image=images,
+        controlnet_conditioning_scale=[0.9, 0.7],
+        control_guidance_end=[1.0, 0.5],
+        num_inference_steps=4,
+        guidance_scale=3.5,
+    )
+    pipe = pipelines[(backend, "multi")]
+    ours = {"steps": 4, "guidance": 3.5, "seed": 5, "height": HEIGHT, "width": WIDTH}
+    got = np.asarray(pipe(PROMPT, controls=images, scales=[0.9, 0.7], end=[1.0, 0.5], **ours))
+    assert expected.std() > 5
+    assert psnr(expected, got) >= GATE
+    plain = np.asarray(pipe(PROMPT, **ours))  # the ControlNets steer the image, so the comparison can fail
+    assert psnr(got, plain) < 40
+    other = np.asarray(pipe(PROMPT, controls=images, scales=[0.9, 0.7], end=[1.0, 0.5], **{**ours, "guidance": 6.0}))
+    assert psnr(got, other) < 40  # the guidance scale is the transformer's input, not a CFG batch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_controlnet_without_single_blocks_or_guidance_matches_diffusers(backend, flux, pipelines):
+    image = sample_control_images(3, HEIGHT, WIDTH)[2]
+    settings = {"num_inference_steps": 3, "guidance_scale": 4.0}
+    expected = _reference(flux, NAMES[2:], seed=2, control_image=image, controlnet_conditioning_scale=0.8, **settings)
+    pipe = pipelines[(backend, "single")]
+    ours = {"scales": 0.8, "steps": 3, "guidance": 4.0, "height": HEIGHT, "width": WIDTH}
+    got = np.asarray(pipe(PROMPT, controls=[image], seed=2, **ours))
+    assert expected.std() > 5
+    assert psnr(expected, got) >= GATE
+    other = np.asarray(pipe(PROMPT, controls=[image], seed=3, **ours))
+    assert psnr(got, other) < 40  # the seed draws the control latents and the noise
+
+
+def test_flux_builds_say_what_they_do_not_take(flux, pipelines, tiny_models, tmp_path):
+    import shutil
+
+    from controlrt.export.build import export_build
+    from controlrt.runtime.request import GenerationRequest
+
+    pipe = pipelines[("torch", "multi")]
+    image = sample_control_images(1, SIZE, SIZE)[0]
+    small = {"steps": 1, "height": SIZE, "width": SIZE}
+    assert pipe.generate(GenerationRequest(PROMPT, **small)).settings["guidance"] == 7.0  # diffusers' default
+    with pytest.raises(InputError, match="Flux models take no negative prompt"):
+        pipe(PROMPT, negative_prompt="blurry", **small)
+    with pytest.raises(InputError, match="drop --scheduler"):
+        pipe(PROMPT, scheduler="ddim", **small)
+    with pytest.raises(InputError, match="blocks of a Flux transformer share one"):
+        pipe(PROMPT, controls=[image], control_mode="cfg-rw", **small)
+    with pytest.raises(InputError, match="image-to-image and inpainting with Flux"):
+        pipe(PROMPT, controls=[image], image=image, **small)
+    with pytest.raises(ModelError, match="it is a ControlNetModel and the base is a Flux model"):
+        export_build(flux / "base", [tiny_models.controlnets[0]], tmp_path / "out")
+    with pytest.raises(ModelError, match=r"it is a FluxControlNetModel and the base is a SD 1\.x/2\.x model"):
+        export_build(tiny_models.base, [flux / "canny"], tmp_path / "out")
+    with pytest.raises(ModelError, match="same numbers"):
+        export_build(flux / "base", [flux / "canny", flux / "blur"], tmp_path / "out")
+    for key, value, words in (
+        ("conditioning_embedding_channels", 16, "XLabs-style"),
+        ("num_mode", 10, "ControlNet-Union"),
+        ("num_single_layers", 9, "the transformer has 4"),
+    ):
+        other = shutil.copytree(flux / "canny", tmp_path / key)
+        config = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ModelError, match=words):
+            export_build(flux / "base", [other], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_flux_fp16_and_int8_builds_pass_parity(flux, tmp_path):
+    """convert and calibrate on a Flux build: T5 stays fp32 in fp16 builds; the transformer and the
+    ControlNets are quantized; every graph and the image pass the precision's gate."""
+    import shutil
+
+    from controlrt.calibration.calibrate import CalibrationSettings, calibrate_build
+    from controlrt.export.fp16 import convert_build
+    from controlrt.manifest import Build
+    from controlrt.parity import run_parity
+
+    build = shutil.copytree(flux / "multi", tmp_path / "build")
+    convert_build(build)
+    calibrate_build(build, settings=CalibrationSettings(samples=2, steps=2, height=SIZE, width=SIZE))
+    manifest = Build.open(build).manifest
+    assert manifest.graphs["text_encoder_2"].variants["fp16"].settings["text_encoder_2"].startswith("kept in fp32")
+    assert {n for n, g in manifest.graphs.items() if "int8" in g.variants} == {
+        "controlnet_0",
+        "controlnet_1",
+        "transformer",
+    }
+    for precision in ("fp16", "int8"):
+        report = run_parity(build, precision=precision, steps=2, height=SIZE, width=SIZE)
+        assert report.passed, report.table()
+
+
+def test_the_readmes_flux_commands_run(flux, tmp_path, monkeypatch):
+    """README, "Flux ControlNets": its commands as written, on the small set's folders."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from controlrt.cli import cli
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"## Flux ControlNets\n\n```bash\n(.*?)```", readme, re.S)[1]
+    for k, image in enumerate(sample_control_images(2, SIZE, SIZE)):
+        image.save(tmp_path / ("edges.png", "depth.png")[k])
+    folders = {"FLUX.1-dev": "base", "flux-controlnet-canny": "canny", "flux-controlnet-depth": "depth"}
+    sizes = {"1024": str(SIZE)}  # the README's full-size image, at the small set's size
+    monkeypatch.chdir(tmp_path)
+    for line in block.strip().splitlines():
+        argv = [str(flux / folders[a]) if a in folders else sizes.get(a, a) for a in shlex.split(line)]
+        result = CliRunner().invoke(cli, argv[1:])
+        assert result.exit_code == 0, f"{line}:\n{result.output}"
+    with Image.open(tmp_path / "house.png") as image:
+        assert image.size == (SIZE, SIZE) and json.loads(image.info["controlrt"])["guidance"] == 3.5
