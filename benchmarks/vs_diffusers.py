@@ -6,6 +6,8 @@
     python benchmarks/vs_diffusers.py --reuse --variants openvino:bf16:uniform,openvino:int8:uniform
     python benchmarks/vs_diffusers.py --arch sdxl --size 512 --variants onnxruntime:fp32:uniform,openvino:fp32:uniform
     python benchmarks/vs_diffusers.py --reuse --task img2img    # or inpaint: diffusers' img2img/inpaint pipelines
+    python benchmarks/vs_diffusers.py --arch sd3 --root /tmp/pbench/sd3 --variants openvino:fp32:uniform
+    python benchmarks/vs_diffusers.py --arch flux --root /tmp/pbench/flux --variants openvino:fp32:uniform
 
 ``--task img2img`` and ``--task inpaint`` time StableDiffusionControlNetImg2ImgPipeline and
 StableDiffusionControlNetInpaintPipeline (SDXL: their XL counterparts) against controlrt with the same
@@ -23,6 +25,11 @@ variant the median seconds per image with the min-max spread, the speed-up over 
 baseline, and the final image's PSNR against diffusers fp32 (uniform variants only: the
 conditional-only modes are other math). One controlrt pipeline is loaded at a time besides
 diffusers', to fit in memory.
+
+``--arch sd3`` and ``--arch flux`` build controlrt.smallsets' SD3 and Flux sets at ``--scale`` (default 4:
+medium shapes, a transformer 256 wide) and time StableDiffusion3ControlNetPipeline (CFG 7.0) and
+FluxControlNetPipeline (guidance 3.5 as an input, no CFG batch) with the model's own flow-matching
+scheduler against controlrt, two ControlNets.
 
 ``--arch sdxl`` (SDXL base 1.0's shapes, one full-size ControlNet, StableDiffusionXLControlNetPipeline)
 does not fit twice in 24 GB (diffusers' pipeline is about 19 GB in fp32, controlrt's sessions about as
@@ -47,23 +54,31 @@ DEFAULT_VARIANTS = (
 )
 
 
-def make_models(arch_name: str, root: Path, reuse: bool) -> tuple[Path, list[Path], Path]:
+TRANSFORMERS = ("sd3", "flux")  # controlrt.smallsets' families: their own schedulers, no DDIM
+
+
+def make_models(arch_name: str, root: Path, reuse: bool, scale: int = 4) -> tuple[Path, list[Path], Path]:
     from dataclasses import replace
 
-    from controlrt import builtin
+    from controlrt import builtin, smallsets
     from controlrt.export.build import export_build
 
     models, build = root / "models", root / "build"
+    if reuse and (build / "manifest.json").is_file():
+        manifest = json.loads((build / "manifest.json").read_text())
+        base = Path(manifest["sources"]["base"]["path"])
+        return base, [Path(s["path"]) for s in manifest["sources"]["controlnets"]], build
+    if arch_name in TRANSFORMERS:
+        writer = smallsets.write_sd3 if arch_name == "sd3" else smallsets.write_flux
+        base, controlnets = writer(models, seed=0, scale=scale)
+        export_build(base, controlnets[:2], build, force=True)
+        return base, controlnets[:2], build
     arch = {
         "alternate": builtin.ALTERNATE,
         "sd15": builtin.SD15,
         "tiny": builtin.TINY,
         "sdxl": replace(builtin.SDXL, controlnets=builtin.SDXL.controlnets[:1]),  # two do not fit 24 GB
     }[arch_name]
-    if reuse and (build / "manifest.json").is_file():
-        manifest = json.loads((build / "manifest.json").read_text())
-        base = Path(manifest["sources"]["base"]["path"])
-        return base, [Path(s["path"]) for s in manifest["sources"]["controlnets"]], build
     written = builtin.write_builtin_models(models, arch, seed=0, force=True)
     export_build(written.base, written.controlnets, build, force=True)
     return written.base, list(written.controlnets), build
@@ -79,6 +94,20 @@ PIPELINES = {  # task -> (SD 1.x/2.x, SDXL) diffusers pipeline class names
 def diffusers_pipeline(base: Path, controlnets: list[Path], dtype, task: str = "txt2img"):
     import diffusers
     from diffusers import ControlNetModel, DDIMScheduler
+
+    if (base / "transformer").is_dir():  # SD3 or Flux: their ControlNet pipelines, their own schedulers
+        from diffusers.models.controlnets import FluxMultiControlNetModel, SD3MultiControlNetModel
+
+        flux = not (base / "text_encoder_3").is_dir()
+        net, multi, pipeline = (
+            (diffusers.FluxControlNetModel, FluxMultiControlNetModel, diffusers.FluxControlNetPipeline)
+            if flux
+            else (diffusers.SD3ControlNetModel, SD3MultiControlNetModel, diffusers.StableDiffusion3ControlNetPipeline)
+        )
+        nets = multi([net.from_pretrained(p, torch_dtype=dtype) for p in controlnets])
+        pipe = pipeline.from_pretrained(base, controlnet=nets, torch_dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     nets = [ControlNetModel.from_pretrained(p, torch_dtype=dtype) for p in controlnets]
     sd, xl = (getattr(diffusers, name) for name in PIPELINES[task])
@@ -103,7 +132,8 @@ def main() -> None:
     from controlrt.runtime.pipeline import Pipeline
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["tiny", "alternate", "sd15", "sdxl"], default="sd15")
+    parser.add_argument("--arch", choices=["tiny", "alternate", "sd15", "sdxl", *TRANSFORMERS], default="sd15")
+    parser.add_argument("--scale", type=int, default=4, help="sd3 and flux: the small sets' width and depth factor")
     parser.add_argument("--root", default="vs-diffusers")
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--size", type=int, default=256)
@@ -127,10 +157,16 @@ def main() -> None:
     in_turn = args.in_turn or args.arch == "sdxl"
 
     root = Path(args.root)
-    base, controlnets, build = make_models(args.arch, root, args.reuse)
+    if args.arch in TRANSFORMERS and args.task != "txt2img":
+        parser.error(f"--arch {args.arch} times text-to-image only")
+    base, controlnets, build = make_models(args.arch, root, args.reuse, args.scale)
     controlnets = controlnets[:2]
     images = sample_control_images(len(controlnets), args.size, args.size)
     prompt, negative = "a red circle and a blue square", ""
+    flux, transformer = args.arch == "flux", args.arch in TRANSFORMERS
+    guidance = 3.5 if flux else 7.0 if transformer else 7.5
+    scheduler = None if transformer else "ddim"
+    steps_label = "flow-matching" if transformer else "DDIM"
     init = sample_init_image(args.size, args.size) if args.task != "txt2img" else None
     mask = sample_mask(args.size, args.size) if args.task == "inpaint" else None
     theirs = {} if init is None else {"image": init, "control_image": images}
@@ -142,7 +178,8 @@ def main() -> None:
     print(f"CPU: {info['name']}, {info['cores']} cores, features: {' '.join(info['features']) or 'none listed'}")
     print("matrix-multiply peak (torch, GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items() if v))
     print(
-        f"torch threads {torch.get_num_threads()}, {args.arch}, {args.task}, {args.size} px, {args.steps} DDIM steps",
+        f"torch threads {torch.get_num_threads()}, {args.arch}, {args.task}, {args.size} px, "
+        f"{args.steps} {steps_label} steps",
         flush=True,
     )
 
@@ -151,13 +188,16 @@ def main() -> None:
         dtypes["diffusers bf16"] = torch.bfloat16
 
     def run_diffusers(pipe):
+        torch.manual_seed(0)  # SD3's pipeline samples the control latents from the global generator
         generator = torch.Generator("cpu").manual_seed(0)
         return pipe(
             prompt,
-            **(theirs or {"image": images}),
-            negative_prompt=negative,
+            **(theirs or {"control_image" if transformer else "image": images}),
+            **({} if flux else {"negative_prompt": negative}),
+            # their multi-ControlNet pipelines take one scale per ControlNet
+            **({"controlnet_conditioning_scale": [1.0] * len(controlnets)} if transformer else {}),
             num_inference_steps=args.steps,
-            guidance_scale=7.5,
+            guidance_scale=guidance,
             generator=generator,
             height=args.size,
             width=args.size,
@@ -200,14 +240,14 @@ def main() -> None:
                 return pipe(
                     prompt,
                     controls=images,
-                    negative_prompt=negative,
+                    negative_prompt=None if flux else negative,
                     control_mode=mode,
                     steps=args.steps,
-                    guidance=7.5,
+                    guidance=guidance,
                     seed=0,
                     height=args.size,
                     width=args.size,
-                    scheduler="ddim",
+                    scheduler=scheduler,
                     **ours,
                 )
 

@@ -326,23 +326,28 @@ class FluxControlNetGraph(nn.Module):
     Inputs: sample [B, C, h, w], timestep (the scheduler's, divided by 1000 here as diffusers'
     pipeline does), encoder_hidden_states (T5's), pooled_projections (CLIP's pooled output),
     guidance [B] (for ControlNets with guidance_embeds), controlnet_cond (the control image's
-    latents [B, C, h, w], ``(z - shift) * scaling``). Latents are packed and the position ids made
-    inside. Outputs: one residual per double-stream block, then one per single-stream block, each
-    on the patch grid [B, h/2, w/2, width].
+    latents [B, C, h, w], ``(z - shift) * scaling``), and for a ControlNet-Union (num_mode)
+    control_mode int64 [B, 1]. Latents are packed and the position ids made inside. Outputs: one
+    residual per double-stream block, then one per single-stream block, each on the patch grid
+    [B, h/2, w/2, width].
     """
 
     def __init__(self, controlnet: nn.Module) -> None:
         super().__init__()
         self.controlnet = _tabled(controlnet)
         self.guidance = bool(controlnet.config.guidance_embeds)
+        self.union = controlnet.config.num_mode is not None
 
     def forward(self, sample, timestep, encoder_hidden_states, pooled_projections, *rest):
+        control_mode = rest[-1] if self.union else None
+        rest = rest[:-1] if self.union else rest
         guidance, controlnet_cond = rest if self.guidance else (None, *rest)
         h, w = sample.shape[-2:]
         text_ids, image_ids = flux_ids(sample, encoder_hidden_states.shape[1])
         blocks, singles = self.controlnet(
             hidden_states=pack_latents(sample),
             controlnet_cond=pack_latents(controlnet_cond),
+            controlnet_mode=control_mode,
             conditioning_scale=1.0,
             timestep=timestep / 1000,
             guidance=guidance,

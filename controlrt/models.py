@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from controlrt.errors import ModelError
 from controlrt.families import family_for, family_of
+from controlrt.families.base import UNION_TYPE_NAMES
 from controlrt.families.info import ModelInfo, Residual
 
 if TYPE_CHECKING:
@@ -59,16 +60,7 @@ CONTROLNET_CLASSES = ("ControlNetModel", "ControlNetUnionModel", "SD3ControlNetM
 # (TAESD) to latents directly
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 # ControlNet-Union's condition types as diffusers takes them (integers) and xinsir's ProMax names them
-UNION_TYPES = {
-    "openpose": 0,
-    "depth": 1,
-    "hed": 2,
-    "canny": 3,
-    "normal": 4,
-    "segment": 5,
-    "tile": 6,
-    "repaint": 7,
-}
+UNION_TYPES = UNION_TYPE_NAMES
 
 
 def residual_layout(config: dict[str, Any], what: str) -> tuple[Residual, ...]:

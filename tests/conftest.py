@@ -75,7 +75,8 @@ def sd3(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def flux(tmp_path_factory) -> Path:
     """A small Flux set (tests/flux_files.py) and two builds of it: root/multi with the two ControlNets
-    alike, root/single with the one that has no single-stream blocks and no guidance embedding."""
+    alike, root/single with the two that have no single-stream blocks and no guidance embedding (the
+    second a ControlNet-Union)."""
     from flux_files import write_flux
 
     from controlrt.export.build import export_build

@@ -36,6 +36,17 @@ if TYPE_CHECKING:
 BATCH = Axis("batch")
 CONTROLS = Axis("controls")  # a union ControlNet's condition images
 GUIDANCE_EMBEDDING = "timestep_cond"  # the UNet's only: ControlNets never take it
+# ControlNet-Union's condition types as diffusers takes them (integers) and xinsir's ProMax names them
+UNION_TYPE_NAMES = {
+    "openpose": 0,
+    "depth": 1,
+    "hed": 2,
+    "canny": 3,
+    "normal": 4,
+    "segment": 5,
+    "tile": 6,
+    "repaint": 7,
+}
 # An inpainting UNet's own inputs, concatenated to the latents inside the graph as diffusers does
 INPAINT_INPUTS = ("mask", "masked_image_latents")
 
@@ -452,6 +463,8 @@ class Family:
         return 0.8 if request.mask is None else 0.5
 
     default_guidance: ClassVar[float] = 7.5  # the guidance scale when none is given, as diffusers' pipelines
+    # A union ControlNet's condition types by name (xinsir's ProMax names; numbers are taken as well)
+    union_types: ClassVar[dict[str, int]] = UNION_TYPE_NAMES
     negative_prompts: ClassVar[bool] = True  # whether requests may give one (guidance-distilled models: no)
     # Whether control images' latents are drawn from the request's generator before the noise (Flux's
     # pipeline), rather than from a generator of their own seeded with the request's seed

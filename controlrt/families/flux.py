@@ -21,7 +21,7 @@ As diffusers' FluxControlNetPipeline computes it:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from controlrt.errors import InputError, ModelError
 from controlrt.families.base import BATCH, ControlNetSource, Family, ModuleFactory, image_axes
@@ -32,6 +32,7 @@ from controlrt.specs import BLOCK_RESIDUAL, SINGLE_BLOCK_RESIDUAL, GraphKind, Gr
 TRANSFORMER_CLASS = "FluxTransformer2DModel"
 T5_SEQUENCE_LENGTH = 512  # FluxControlNetPipeline's max_sequence_length default
 GUIDANCE = "guidance"
+CONTROL_MODE = "control_mode"  # a Flux ControlNet-Union's input
 CLIP_SEQUENCE_LENGTH = 77  # the pipeline's tokenizer_max_length without a tokenizer config
 
 
@@ -46,6 +47,8 @@ class Flux(StableDiffusion3):
     controlnet_classes = ("FluxControlNetModel",)
     text_components = ("text_encoder", "text_encoder_2")
     tokenizer_components = ("tokenizer", "tokenizer_2")
+    # InstantX's and Shakker-Labs' Flux ControlNet-Union modes
+    union_types: ClassVar[dict[str, int]] = dict(canny=0, tile=1, depth=2, blur=3, pose=4, openpose=4, gray=5, lq=6)
     negative_prompts = False
     controls_draw_first = True  # the pipeline samples control latents from the request's generator
 
@@ -181,23 +184,33 @@ class Flux(StableDiffusion3):
         return tuple(TensorSpec(n, "float32", (BATCH, *grid, info.transformer_width)) for n in names)
 
     def flux_controlnet_spec(self, index: int, controlnet: ControlNetSource, doubles: int, singles: int) -> GraphSpec:
-        """The denoiser inputs (guidance only if the ControlNet has a guidance embedding) and
+        """The denoiser inputs (guidance only if the ControlNet has a guidance embedding),
         controlnet_cond [batch, 16, height/8, width/8] (the control image's latents, scaled as the
-        transformer's) -> its residuals, unscaled."""
+        transformer's) and, for a ControlNet-Union (num_mode), control_mode int64 [batch, 1] (the
+        image's type: one pass per image, summed as diffusers' multi-ControlNet does) -> its
+        residuals, unscaled."""
         info = self.info
         inputs = [t for t in self.denoiser_inputs() if t.name != GUIDANCE]
         if controlnet.config.get("guidance_embeds"):
             inputs.append(self._guidance_spec())
-        cond = TensorSpec(
-            "controlnet_cond", "float32", (BATCH, controlnet.conditioning_channels, *image_axes(info.vae_scale_factor))
+        inputs.append(
+            TensorSpec(
+                "controlnet_cond",
+                "float32",
+                (BATCH, controlnet.conditioning_channels, *image_axes(info.vae_scale_factor)),
+            )
         )
+        modes = int(controlnet.config.get("num_mode") or 0)  # a ControlNet-Union: each image's type
+        if modes:
+            inputs.append(TensorSpec(CONTROL_MODE, "int64", (BATCH, 1), (0, modes)))
         return self._spec(
             f"controlnet_{index}",
             GraphKind.CONTROLNET,
-            [*inputs, cond],
+            inputs,
             self.flux_residual_specs(doubles, singles),
             index=index,
             source_name=controlnet.name,
+            control_types=modes,
         )
 
     def flux_transformer_spec(self, doubles: int, singles: int) -> GraphSpec:
@@ -284,8 +297,6 @@ class Flux(StableDiffusion3):
                 f"{what}: it takes control images through an input hint block (an XLabs-style ControlNet); "
                 "controlrt exports Flux ControlNets that take VAE-encoded controls (InstantX-style) only, for now"
             )
-        if config.get("num_mode") is not None:
-            raise ModelError(f"{what}: it is a Flux ControlNet-Union (num_mode); controlrt does not export those yet")
         checks = (
             ("in_channels", 4 * info.latent_channels),
             ("joint_attention_dim", info.cross_attention_dim),

@@ -36,6 +36,8 @@ class ControlPlan:
             ControlNet's with two or more images: without the scales, which it applies inside).
         start, end: Window as fractions of the schedule (diffusers' control_guidance_start/end).
         union: A union ControlNet's other inputs.
+        extra: Other inputs of this control's own, constant over the steps (a Flux ControlNet-Union's
+            control_mode: one plan per image, each with its type).
     """
 
     session: Session
@@ -44,6 +46,7 @@ class ControlPlan:
     start: float
     end: float
     union: UnionInputs | None = None
+    extra: dict[str, torch.Tensor] | None = None
 
     def feeds(self, step: int, num_steps: int) -> dict[str, torch.Tensor] | None:
         """This control's own inputs at ``step``, or None when it does not run then.
@@ -56,7 +59,7 @@ class ControlPlan:
             if not control_active(step, num_steps, self.start, self.end):
                 return None
             if union is None:
-                return {"controlnet_cond": self.image}
+                return {"controlnet_cond": self.image, **(self.extra or {})}
             scales = union.ones
         else:
             keeps = [control_active(step, num_steps, a, b) for a, b in union.windows]

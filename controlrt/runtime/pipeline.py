@@ -388,6 +388,22 @@ class Pipeline:
             if not indices:
                 continue
             first = indices[0]
+            if spec.union and "control_mode" in spec.input_names:
+                # a Flux ControlNet-Union: one pass per image with its type, summed as diffusers'
+                # multi-ControlNet sums them
+                for i in indices:
+                    image = prepared(i, self.family.control_channels(spec))
+                    plans.append(
+                        ControlPlan(
+                            session=self.sessions[spec.name],
+                            image=self.family.control_condition(image, encode).to(device),
+                            weights=(base * resolved.scales[i]).to(device),
+                            start=resolved.starts[i],
+                            end=resolved.ends[i],
+                            extra={"control_mode": torch.full((batch, 1), int(resolved.types[i]), device=device)},
+                        )
+                    )
+                continue
             if not spec.union:
                 image = prepared(first, self.family.control_channels(spec))
                 plans.append(

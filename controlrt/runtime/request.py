@@ -160,15 +160,18 @@ def image_size(request: GenerationRequest, info: ModelInfo, control_size: tuple[
     return (rounded[0] if height is None else height, rounded[1] if width is None else width)
 
 
-def control_type(value: int | str | None, num_types: int = len(UNION_TYPES)) -> int | None:
-    """A union ControlNet's condition type from an integer or a name; None (or "none") for none."""
+def control_type(
+    value: int | str | None, num_types: int = len(UNION_TYPES), names: dict[str, int] = UNION_TYPES
+) -> int | None:
+    """A union ControlNet's condition type from an integer or a name (``names``: the family's, by
+    default xinsir's ProMax names); None (or "none") for none."""
     if value is None or (isinstance(value, str) and value.lower() in ("", "none")):
         return None
     if isinstance(value, str):
-        if value.lower() in UNION_TYPES:
-            return UNION_TYPES[value.lower()]
+        if value.lower() in names:
+            return names[value.lower()]
         if not value.isdigit():
-            raise InputError(f"unknown control type {value!r}; choose one of {', '.join(UNION_TYPES)} or a number")
+            raise InputError(f"unknown control type {value!r}; choose one of {', '.join(names)} or a number")
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_types:
         raise InputError(f"control type {value!r} must be a whole number from 0 to {num_types - 1} (or a name)")
@@ -237,9 +240,10 @@ def resolve(
         raise InputError("negative prompt must be a string")
     controls = list(request.controls)
     given = list(request.control_types or [])
-    types = [control_type(t) for t in given]
+    names = family_of(info).union_types
+    types = [control_type(t, names=names) for t in given]
     # a tile type with no control image of its own takes the init image (tile upscaling)
-    while len(types) > len(controls) and types[len(controls)] == UNION_TYPES["tile"] and request.image is not None:
+    while len(types) > len(controls) and types[len(controls)] == names.get("tile") and request.image is not None:
         controls.append(request.image)
     if len(given) > len(controls):
         raise InputError(

@@ -38,12 +38,13 @@ def pipelines(flux):
         pipe.close()
 
 
-def _reference(root, names, seed: int, **settings):
+def _reference(root, names, seed: int, controlnet=None, **settings):
     from diffusers import FluxControlNetModel, FluxControlNetPipeline
     from diffusers.models.controlnets import FluxMultiControlNetModel
 
-    nets = [FluxControlNetModel.from_pretrained(root / n) for n in names]
-    controlnet = FluxMultiControlNetModel(nets) if len(nets) > 1 else nets[0]
+    if controlnet is None:
+        nets = [FluxControlNetModel.from_pretrained(root / n) for n in names]
+        controlnet = FluxMultiControlNetModel(nets) if len(nets) > 1 else nets[0]
     pipe = FluxControlNetPipeline.from_pretrained(root / "base", controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -79,7 +80,7 @@ def test_two_flux_controlnets_match_diffusers(backend, flux, pipelines):
 def test_a_controlnet_without_single_blocks_or_guidance_matches_diffusers(backend, flux, pipelines):
     image = sample_control_images(3, HEIGHT, WIDTH)[2]
     settings = {"num_inference_steps": 3, "guidance_scale": 4.0}
-    expected = _reference(flux, NAMES[2:], seed=2, control_image=image, controlnet_conditioning_scale=0.8, **settings)
+    expected = _reference(flux, NAMES[2:3], seed=2, control_image=image, controlnet_conditioning_scale=0.8, **settings)
     pipe = pipelines[(backend, "single")]
     ours = {"scales": 0.8, "steps": 3, "guidance": 4.0, "height": HEIGHT, "width": WIDTH}
     got = np.asarray(pipe(PROMPT, controls=[image], seed=2, **ours))
@@ -87,6 +88,49 @@ def test_a_controlnet_without_single_blocks_or_guidance_matches_diffusers(backen
     assert psnr(expected, got) >= GATE
     other = np.asarray(pipe(PROMPT, controls=[image], seed=3, **ours))
     assert psnr(got, other) < 40  # the seed draws the control latents and the noise
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_flux_controlnet_union_matches_diffusers(backend, flux, pipelines):
+    """The union ControlNet takes each typed image in a pass of its own with its mode (canny 0, depth
+    2: InstantX's names), summed as diffusers' multi-ControlNet sums them; beside a plain ControlNet."""
+    from diffusers import FluxControlNetModel
+    from diffusers.models.controlnets import FluxMultiControlNetModel
+
+    images = sample_control_images(3, HEIGHT, WIDTH)
+    pipe = pipelines[(backend, "single")]
+    ours = {"steps": 3, "guidance": 4.0, "seed": 4, "height": HEIGHT, "width": WIDTH}
+    settings = {"num_inference_steps": 3, "guidance_scale": 4.0}
+    union = FluxMultiControlNetModel([FluxControlNetModel.from_pretrained(flux / NAMES[3])])
+    expected = _reference(
+        flux,
+        [],
+        seed=4,
+        controlnet=union,
+        control_image=images[:2],
+        control_mode=[0, 2],
+        controlnet_conditioning_scale=[0.9, 0.6],
+        control_guidance_end=[1.0, 0.6],
+        **settings,
+    )
+    got = np.asarray(
+        pipe(PROMPT, controls=images[:2], control_types=["canny", "depth"], scales=[0.9, 0.6], end=[1.0, 0.6], **ours)
+    )
+    assert expected.std() > 5
+    assert psnr(expected, got) >= GATE
+    swapped = np.asarray(pipe(PROMPT, controls=images[:2], control_types=[2, 0], scales=[0.9, 0.6], **ours))
+    assert psnr(got, swapped) < 40  # the modes steer the ControlNet
+    expected = _reference(
+        flux,
+        NAMES[2:],
+        seed=4,
+        control_image=[images[2], images[0]],
+        control_mode=[None, 4],
+        controlnet_conditioning_scale=[1.0, 1.0],
+        **settings,
+    )
+    got = np.asarray(pipe(PROMPT, controls=[images[2], images[0]], control_types=[None, "pose"], **ours))
+    assert psnr(expected, got) >= GATE
 
 
 def test_flux_builds_say_what_they_do_not_take(flux, pipelines, tiny_models, tmp_path):
@@ -115,7 +159,6 @@ def test_flux_builds_say_what_they_do_not_take(flux, pipelines, tiny_models, tmp
         export_build(flux / "base", [flux / "canny", flux / "blur"], tmp_path / "out")
     for key, value, words in (
         ("conditioning_embedding_channels", 16, "XLabs-style"),
-        ("num_mode", 10, "ControlNet-Union"),
         ("num_single_layers", 9, "the transformer has 4"),
     ):
         other = shutil.copytree(flux / "canny", tmp_path / key)
