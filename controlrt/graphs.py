@@ -193,7 +193,8 @@ class SD3ControlNetGraph(nn.Module):
     per block, laid out on the patch grid [B, h, w, width] (diffusers' [B, h * w, width], row-major).
     A ControlNet that force_zeros_for_pooled_projection (InstantX's) gets zeros as its pooled
     projection and its latents without the shift (``shift`` = shift x scaling is added back), as
-    diffusers' pipeline feeds it.
+    diffusers' pipeline feeds it. One that takes no text (SD3.5-Large's: no context embedder) has
+    no encoder_hidden_states input.
     """
 
     def __init__(self, controlnet: nn.Module, shift: float) -> None:
@@ -202,8 +203,10 @@ class SD3ControlNetGraph(nn.Module):
         self.zero_pooled = bool(controlnet.config.force_zeros_for_pooled_projection)
         self.shift = shift if self.zero_pooled else 0.0
         self.patch = int(controlnet.config.patch_size)
+        self.text = controlnet.context_embedder is not None
 
-    def forward(self, sample, timestep, encoder_hidden_states, pooled_projections, controlnet_cond):
+    def forward(self, sample, timestep, *rest):
+        encoder_hidden_states, pooled_projections, controlnet_cond = rest if self.text else (None, *rest)
         if self.zero_pooled:
             pooled_projections = torch.zeros_like(pooled_projections)
             controlnet_cond = controlnet_cond + self.shift
@@ -320,13 +323,14 @@ def _grid(blocks, h: int, w: int) -> tuple[torch.Tensor, ...]:
 
 
 class FluxControlNetGraph(nn.Module):
-    """A Flux ControlNet (FluxControlNetModel without an input hint block, InstantX's) with unit
-    conditioning scale, on unpacked latents.
+    """A Flux ControlNet (FluxControlNetModel: InstantX's, or XLabs' with an input hint block) with
+    unit conditioning scale, on unpacked latents.
 
     Inputs: sample [B, C, h, w], timestep (the scheduler's, divided by 1000 here as diffusers'
     pipeline does), encoder_hidden_states (T5's), pooled_projections (CLIP's pooled output),
     guidance [B] (for ControlNets with guidance_embeds), controlnet_cond (the control image's
-    latents [B, C, h, w], ``(z - shift) * scaling``), and for a ControlNet-Union (num_mode)
+    latents [B, C, h, w], ``(z - shift) * scaling``; for an XLabs-style ControlNet the image
+    [B, 3, H, W] in [-1, 1], which its input hint block embeds), and for a ControlNet-Union (num_mode)
     control_mode int64 [B, 1]. Latents are packed and the position ids made inside. Outputs: one
     residual per double-stream block, then one per single-stream block, each on the patch grid
     [B, h/2, w/2, width].
@@ -337,6 +341,7 @@ class FluxControlNetGraph(nn.Module):
         self.controlnet = _tabled(controlnet)
         self.guidance = bool(controlnet.config.guidance_embeds)
         self.union = controlnet.config.num_mode is not None
+        self.hint = controlnet.input_hint_block is not None
 
     def forward(self, sample, timestep, encoder_hidden_states, pooled_projections, *rest):
         control_mode = rest[-1] if self.union else None
@@ -346,7 +351,7 @@ class FluxControlNetGraph(nn.Module):
         text_ids, image_ids = flux_ids(sample, encoder_hidden_states.shape[1])
         blocks, singles = self.controlnet(
             hidden_states=pack_latents(sample),
-            controlnet_cond=pack_latents(controlnet_cond),
+            controlnet_cond=controlnet_cond if self.hint else pack_latents(controlnet_cond),
             controlnet_mode=control_mode,
             conditioning_scale=1.0,
             timestep=timestep / 1000,
@@ -366,14 +371,16 @@ class FluxTransformerGraph(nn.Module):
 
     Inputs: sample [B, C, h, w], timestep, encoder_hidden_states, pooled_projections, guidance [B]
     (a transformer with guidance_embeds), block_res_0 … (``doubles`` of them), single_block_res_0 ….
-    Output: noise_pred [B, C, h, w] (unpacked).
+    Output: noise_pred [B, C, h, w] (unpacked). With ``repeat`` the double-stream residuals go to the
+    blocks in turn (XLabs-style ControlNets: diffusers' controlnet_blocks_repeat).
     """
 
-    def __init__(self, transformer: nn.Module, doubles: int) -> None:
+    def __init__(self, transformer: nn.Module, doubles: int, repeat: bool = False) -> None:
         super().__init__()
         self.transformer = _tabled(transformer)
         self.guidance = bool(transformer.config.guidance_embeds)
         self.doubles = doubles
+        self.repeat = repeat
 
     def forward(self, sample, timestep, encoder_hidden_states, pooled_projections, *rest):
         guidance, residuals = (rest[0], rest[1:]) if self.guidance else (None, rest)
@@ -392,6 +399,7 @@ class FluxTransformerGraph(nn.Module):
             txt_ids=text_ids,
             img_ids=image_ids,
             return_dict=False,
+            controlnet_blocks_repeat=self.repeat,
         )[0]
         return unpack_latents(out, h, w)
 

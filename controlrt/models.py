@@ -341,6 +341,25 @@ class BaseModel:
         unet = _load(cls, self.path / component, f"base model {component}", meta)
         return unet if meta else self._fused(unet, component)
 
+    def load_denoiser_weights(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The denoiser's weights whose names start with ``prefix``, the prefix removed: read alone
+        from its safetensors files (a large transformer's other weights stay on disk), or from the
+        whole module where it has none."""
+        folder = self.path / self.denoiser_component
+        files = [p for p in _weight_paths(folder) if p.suffix == ".safetensors" and p.name.count(".") == 1]
+        if not files:  # .bin weights, or variants only: as diffusers loads them
+            state = self.load_unet().state_dict()
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        from safetensors import safe_open
+
+        found: dict[str, torch.Tensor] = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as weights:
+                for key in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    if key.startswith(prefix):
+                        found[key[len(prefix) :]] = weights.get_tensor(key)
+        return found
+
     def _lora_records(self) -> list[dict[str, Any]]:
         from controlrt.lora import adapted_components
 
@@ -409,10 +428,12 @@ class ControlNetModelFolder:
     def conditioning_channels(self) -> int:
         """The control input's channels: an image's (3), or for an SD3 ControlNet the latents' and
         its extra conditioning channels, for a Flux ControlNet without an input hint block the
-        latents' (its in_channels are 2 x 2 packed)."""
+        latents' (its in_channels are 2 x 2 packed); with one (XLabs-style), an RGB image's."""
         if self.config.get("_class_name") == "SD3ControlNetModel":
             return int(self.config["in_channels"]) + int(self.config.get("extra_conditioning_channels") or 0)
         if self.config.get("_class_name") == "FluxControlNetModel":
+            if self.config.get("conditioning_embedding_channels") is not None:
+                return 3  # diffusers' ControlNetConditioningEmbedding default
             return int(self.config["in_channels"]) // 4
         return int(self.config.get("conditioning_channels", 3))
 

@@ -8,15 +8,19 @@ medium shapes (see benchmarks/vs_diffusers.py --arch sd3|flux).
 SD3 (:func:`write_sd3`): a 16-channel VAE with factor 8 and a shift, a transformer with patch 2, two
 CLIP encoders with projections (the prompt embedding is padded to the joint attention width) and a
 T5 encoder, a flow-matching scheduler with shift 3. Its ControlNets: two InstantX-style
-(force_zeros_for_pooled_projection: zero pooled projection, latents without the shift) and one that
-takes both, each with half as many blocks as the transformer.
+(force_zeros_for_pooled_projection: zero pooled projection, latents without the shift), one that
+takes both, and one as SD3.5-Large's (no position embedding of its own: it borrows the
+transformer's; no text: single-stream blocks without a context embedder), each with half as many
+blocks as the transformer.
 
 Flux (:func:`write_flux`): FLUX.1-dev's kinds: a transformer taking 2 x 2 packed latents (64
 channels) with double- and single-stream blocks, the distilled guidance embedding and rotary
 position ids, a CLIP encoder (its pooled output) and a T5 encoder, SD3's kind of VAE, a flow-matching
 scheduler with dynamic shifting. Its ControlNets are InstantX-style (control images VAE-encoded and
 packed), with fewer blocks than the transformer: two alike (summed block by block), and two with no
-single-stream blocks and no guidance embedding, the second a ControlNet-Union (10 modes).
+single-stream blocks and no guidance embedding, the second a ControlNet-Union (10 modes); and one
+XLabs-style (an input hint block on the control image's pixels, patch 2, two double-stream blocks
+that the transformer's blocks take in turn).
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from controlrt.builtin import write_tokenizer
 
 SIZE = 64  # the tests' image size in pixels (SD3's native size at scale 1: sample_size 8 latents)
 SEQUENCE = 16  # CLIP tokens
-SD3_NAMES = ("canny", "pose", "depth")  # the SD3 ControlNets
-SD3_ZEROS = (True, True, False)  # each one's force_zeros_for_pooled_projection
-FLUX_NAMES = ("canny", "depth", "blur", "union")  # the Flux ControlNets
-FLUX_LAYERS = ((1, 2), (1, 2), (2, 0), (2, 0))  # each one's double- and single-stream block counts (x scale)
-FLUX_GUIDANCE = (True, True, False, False)  # each one's guidance_embeds
-FLUX_MODES = (None, None, None, 10)  # each one's num_mode: the last is a ControlNet-Union
+SD3_NAMES = ("canny", "pose", "depth", "large")  # the SD3 ControlNets
+SD3_ZEROS = (True, True, False, False)  # each one's force_zeros_for_pooled_projection
+SD3_LARGE = (False, False, False, True)  # each one as SD3.5-Large's: use_pos_embed false, no text
+FLUX_NAMES = ("canny", "depth", "blur", "union", "xlabs")  # the Flux ControlNets
+FLUX_LAYERS = ((1, 2), (1, 2), (2, 0), (2, 0), (2, 0))  # each one's double- and single-stream blocks (x scale)
+FLUX_GUIDANCE = (True, True, False, False, True)  # each one's guidance_embeds
+FLUX_MODES = (None, None, None, 10, None)  # each one's num_mode: the fourth is a ControlNet-Union
+FLUX_HINTS = (None, None, None, None, 16)  # each one's conditioning_embedding_channels: the last is XLabs-style
 WORDS = ("a", "an", "the", "red", "blue", "green", "house", "tree", "sky", "cat", "dog", "square", "circle", "over")
 
 
@@ -139,10 +145,14 @@ def build_sd3(root: Path, seed: int = 0, scale: int = 1):
     t5_tok = t5_tokenizer()
     t5 = _t5(seed + 4, scale, len(t5_tok))
     controlnets = []
-    for k, zeros in enumerate(SD3_ZEROS):
+    for k, (zeros, large) in enumerate(zip(SD3_ZEROS, SD3_LARGE, strict=True)):
         torch.manual_seed(seed + 10 + k)
+        own = dict(use_pos_embed=False, joint_attention_dim=None, pos_embed_type=None) if large else {}
         controlnet = SD3ControlNetModel(
-            sample_size=SIZE // 8, num_layers=2 * scale, force_zeros_for_pooled_projection=zeros, **dims
+            sample_size=SIZE // 8,
+            num_layers=2 * scale,
+            force_zeros_for_pooled_projection=zeros,
+            **{**dims, **own},
         )
         _weigh(controlnet, seed + 20 + k)
         controlnets.append(controlnet)
@@ -198,14 +208,16 @@ def build_flux(root: Path, seed: int = 0, scale: int = 1):
     t5_tok = t5_tokenizer()
     t5 = _t5(seed + 3, scale, len(t5_tok))
     controlnets = []
-    for k, ((doubles, singles), guidance, modes) in enumerate(zip(FLUX_LAYERS, FLUX_GUIDANCE, FLUX_MODES, strict=True)):
+    kinds = zip(FLUX_LAYERS, FLUX_GUIDANCE, FLUX_MODES, FLUX_HINTS, strict=True)
+    for k, ((doubles, singles), guidance, modes, hint) in enumerate(kinds):
         torch.manual_seed(seed + 10 + k)
         controlnet = FluxControlNetModel(
             num_layers=doubles * scale,
             num_single_layers=singles * scale,
             guidance_embeds=guidance,
             num_mode=modes,
-            **dims,
+            conditioning_embedding_channels=hint,
+            **{**dims, "patch_size": 1 if hint is None else 2},  # XLabs': the hint's 16 channels packed 2 x 2
         )
         _weigh(controlnet, seed + 20 + k)
         controlnets.append(controlnet)

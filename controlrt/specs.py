@@ -129,6 +129,9 @@ class GraphSpec:
         source_name: A ControlNet's source (its folder's name), to match controls and refits to it.
         layer: A text encoder's output layer: "last", or "penultimate" (SDXL).
         control_types: A ControlNet-Union's number of condition types (0: not a union).
+        blocks_repeat: A Flux transformer that adds its ControlNet residuals to its blocks in turn
+            (block i takes residual i mod n, diffusers' controlnet_blocks_repeat for XLabs-style
+            ControlNets) instead of by the interval rule (block i takes residual i // ceil(N / n)).
     """
 
     name: str
@@ -141,6 +144,7 @@ class GraphSpec:
     source_name: str = ""
     layer: str = ""
     control_types: int = 0
+    blocks_repeat: bool = False
 
     @property
     def union(self) -> bool:
@@ -281,6 +285,8 @@ class GraphSpec:
             if self.union:
                 out |= {"union": True, "num_control_type": self.control_types}
             return out
+        if self.blocks_repeat:
+            return {"controlnet_blocks_repeat": True}
         return {}
 
     @classmethod
@@ -297,6 +303,7 @@ class GraphSpec:
             source_name=str(facts.get("controlnet_name", "")),
             layer=str(facts.get("layer", "last" if data["kind"] == GraphKind.TEXT_ENCODER else "")),
             control_types=int(facts.get("num_control_type", 0)) if facts.get("union") else 0,
+            blocks_repeat=bool(facts.get("controlnet_blocks_repeat", False)),
         )
 
 

@@ -59,8 +59,9 @@ def xl_build(xl_models, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sd3(tmp_path_factory) -> Path:
-    """A small SD3 set (tests/sd3_files.py) and two builds of it: root/multi with the two
-    InstantX-style ControlNets, root/single with the one that takes the pooled projection."""
+    """A small SD3 set (tests/sd3_files.py) and three builds of it: root/multi with the two
+    InstantX-style ControlNets, root/single with the one that takes the pooled projection,
+    root/borrowed with the SD3.5-Large-style one (the transformer's position embedding, no text)."""
     from sd3_files import write_sd3
 
     from controlrt.export.build import export_build
@@ -68,15 +69,16 @@ def sd3(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sd3")
     base, controlnets = write_sd3(root)
     export_build(base, controlnets[:2], root / "multi")
-    export_build(base, controlnets[2:], root / "single")
+    export_build(base, controlnets[2:3], root / "single")
+    export_build(base, controlnets[3:], root / "borrowed")
     return root
 
 
 @pytest.fixture(scope="session")
 def flux(tmp_path_factory) -> Path:
-    """A small Flux set (tests/flux_files.py) and two builds of it: root/multi with the two ControlNets
+    """A small Flux set (tests/flux_files.py) and three builds of it: root/multi with the two ControlNets
     alike, root/single with the two that have no single-stream blocks and no guidance embedding (the
-    second a ControlNet-Union)."""
+    second a ControlNet-Union), root/hinted with the XLabs-style one (an input hint block)."""
     from flux_files import write_flux
 
     from controlrt.export.build import export_build
@@ -84,7 +86,8 @@ def flux(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("flux")
     base, controlnets = write_flux(root)
     export_build(base, controlnets[:2], root / "multi")
-    export_build(base, controlnets[2:], root / "single")
+    export_build(base, controlnets[2:4], root / "single")
+    export_build(base, controlnets[4:], root / "hinted")
     return root
 
 

@@ -76,6 +76,9 @@ class ModelSource(Protocol):
     def load_text_encoder(self, component: str, meta: bool = False) -> nn.Module: ...
     def load_unet(self, meta: bool = False) -> nn.Module: ...
     def load_vae(self, meta: bool = False) -> nn.Module: ...
+    @property
+    def configs(self) -> dict[str, dict[str, Any]]: ...
+    def load_denoiser_weights(self, prefix: str) -> dict[str, torch.Tensor]: ...
 
 
 ModuleFactory = Callable[[GraphSpec, ModelSource, Sequence[ControlNetSource], bool], "nn.Module"]
@@ -331,10 +334,11 @@ class Family:
         return TextEncoderGraph(encoder, spec.layer, pooled="text_embeds" in spec.output_names)
 
     def controlnet_module(self, spec, base, controlnets, meta):
-        return self.controlnet_graph(controlnets[spec.index], meta)
+        return self.controlnet_graph(controlnets[spec.index], meta, base)
 
-    def controlnet_graph(self, folder: ControlNetSource, meta: bool = False) -> nn.Module:
-        """The ControlNet graph's module around ``folder``'s model (a build's, or one swapped in)."""
+    def controlnet_graph(self, folder: ControlNetSource, meta: bool = False, base: Any = None) -> nn.Module:
+        """The ControlNet graph's module around ``folder``'s model (a build's, or one swapped in);
+        ``base``, the base model, for ControlNets that borrow its weights (SD3.5-Large's)."""
         from controlrt.graphs import ControlNetGraph, UnionControlNetGraph
 
         graph = UnionControlNetGraph if folder.union else ControlNetGraph
@@ -410,9 +414,9 @@ class Family:
         those of its controlnet_cond here; a family that encodes control images, the image's."""
         return int(spec.tensor("controlnet_cond").shape[1])  # type: ignore[arg-type]
 
-    def control_condition(self, images: torch.Tensor, encode: Callable) -> torch.Tensor:
-        """What the ControlNet graphs' controlnet_cond gets from control images [batch, C, H, W] in
-        [0, 1]: the images themselves here. A family whose ControlNets take latents (SD3) encodes
+    def control_condition(self, images: torch.Tensor, encode: Callable, spec: GraphSpec) -> torch.Tensor:
+        """What ControlNet graph ``spec``'s controlnet_cond gets from control images [batch, C, H, W]
+        in [0, 1]: the images themselves here. A family whose ControlNets take latents (SD3) encodes
         them with ``encode`` (image in [-1, 1] -> a sample of the VAE's latents, unscaled)."""
         return images
 

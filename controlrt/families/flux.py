@@ -10,10 +10,14 @@ As diffusers' FluxControlNetPipeline computes it:
   and pack (and make the rotary position ids) inside, so the loop, the scheduler step and the VAE
   see latents as for every other family.
 - control: each control image is VAE-encoded (a sample drawn from the request's generator, in
-  ControlNet order, before the noise) and scaled ``(z - shift) * scaling``, as SD3's.
+  ControlNet order, before the noise) and scaled ``(z - shift) * scaling``, as SD3's; an XLabs-style
+  ControlNet (an input hint block, ``conditioning_embedding_channels``) takes the image itself in
+  [-1, 1] and embeds it in its graph.
 - residuals: one per ControlNet double-stream block (``block_res_i``), then one per single-stream
   block (``single_block_res_i``), [batch, height/16, width/16, width] each, summed over ControlNets
-  and added by the transformer to its blocks by diffusers' interval rule.
+  and added by the transformer to its blocks by diffusers' interval rule (block i takes residual
+  i // ceil(N / n)), or, for XLabs-style ControlNets, in turn (block i takes residual i mod n:
+  diffusers' ``controlnet_blocks_repeat``).
 - timesteps: sigmas linspace(1, 1/steps) shifted by mu, the image token count's linear shift
   (the scheduler's use_dynamic_shifting), as the pipeline sets them.
 """
@@ -119,6 +123,13 @@ class Flux(StableDiffusion3):
     def graph_specs(self, controlnets: Sequence[ControlNetSource]) -> list[GraphSpec]:
         """Text encoders, ControlNets, the transformer (taking as many residuals as the ControlNets
         have blocks of each kind), VAE decoder and encoder."""
+        hinted = {takes_pixels(cn.config) for cn in controlnets}
+        if len(hinted) > 1:
+            raise ModelError(
+                "some ControlNets take control images through an input hint block (XLabs-style) and some as VAE "
+                "latents (InstantX-style); diffusers runs a multi-ControlNet as its first ControlNet's kind, so a "
+                "build's must be of one kind"
+            )
         counts = {(int(cn.config["num_layers"]), int(cn.config["num_single_layers"])) for cn in controlnets}
         if len(counts) > 1:
             raise ModelError(
@@ -135,7 +146,7 @@ class Flux(StableDiffusion3):
         return [
             *self.text_encoder_specs(),
             *(self.flux_controlnet_spec(k, cn, doubles, singles) for k, cn in enumerate(controlnets)),
-            self.flux_transformer_spec(doubles, singles),
+            self.flux_transformer_spec(doubles, singles, repeat=hinted == {True}),
             self.vae_decoder_spec(),
             self.vae_encoder_spec(),
         ]
@@ -186,20 +197,19 @@ class Flux(StableDiffusion3):
     def flux_controlnet_spec(self, index: int, controlnet: ControlNetSource, doubles: int, singles: int) -> GraphSpec:
         """The denoiser inputs (guidance only if the ControlNet has a guidance embedding),
         controlnet_cond [batch, 16, height/8, width/8] (the control image's latents, scaled as the
-        transformer's) and, for a ControlNet-Union (num_mode), control_mode int64 [batch, 1] (the
-        image's type: one pass per image, summed as diffusers' multi-ControlNet does) -> its
-        residuals, unscaled."""
+        transformer's; for an XLabs-style ControlNet the image [batch, 3, height, width] in [-1, 1])
+        and, for a ControlNet-Union (num_mode), control_mode int64 [batch, 1] (the image's type: one
+        pass per image, summed as diffusers' multi-ControlNet does) -> its residuals, unscaled."""
         info = self.info
         inputs = [t for t in self.denoiser_inputs() if t.name != GUIDANCE]
         if controlnet.config.get("guidance_embeds"):
             inputs.append(self._guidance_spec())
-        inputs.append(
-            TensorSpec(
-                "controlnet_cond",
-                "float32",
-                (BATCH, controlnet.conditioning_channels, *image_axes(info.vae_scale_factor)),
-            )
-        )
+        channels = controlnet.conditioning_channels
+        if takes_pixels(controlnet.config):  # the image itself, in [-1, 1]
+            inputs.append(TensorSpec("controlnet_cond", "float32", (BATCH, channels, *image_axes(1)), (-1.0, 1.0)))
+        else:
+            latents = (BATCH, channels, *image_axes(info.vae_scale_factor))
+            inputs.append(TensorSpec("controlnet_cond", "float32", latents))
         modes = int(controlnet.config.get("num_mode") or 0)  # a ControlNet-Union: each image's type
         if modes:
             inputs.append(TensorSpec(CONTROL_MODE, "int64", (BATCH, 1), (0, modes)))
@@ -213,11 +223,13 @@ class Flux(StableDiffusion3):
             control_types=modes,
         )
 
-    def flux_transformer_spec(self, doubles: int, singles: int) -> GraphSpec:
+    def flux_transformer_spec(self, doubles: int, singles: int, repeat: bool = False) -> GraphSpec:
+        """The transformer: the denoiser inputs and the residuals -> noise_pred (unpacked); with
+        ``repeat`` (XLabs-style ControlNets) it adds them to its blocks in turn."""
         info = self.info
         out = TensorSpec("noise_pred", "float32", (BATCH, info.unet_out_channels, *image_axes(info.vae_scale_factor)))
         inputs = [*self.denoiser_inputs(), *self.flux_residual_specs(doubles, singles)]
-        return self._spec(self.denoiser, GraphKind.UNET, inputs, [out])
+        return self._spec(self.denoiser, GraphKind.UNET, inputs, [out], blocks_repeat=repeat)
 
     def controlnet_spec(self, index: int, source_name: str, conditioning_channels: int, blocks: int = 0) -> GraphSpec:
         raise ModelError("a Flux build's ControlNet graphs depend on their configs: see graph_specs")
@@ -230,7 +242,7 @@ class Flux(StableDiffusion3):
     def module_factories(self) -> dict[GraphKind, ModuleFactory]:
         return {**super().module_factories(), GraphKind.UNET: self.transformer_module}
 
-    def controlnet_graph(self, folder: ControlNetSource, meta: bool = False):
+    def controlnet_graph(self, folder: ControlNetSource, meta: bool = False, base: Any = None):
         from controlrt.graphs import FluxControlNetGraph
 
         return FluxControlNetGraph(folder.load(meta))
@@ -239,7 +251,7 @@ class Flux(StableDiffusion3):
         from controlrt.graphs import FluxTransformerGraph
 
         doubles = sum(1 for t in spec.residual_inputs if t.name.startswith(BLOCK_RESIDUAL))
-        return FluxTransformerGraph(base.load_unet(meta), doubles)
+        return FluxTransformerGraph(base.load_unet(meta), doubles, repeat=spec.blocks_repeat)
 
     def kept_in_fp32(self) -> dict[str, str]:
         return {**Family.kept_in_fp32(self), "text_encoder_2": "T5's activations overflow fp16"}
@@ -290,13 +302,23 @@ class Flux(StableDiffusion3):
             settings["mu"] = tokens * slope + (base_shift - slope * base_len)
         return settings
 
+    def control_channels(self, spec: GraphSpec) -> int:
+        return int(spec.tensor("controlnet_cond").shape[1]) if pixels_graph(spec) else self.info.image_channels  # type: ignore[arg-type]
+
+    def control_condition(self, images, encode, spec):
+        """SD3's latents, or for an XLabs-style ControlNet's graph the images in [-1, 1], as diffusers'
+        FluxControlNetPipeline gives its input hint block."""
+        return images * 2.0 - 1.0 if pixels_graph(spec) else super().control_condition(images, encode, spec)
+
     def check_controlnet(self, config: dict[str, Any], what: str) -> None:
         info = self.info
-        if config.get("conditioning_embedding_channels") is not None:
-            raise ModelError(
-                f"{what}: it takes control images through an input hint block (an XLabs-style ControlNet); "
-                "controlrt exports Flux ControlNets that take VAE-encoded controls (InstantX-style) only, for now"
-            )
+        if takes_pixels(config):
+            hint, patch = int(config["conditioning_embedding_channels"]), int(config.get("patch_size") or 1)
+            if hint * patch * patch != 4 * info.latent_channels:
+                raise ModelError(
+                    f"{what}: its input hint block makes {hint} channels, packed {patch} x {patch} into "
+                    f"{hint * patch * patch}; the transformer's tokens have {4 * info.latent_channels}"
+                )
         checks = (
             ("in_channels", 4 * info.latent_channels),
             ("joint_attention_dim", info.cross_attention_dim),
@@ -335,3 +357,15 @@ class Flux(StableDiffusion3):
             )
         if request.scheduler is not None:
             raise InputError("Flux builds run the model's own flow-matching scheduler; drop --scheduler")
+
+
+def takes_pixels(config: dict[str, Any]) -> bool:
+    """Whether a Flux ControlNet with ``config`` embeds control images itself (an input hint block,
+    XLabs-style) instead of taking their VAE latents (InstantX-style)."""
+    return config.get("conditioning_embedding_channels") is not None
+
+
+def pixels_graph(spec: GraphSpec) -> bool:
+    """Whether ControlNet graph ``spec`` takes control images as pixels (its controlnet_cond at the
+    image's own size) rather than latents."""
+    return spec.tensor("controlnet_cond").shape[-1].divisor == 1  # type: ignore[union-attr]

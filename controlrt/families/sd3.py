@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from controlrt.control import ControlMode, block_weights
 from controlrt.errors import InputError, ModelError
-from controlrt.families.base import BATCH, ControlNetSource, Family, ModuleFactory, image_axes
+from controlrt.families.base import BATCH, ControlNetSource, Family, ModelSource, ModuleFactory, image_axes
 from controlrt.families.info import ModelInfo
 from controlrt.specs import BLOCK_RESIDUAL, GraphKind, GraphSpec, TensorSpec
 
@@ -127,7 +127,10 @@ class StableDiffusion3(Family):
         blocks = counts.pop() if counts else 0
         return [
             *self.text_encoder_specs(),
-            *(self.controlnet_spec(k, cn.name, cn.conditioning_channels, blocks) for k, cn in enumerate(controlnets)),
+            *(
+                self.controlnet_spec(k, cn.name, cn.conditioning_channels, blocks, takes_text(cn.config))
+                for k, cn in enumerate(controlnets)
+            ),
             self.transformer_spec(blocks),
             self.vae_decoder_spec(),
             self.vae_encoder_spec(),
@@ -182,17 +185,21 @@ class StableDiffusion3(Family):
     def residual_specs(self) -> tuple[TensorSpec, ...]:
         raise ModelError("an SD3 build's residuals are its ControlNets' blocks: see graph_specs")
 
-    def controlnet_spec(self, index: int, source_name: str, conditioning_channels: int, blocks: int = 0) -> GraphSpec:
-        """The denoiser inputs and controlnet_cond [batch, C, height/8, width/8] (the control
-        image's latents, scaled as the transformer's) -> one residual per block (``blocks``), unscaled."""
+    def controlnet_spec(
+        self, index: int, source_name: str, conditioning_channels: int, blocks: int = 0, text: bool = True
+    ) -> GraphSpec:
+        """The denoiser inputs (without encoder_hidden_states for a ControlNet that takes no text:
+        SD3.5-Large's) and controlnet_cond [batch, C, height/8, width/8] (the control image's latents,
+        scaled as the transformer's) -> one residual per block (``blocks``), unscaled."""
         info = self.info
         cond = TensorSpec(
             "controlnet_cond", "float32", (BATCH, conditioning_channels, *image_axes(info.vae_scale_factor))
         )
+        inputs = [t for t in self.denoiser_inputs() if text or t.name != "encoder_hidden_states"]
         return self._spec(
             f"controlnet_{index}",
             GraphKind.CONTROLNET,
-            [*self.denoiser_inputs(), cond],
+            [*inputs, cond],
             self.block_residual_specs(blocks),
             index=index,
             source_name=source_name,
@@ -212,10 +219,42 @@ class StableDiffusion3(Family):
     def module_factories(self) -> dict[GraphKind, ModuleFactory]:
         return {**super().module_factories(), GraphKind.UNET: self.transformer_module}
 
-    def controlnet_graph(self, folder: ControlNetSource, meta: bool = False):
+    def controlnet_graph(self, folder: ControlNetSource, meta: bool = False, base: Any = None):
+        """An SD3 ControlNet's graph module; one that borrows the transformer's position embedding
+        (SD3.5-Large's, use_pos_embed false) gets it from ``base``, as diffusers' pipeline gives it."""
         from controlrt.graphs import SD3ControlNetGraph
 
-        return SD3ControlNetGraph(folder.load(meta), self.info.shift_factor * self.info.scaling_factor)
+        controlnet = folder.load(meta)
+        if not folder.config.get("use_pos_embed", True):
+            if base is None:
+                raise ModelError(
+                    f"ControlNet {folder.name} borrows the base transformer's position embedding; export the "
+                    "build again with it instead"
+                )
+            controlnet.pos_embed = self.transformer_pos_embed(base, meta)
+        return SD3ControlNetGraph(controlnet, self.info.shift_factor * self.info.scaling_factor)
+
+    def transformer_pos_embed(self, base: ModelSource, meta: bool = False):
+        """The base transformer's patch and position embedding (diffusers' PatchEmbed, as
+        SD3ControlNetModel._get_pos_embed_from_transformer makes it), its weights read alone."""
+        import contextlib
+
+        import torch
+        from diffusers.models.embeddings import PatchEmbed
+
+        config = base.configs[self.denoiser_component]
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            embed = PatchEmbed(
+                height=int(config["sample_size"]),
+                width=int(config["sample_size"]),
+                patch_size=int(config["patch_size"]),
+                in_channels=int(config["in_channels"]),
+                embed_dim=int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
+                pos_embed_max_size=config.get("pos_embed_max_size"),
+            )
+        if not meta:
+            embed.load_state_dict(base.load_denoiser_weights("pos_embed."), strict=True)
+        return embed.eval()
 
     def transformer_module(self, spec, base, controlnets, meta):
         from controlrt.graphs import SD3TransformerGraph
@@ -247,17 +286,12 @@ class StableDiffusion3(Family):
 
     def check_controlnet(self, config: dict[str, Any], what: str) -> None:
         info = self.info
-        if not config.get("use_pos_embed", True) or config.get("joint_attention_dim") is None:
-            raise ModelError(
-                f"{what}: it borrows the transformer's position embedding and takes no text (an SD3.5-Large "
-                "ControlNet); controlrt does not export those yet"
-            )
         if int(config.get("extra_conditioning_channels") or 0):
             raise ModelError(f"{what}: it takes extra conditioning channels (an SD3 inpainting ControlNet): not yet")
         checks = (
             ("in_channels", info.latent_channels),
             ("patch_size", info.patch_size),
-            ("joint_attention_dim", info.cross_attention_dim),
+            *((("joint_attention_dim", info.cross_attention_dim),) if takes_text(config) else ()),
             ("pooled_projection_dim", info.pooled_dim),
         )
         for key, want in checks:
@@ -298,7 +332,13 @@ class StableDiffusion3(Family):
     def control_channels(self, spec: GraphSpec) -> int:
         return self.info.image_channels
 
-    def control_condition(self, images, encode):
+    def control_condition(self, images, encode, spec):
         """Control images [batch, C, H, W] in [0, 1] -> their latents, as diffusers' SD3 ControlNet
         pipeline makes them: a sample of each row's encoding from [-1, 1], ``(z - shift) * scaling``."""
         return (encode(images * 2.0 - 1.0) - self.info.shift_factor) * self.info.scaling_factor
+
+
+def takes_text(config: dict[str, Any]) -> bool:
+    """Whether an SD3 ControlNet with ``config`` takes the prompt embedding (a context embedder and
+    joint blocks); SD3.5-Large's ControlNets (joint_attention_dim null) take none."""
+    return config.get("joint_attention_dim") is not None

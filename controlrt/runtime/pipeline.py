@@ -396,7 +396,7 @@ class Pipeline:
                     plans.append(
                         ControlPlan(
                             session=self.sessions[spec.name],
-                            image=self.family.control_condition(image, encode).to(device),
+                            image=self.family.control_condition(image, encode, spec).to(device),
                             weights=(base * resolved.scales[i]).to(device),
                             start=resolved.starts[i],
                             end=resolved.ends[i],
@@ -409,7 +409,7 @@ class Pipeline:
                 plans.append(
                     ControlPlan(
                         session=self.sessions[spec.name],
-                        image=self.family.control_condition(image, encode).to(device),
+                        image=self.family.control_condition(image, encode, spec).to(device),
                         weights=(base * resolved.scales[first]).to(device),
                         start=resolved.starts[first],
                         end=resolved.ends[first],

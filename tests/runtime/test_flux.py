@@ -3,7 +3,8 @@
 A small Flux set made in code (tests/flux_files.py): CLIP and T5, a transformer with double- and
 single-stream blocks taking packed latents, the distilled guidance embedding and rotary ids, a
 16-channel VAE with a shift, a flow-matching scheduler with dynamic shifting. Two ControlNets
-summed block by block, and one with no single-stream blocks and no guidance embedding, must match
+summed block by block, one with no single-stream blocks and no guidance embedding, a ControlNet-Union
+and an XLabs-style ControlNet (an input hint block, blocks taken in turn) must match
 diffusers at the fp32 gate on every CPU backend, at a non-square size; the controls, the guidance
 and the seed must change the image.
 """
@@ -32,7 +33,7 @@ HEIGHT, WIDTH = SIZE, SIZE + 32  # not square: the packed token grid is 4 x 6
 def pipelines(flux):
     from controlrt.runtime.pipeline import Pipeline
 
-    opened = {(b, k): Pipeline.load(flux / k, backend=b) for b in BACKENDS for k in ("multi", "single")}
+    opened = {(b, k): Pipeline.load(flux / k, backend=b) for b in BACKENDS for k in ("multi", "single", "hinted")}
     yield opened
     for pipe in opened.values():
         pipe.close()
@@ -122,7 +123,7 @@ def test_a_flux_controlnet_union_matches_diffusers(backend, flux, pipelines):
     assert psnr(got, swapped) < 40  # the modes steer the ControlNet
     expected = _reference(
         flux,
-        NAMES[2:],
+        NAMES[2:4],
         seed=4,
         control_image=[images[2], images[0]],
         control_mode=[None, 4],
@@ -131,6 +132,35 @@ def test_a_flux_controlnet_union_matches_diffusers(backend, flux, pipelines):
     )
     got = np.asarray(pipe(PROMPT, controls=[images[2], images[0]], control_types=[None, "pose"], **ours))
     assert psnr(expected, got) >= GATE
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_xlabs_controlnet_matches_diffusers(backend, flux, pipelines):
+    """An XLabs-style ControlNet embeds the control image's pixels (in [-1, 1]) with its input hint
+    block, and the transformer's blocks take its residuals in turn (diffusers'
+    controlnet_blocks_repeat): the build's transformer graph is made so."""
+    from controlrt.manifest import Build
+
+    assert Build.open(flux / "hinted").manifest.graphs["transformer"].spec.blocks_repeat
+    assert not Build.open(flux / "multi").manifest.graphs["transformer"].spec.blocks_repeat
+    image = sample_control_images(2, HEIGHT, WIDTH)[1]
+    settings = {"num_inference_steps": 4, "guidance_scale": 3.5}
+    expected = _reference(
+        flux,
+        NAMES[4:],
+        seed=6,
+        control_image=image,
+        controlnet_conditioning_scale=0.7,
+        control_guidance_start=0.25,
+        **settings,
+    )
+    pipe = pipelines[(backend, "hinted")]
+    ours = {"steps": 4, "guidance": 3.5, "seed": 6, "height": HEIGHT, "width": WIDTH}
+    got = np.asarray(pipe(PROMPT, controls=[image], scales=0.7, start=0.25, **ours))
+    assert expected.std() > 5
+    assert psnr(expected, got) >= GATE
+    plain = np.asarray(pipe(PROMPT, **ours))
+    assert psnr(got, plain) < 40  # the ControlNet steers the image
 
 
 def test_flux_builds_say_what_they_do_not_take(flux, pipelines, tiny_models, tmp_path):
@@ -157,8 +187,10 @@ def test_flux_builds_say_what_they_do_not_take(flux, pipelines, tiny_models, tmp
         export_build(tiny_models.base, [flux / "canny"], tmp_path / "out")
     with pytest.raises(ModelError, match="same numbers"):
         export_build(flux / "base", [flux / "canny", flux / "blur"], tmp_path / "out")
+    with pytest.raises(ModelError, match=r"some as VAE latents \(InstantX-style\); diffusers runs"):
+        export_build(flux / "base", [flux / "blur", flux / "xlabs"], tmp_path / "out")
     for key, value, words in (
-        ("conditioning_embedding_channels", 16, "XLabs-style"),
+        ("conditioning_embedding_channels", 16, "its input hint block makes 16 channels, packed 1 x 1 into 16"),
         ("num_single_layers", 9, "the transformer has 4"),
     ):
         other = shutil.copytree(flux / "canny", tmp_path / key)

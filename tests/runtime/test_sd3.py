@@ -2,8 +2,9 @@
 
 A small SD3 set made in code (tests/sd3_files.py): three text encoders, a patch-2 transformer, a
 16-channel VAE with a shift, a flow-matching scheduler. Two InstantX-style ControlNets summed block
-by block, and one that takes the pooled projection and shifted latents, must match diffusers at the
-fp32 gate on every CPU backend; the controls must change the image.
+by block, one that takes the pooled projection and shifted latents, and one as SD3.5-Large's (the
+transformer's position embedding, no text) must match diffusers at the fp32 gate on every CPU
+backend; the controls must change the image.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ BACKENDS = ["torch", "onnxruntime", "openvino"]
 def pipelines(sd3):
     from controlrt.runtime.pipeline import Pipeline
 
-    opened = {(b, k): Pipeline.load(sd3 / k, backend=b) for b in BACKENDS for k in ("multi", "single")}
+    opened = {(b, k): Pipeline.load(sd3 / k, backend=b) for b in BACKENDS for k in ("multi", "single", "borrowed")}
     yield opened
     for pipe in opened.values():
         pipe.close()
@@ -77,13 +78,42 @@ def test_two_sd3_controlnets_match_diffusers(backend, sd3, pipelines):
 def test_a_controlnet_that_takes_the_pooled_projection_matches_diffusers(backend, sd3, pipelines):
     image = sample_control_images(3, SIZE, SIZE)[2]
     settings = {"num_inference_steps": 3, "guidance_scale": 4.0}
-    expected = _reference(sd3, NAMES[2:], seed=2, control_image=image, controlnet_conditioning_scale=0.8, **settings)
+    expected = _reference(sd3, NAMES[2:3], seed=2, control_image=image, controlnet_conditioning_scale=0.8, **settings)
     pipe = pipelines[(backend, "single")]
     got = np.asarray(pipe(PROMPT, controls=[image], scales=0.8, steps=3, guidance=4.0, seed=2))
     assert expected.std() > 5
     assert psnr(expected, got) >= GATE
     other = np.asarray(pipe(PROMPT, controls=[image], scales=0.8, steps=3, guidance=4.0, seed=3))
     assert psnr(got, other) < 40  # the seed draws the control latents and the noise
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_sd35_large_controlnet_matches_diffusers(backend, sd3, pipelines):
+    """SD3.5-Large's ControlNets have no position embedding of their own (diffusers' pipeline gives
+    them the transformer's) and take no text: their graph has the transformer's patch embedding
+    inside and no encoder_hidden_states input."""
+    from controlrt.manifest import Build
+
+    spec = Build.open(sd3 / "borrowed").manifest.graphs["controlnet_0"].spec
+    assert "encoder_hidden_states" not in spec.input_names
+    image = sample_control_images(4, SIZE, SIZE)[3]
+    settings = {"num_inference_steps": 3, "guidance_scale": 4.5}
+    expected = _reference(
+        sd3,
+        NAMES[3:],
+        seed=3,
+        control_image=image,
+        controlnet_conditioning_scale=0.9,
+        control_guidance_end=0.7,
+        **settings,
+    )
+    pipe = pipelines[(backend, "borrowed")]
+    ours = {"steps": 3, "guidance": 4.5, "seed": 3}
+    got = np.asarray(pipe(PROMPT, controls=[image], scales=0.9, end=0.7, **ours))
+    assert expected.std() > 5
+    assert psnr(expected, got) >= GATE
+    plain = np.asarray(pipe(PROMPT, **ours))
+    assert psnr(got, plain) < 40  # the ControlNet steers the image
 
 
 def test_sd3_builds_say_what_they_do_not_take(sd3, pipelines, tiny_models, tmp_path):
