@@ -9,12 +9,16 @@ for rsLoRA). The fusing is done here, not through peft, so text-encoder adapters
 integration in transformers; the tests check it against diffusers' own fused UNet and peft's merged
 text-encoder layers.
 
-LoRAs touch the UNet and the text encoders, never the ControlNets or the VAE.
+LoRAs touch the denoiser (the UNet, or SD3's and Flux's transformer) and the text encoders, never the
+ControlNets or the VAE. For SD3 and Flux the file is read by their pipelines' ``lora_state_dict``
+(StableDiffusion3Pipeline, FluxPipeline), which turn kohya's, XLabs' and BFL's Flux layouts into
+diffusers' names with their alphas already applied.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import re
@@ -26,7 +30,7 @@ import torch
 
 from controlrt.errors import InputError, ModelError
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 MAX_LORAS = 8
 
@@ -144,8 +148,11 @@ def _read_lora(path: Path, size: int, mtime_ns: int, pipeline: str) -> dict[str,
 
     loader = getattr(diffusers, pipeline)
     raw = read_checkpoint(path)
+    # SD's and SDXL's loaders return (state, alphas); Flux's only when asked; SD3's the state alone
+    asks = "return_alphas" in inspect.signature(loader.lora_state_dict).parameters
     try:
-        state, alphas = loader.lora_state_dict(dict(raw))
+        read = loader.lora_state_dict(dict(raw), **({"return_alphas": True} if asks else {}))
+        state, alphas = read if isinstance(read, tuple) else (read, None)
     except (ValueError, KeyError, RuntimeError, IndexError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(f"LoRA {path}: diffusers cannot read it ({first})") from None
@@ -154,7 +161,7 @@ def _read_lora(path: Path, size: int, mtime_ns: int, pipeline: str) -> dict[str,
     for component in sorted({key.split(".", 1)[0] for key in state}):
         if component not in COMPONENTS:
             raise ModelError(
-                f"LoRA {path} adapts {component!r}; controlrt fuses LoRAs into the UNet and text encoders only"
+                f"LoRA {path} adapts {component!r}; controlrt fuses LoRAs into the denoiser and text encoders only"
             )
         own = {k[len(component) + 1 :]: v for k, v in state.items() if k.startswith(component + ".")}
         own_alphas = {

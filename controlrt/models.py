@@ -256,12 +256,9 @@ class BaseModel:
         from controlrt.lora import check_loras, read_lora
 
         loras = tuple(check_loras(list(loras)))
-        family = family_of(self.info())
-        if loras and family.denoiser_component != "unet":
-            raise ModelError(f"LoRA fusing for {family.title} models is not supported yet")
-        pipeline = family.lora_pipeline
+        pipeline = family_of(self.info()).lora_pipeline
         for lora in loras:
-            missing = set(read_lora(lora, pipeline)) - {"unet", *self.text_encoder_names}
+            missing = set(read_lora(lora, pipeline)) - {self.denoiser_component, *self.text_encoder_names}
             if missing:
                 raise ModelError(f"LoRA {lora.path} adapts {sorted(missing)[0]}, which the base model does not have")
         return replace(self, loras=loras)

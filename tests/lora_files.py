@@ -93,3 +93,34 @@ def write_sdxl_lora(base: Path, out: Path, seed: int) -> Path:
         text_encoder_2_lora_adapter_metadata=second_meta,
     )
     return out / "pytorch_lora_weights.safetensors"
+
+
+# SD3's and Flux's transformer blocks: joint attention (image and text projections), feed-forward
+# layers, Flux's single-stream projections; the output projection
+TRANSFORMER_TARGETS = [
+    *("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+    *("ff.net.0.proj", "ff.net.2", "proj_mlp", "proj_out"),
+]
+
+
+def write_transformer_lora(base: Path, out: Path, seed: int, pipeline: str) -> Path:
+    """A transformer and first-CLIP LoRA for an SD3 or Flux folder, as ``pipeline`` (the diffusers
+    class: StableDiffusion3Pipeline, FluxPipeline) saves it; returns the file."""
+    import json
+
+    import diffusers
+    import transformers
+
+    index = json.loads((base / "model_index.json").read_text())
+    denoiser = getattr(diffusers, index["transformer"][1]).from_pretrained(base / "transformer")
+    layers, meta = _adapted(denoiser, TRANSFORMER_TARGETS, 4, 8.0, seed)
+    clip = getattr(transformers, index["text_encoder"][1]).from_pretrained(base / "text_encoder")
+    text, text_meta = _adapted(clip, TEXT_TARGETS, 2, 2.0, seed + 1)
+    getattr(diffusers, pipeline).save_lora_weights(
+        out,
+        transformer_lora_layers=layers,
+        text_encoder_lora_layers=text,
+        transformer_lora_adapter_metadata=meta,
+        text_encoder_lora_adapter_metadata=text_meta,
+    )
+    return out / "pytorch_lora_weights.safetensors"

@@ -252,3 +252,66 @@ def test_sdxl_lora_on_the_unet_and_both_text_encoders(xl_models, tmp_path):
         fused = base.load_text_encoder(name)
         assert _max_difference(fused, getattr(reference, name)) < 1e-5
         assert _max_difference(fused, BaseModel.open(xl_models.base).load_text_encoder(name)) > 1e-2
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_transformer_loras_match_diffusers(family, request, tmp_path):
+    """SD3's and Flux's LoRAs: the transformer and the first CLIP fused as their pipelines'
+    load_lora_weights + fuse_lora fuse them, and a build exported with one gives their ControlNet
+    pipeline's image."""
+    import diffusers
+    from lora_files import write_transformer_lora
+
+    from controlrt.export.build import export_build
+    from controlrt.runtime.pipeline import Pipeline
+
+    root = request.getfixturevalue(family)
+    pipeline, controlnet_pipeline, net, size = {
+        "sd3": ("StableDiffusion3Pipeline", "StableDiffusion3ControlNetPipeline", "SD3ControlNetModel", (64, 64)),
+        "flux": ("FluxPipeline", "FluxControlNetPipeline", "FluxControlNetModel", (64, 96)),
+    }[family]
+    lora = write_transformer_lora(root / "base", tmp_path / "lora", seed=9, pipeline=pipeline)
+    assert set(read_lora(Lora(lora), pipeline)) == {"transformer", "text_encoder"}
+    base = BaseModel.open(root / "base").with_loras([Lora(lora, 0.7)])
+    plain = BaseModel.open(root / "base")
+
+    controlnet = getattr(diffusers, net).from_pretrained(root / "canny")
+    reference = getattr(diffusers, controlnet_pipeline).from_pretrained(root / "base", controlnet=controlnet)
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(str(lora))
+    reference.fuse_lora(lora_scale=0.7, components=["transformer", "text_encoder"])
+    reference.unload_lora_weights()
+    assert _max_difference(base.load_unet(), reference.transformer) < 1e-5
+    assert _max_difference(base.load_text_encoder(), reference.text_encoder) < 1e-5
+    assert _max_difference(base.load_unet(), plain.load_unet()) > 1e-2  # the LoRA changed the weights
+
+    image = sample_control_images(1, *size)[0]
+    settings = {"num_inference_steps": 3, "guidance_scale": 4.0, "controlnet_conditioning_scale": 0.8}
+    torch.manual_seed(3)  # SD3's pipeline samples the control latents from the global generator
+    expected = reference(
+        "a red house",
+        control_image=image,
+        generator=torch.Generator("cpu").manual_seed(3),
+        height=size[0],
+        width=size[1],
+        **settings,
+    ).images[0]
+    export_build(root / "base", [root / "canny"], tmp_path / "build", loras=[Lora(lora, 0.7)])
+    with Pipeline.load(tmp_path / "build", backend="onnxruntime") as pipe:
+        ours = {"steps": 3, "guidance": 4.0, "scales": 0.8, "seed": 3, "height": size[0], "width": size[1]}
+        got = pipe("a red house", controls=[image], **ours)
+    expected, got = np.asarray(expected), np.asarray(got)
+    assert expected.std() > 5
+    assert psnr(expected, got) >= GATE
+    unfused = getattr(diffusers, controlnet_pipeline).from_pretrained(root / "base", controlnet=controlnet)
+    unfused.set_progress_bar_config(disable=True)
+    torch.manual_seed(3)
+    generator = torch.Generator("cpu").manual_seed(3)
+    plain_image = unfused(
+        "a red house", control_image=image, generator=generator, height=size[0], width=size[1], **settings
+    )
+    assert psnr(np.asarray(plain_image.images[0]), got) < 40  # the LoRA changes the image
+    assert Build.open(tmp_path / "build").manifest.sources["base"]["loras"][0]["components"] == [
+        "text_encoder",
+        "transformer",
+    ]

@@ -61,7 +61,7 @@ class LoraChange:
 def component_of(spec: GraphSpec, base: BaseModel) -> str | None:
     """The base component a graph computes, for the graphs LoRAs can adapt."""
     if spec.kind is GraphKind.UNET:
-        return "unet"
+        return base.denoiser_component
     if spec.kind is GraphKind.TEXT_ENCODER:
         return base.text_encoder_names[spec.index]
     return None
@@ -93,7 +93,7 @@ def set_loras(build_dir: str | Path, loras: list[Lora], progress: bool = False, 
     pipeline = family_of(manifest.info).lora_pipeline
     old_components = {c for r in recorded.get("loras", []) for c in r.get("components", ("unet", "text_encoder"))}
     if recorded.get("loras") and any("components" not in r for r in recorded["loras"]):
-        old_components |= {"unet", *base.text_encoder_names}
+        old_components |= {base.denoiser_component, *base.text_encoder_names}
     components = old_components | adapted_components(loras, pipeline)
     specs = [spec for name in manifest.graphs if component_of(spec := manifest.spec(name), base) in components]
     store = EngineStore(build)
