@@ -101,3 +101,21 @@ def test_no_int8_peak_where_the_engines_run_no_int8_kernels(monkeypatch, saturat
     peaks = cpu.matmul_peaks(size=128, repeats=1)
     assert peaks["fp32"] > 0
     assert (peaks["int8"] is None) == saturates
+
+
+def test_full_size_transformer_graphs_are_counted_on_the_meta_device(tmp_path):
+    """benchmarks/transformer_sizes.py: full-size SD3.5 and Flux graphs made from their configs with
+    no weights, through the family's module factories; the counts are the published models' sizes."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "transformer_sizes.py"
+    module_spec = importlib.util.spec_from_file_location("transformer_sizes", path)
+    sizes = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(sizes)
+    flux = {r["graph"]: r["params"] for r in sizes.graph_sizes("flux.1-dev", tmp_path)}
+    assert 11.8e9 < flux["transformer"] < 12.0e9  # FLUX.1-dev: 12 B
+    assert 4.7e9 < flux["text_encoder_2"] < 4.8e9  # T5-XXL's encoder
+    large = {r["graph"]: r["params"] for r in sizes.graph_sizes("sd3.5-large", tmp_path)}
+    assert 8.0e9 < large["transformer"] < 8.3e9  # SD3.5-Large: 8.1 B
+    assert large["controlnet_0"] > 1e9  # with the transformer's position embedding inside
