@@ -131,7 +131,7 @@ def build_sd3(root: Path, seed: int = 0, scale: int = 1):
         attention_head_dim=8 * scale,
         num_attention_heads=2 * scale,
         joint_attention_dim=32 * scale,
-        caption_projection_dim=16 * scale,
+        caption_projection_dim=16 * scale * scale,  # the blocks' width: heads x head size
         pooled_projection_dim=16 * scale,
         pos_embed_max_size=16 * scale,
     )

@@ -182,3 +182,23 @@ def test_the_readmes_sd3_commands_run(sd3, tmp_path, monkeypatch):
         assert result.exit_code == 0, f"{line}:\n{result.output}"
     with Image.open(tmp_path / "house.png") as image:
         assert image.size == (SIZE, SIZE) and json.loads(image.info["controlrt"])["guidance"] == 7.0
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_the_small_sets_run_in_diffusers_at_a_larger_scale(kind, tmp_path):
+    """controlrt.smallsets at scale 2 (the benchmarks take scale 4): every part's widths still fit
+    together, so diffusers' ControlNet pipeline runs the set."""
+    import diffusers
+
+    from controlrt import smallsets
+
+    build, pipeline = {
+        "sd3": (smallsets.build_sd3, diffusers.StableDiffusion3ControlNetPipeline),
+        "flux": (smallsets.build_flux, diffusers.FluxControlNetPipeline),
+    }[kind]
+    components, controlnets = build(tmp_path, seed=0, scale=2)
+    pipe = pipeline(**components, controlnet=controlnets[0])
+    pipe.set_progress_bar_config(disable=True)
+    image = sample_control_images(1, SIZE, SIZE)[0]
+    out = pipe(PROMPT, control_image=image, num_inference_steps=1, height=SIZE, width=SIZE, output_type="np")
+    assert out.images.shape == (1, SIZE, SIZE, 3) and np.isfinite(out.images).all()
