@@ -70,12 +70,15 @@ GATES: dict[tuple[Precision, str | None], Gate] = {
     (Precision.FP32, None): Gate(
         {
             **dict.fromkeys(GraphKind, Tolerance(rel_l2=1e-4, max_rel=3e-4)),
-            # fp32 sums over a 1024-px image: SDXL's VAE decoder differs more than any other graph
+            # fp32 sums over a 1024-px image: the VAEs differ more than any other graph (SDXL's
+            # decoder; the encoder of a 16-channel VAE, smallsets' Flux set at scale 4)
             GraphKind.VAE_DECODER: Tolerance(rel_l2=5e-4, max_rel=6e-4),
+            GraphKind.VAE_ENCODER: Tolerance(rel_l2=5e-4, max_rel=6e-4),
         },
         psnr_db=75.0,
         measured="rel L2 <= 1.9e-6 (small models), 3.2e-5 (SD1.5's VAE decoder at 384x640), 2.4e-4 (SDXL's VAE "
-        "decoder at 2x768x1280; 1.5e-4 at 1024 px); max_rel <= 2.9e-5, 2.1e-4 (SDXL's VAE); images identical, "
+        "decoder at 2x768x1280; 1.5e-4 at 1024 px), 2.2e-4 (a 16-channel VAE encoder at 1024 px, max_abs "
+        "3.5e-4); max_rel <= 2.9e-5, 2.1e-4 (SDXL's VAE); images identical, "
         "86.0 dB, 79.3 dB (SD1.5 at 512 px); against diffusers >= 84 dB",
     ),
     (Precision.FP16, None): Gate(
