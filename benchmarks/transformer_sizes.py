@@ -117,8 +117,8 @@ def write_configs(root: Path, family: str, transformer: dict, controlnet: dict) 
     }
     base.mkdir(parents=True)
     (base / "model_index.json").write_text(json.dumps(index))
-    _save_config(base / "transformer", model_cls.load_config, model_cls, transformer)
-    _save_config(base / "vae", AutoencoderKL.load_config, AutoencoderKL, VAE_16)
+    _save_config(base / "transformer", model_cls, transformer)
+    _save_config(base / "vae", AutoencoderKL, VAE_16)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=flux)
     scheduler.save_config(base / "scheduler")
     for name, (cls, config) in texts.items():
@@ -132,11 +132,11 @@ def write_configs(root: Path, family: str, transformer: dict, controlnet: dict) 
     net_config = {**shared, **controlnet}
     if flux:
         net_config["num_single_layers"] = controlnet.get("num_single_layers", 0)
-    _save_config(root / "controlnet", net_cls.load_config, net_cls, net_config)
+    _save_config(root / "controlnet", net_cls, net_config)
     return base, root / "controlnet"
 
 
-def _save_config(folder: Path, _load, cls, config: dict) -> None:
+def _save_config(folder: Path, cls, config: dict) -> None:
     import torch
 
     with torch.device("meta"):

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from controlrt.errors import ModelError
 from controlrt.families import family_for, family_of
-from controlrt.families.base import UNION_TYPE_NAMES
 from controlrt.families.info import ModelInfo, Residual
 
 if TYPE_CHECKING:
@@ -59,8 +58,6 @@ CONTROLNET_CLASSES = ("ControlNetModel", "ControlNetUnionModel", "SD3ControlNetM
 # AutoencoderKL encodes to a distribution (sampled with the request's generator), AutoencoderTiny
 # (TAESD) to latents directly
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
-# ControlNet-Union's condition types as diffusers takes them (integers) and xinsir's ProMax names them
-UNION_TYPES = UNION_TYPE_NAMES
 
 
 def residual_layout(config: dict[str, Any], what: str) -> tuple[Residual, ...]:

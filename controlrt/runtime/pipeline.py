@@ -36,7 +36,7 @@ from controlrt.runtime.preprocess import load_control, peek_control_size, split_
 from controlrt.runtime.request import GenerationRequest, ResolvedRequest, resolve
 from controlrt.runtime.schedulers import check_steps, make_scheduler, max_steps
 from controlrt.session import Session
-from controlrt.specs import GraphKind
+from controlrt.specs import GraphKind, GraphSpec
 from controlrt.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -384,6 +384,18 @@ class Pipeline:
             )
             return torch.cat([tensor] * batch) if batch > 1 else tensor
 
+        def one_image(spec: GraphSpec, i: int, **extra: torch.Tensor) -> ControlPlan:
+            """The plan of control ``i`` alone through ``spec``'s ControlNet, at its scale and window."""
+            image = prepared(i, self.family.control_channels(spec))
+            return ControlPlan(
+                session=self.sessions[spec.name],
+                image=self.family.control_condition(image, encode, spec).to(device),
+                weights=(base * resolved.scales[i]).to(device),
+                start=resolved.starts[i],
+                end=resolved.ends[i],
+                extra=extra or None,
+            )
+
         for spec, indices in zip(self.controlnet_specs, resolved.assignment, strict=True):
             if not indices:
                 continue
@@ -392,29 +404,11 @@ class Pipeline:
                 # a Flux ControlNet-Union: one pass per image with its type, summed as diffusers'
                 # multi-ControlNet sums them
                 for i in indices:
-                    image = prepared(i, self.family.control_channels(spec))
-                    plans.append(
-                        ControlPlan(
-                            session=self.sessions[spec.name],
-                            image=self.family.control_condition(image, encode, spec).to(device),
-                            weights=(base * resolved.scales[i]).to(device),
-                            start=resolved.starts[i],
-                            end=resolved.ends[i],
-                            extra={"control_mode": torch.full((batch, 1), int(resolved.types[i]), device=device)},
-                        )
-                    )
+                    mode = torch.full((batch, 1), int(resolved.types[i]), device=device)
+                    plans.append(one_image(spec, i, control_mode=mode))
                 continue
             if not spec.union:
-                image = prepared(first, self.family.control_channels(spec))
-                plans.append(
-                    ControlPlan(
-                        session=self.sessions[spec.name],
-                        image=self.family.control_condition(image, encode, spec).to(device),
-                        weights=(base * resolved.scales[first]).to(device),
-                        start=resolved.starts[first],
-                        end=resolved.ends[first],
-                    )
-                )
+                plans.append(one_image(spec, first))
                 continue
             # a union ControlNet: all its images in one pass; one image is scaled outside as usual,
             # two or more inside the model (and their windows as scale 0 there), as diffusers does

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from controlrt.control import ControlMode
 from controlrt.errors import InputError
 from controlrt.families import Family, family_of
-from controlrt.models import UNION_TYPES
+from controlrt.families.base import UNION_TYPE_NAMES as UNION_TYPES
 from controlrt.runtime.images import ControlImage
 from controlrt.runtime.limits import Limits
 from controlrt.specs import check_image_size
