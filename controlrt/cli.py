@@ -282,6 +282,13 @@ def _backend_settings(backend: str, cuda_graphs: bool, budget_gb: float | None, 
 @click.option(
     "--guidance", type=float, default=None, help="Default: the model's, as diffusers: SD 7.5, SDXL 5.0, SD3 7.0."
 )
+@click.option(
+    "--true-cfg",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Flux: classifier-free guidance with --negative-prompt (diffusers' true_cfg_scale; 1: off).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--height", type=int, default=None, help="Default: the first control image's (as diffusers), else native."
@@ -331,6 +338,7 @@ def generate(
     control_mode,
     steps,
     guidance,
+    true_cfg,
     seed,
     height,
     width,
@@ -400,6 +408,7 @@ def generate(
             control_mode=control_mode,
             steps=steps,
             guidance=guidance,
+            true_cfg=true_cfg,
             seed=seed + j,
             height=height,
             width=width,

@@ -56,11 +56,14 @@ class Branches:
 
     With CFG (guidance above 1) the text encoder and the UNet run both halves of the batch,
     [uncond, cond]; the ControlNets run both in uniform mode and only the conditional half in the
-    conditional-only modes; the VAE decodes each image once.
+    conditional-only modes (the unconditional half then gets no control); the VAE decodes each image
+    once. With ``shared_control`` (Flux's true CFG, as diffusers' Flux pipelines run it) the ControlNets
+    run once, on the conditional half, and both halves get their residuals.
     """
 
     cfg: bool
     conditional_only: bool = False
+    shared_control: bool = False
 
     @classmethod
     def of(cls, guidance: float, mode: ControlMode | str = ControlMode.UNIFORM, cfg_batch: bool = True) -> Branches:
@@ -73,7 +76,7 @@ class Branches:
         """The graph's batch for one image."""
         if kind in (GraphKind.VAE_DECODER, GraphKind.VAE_ENCODER) or not self.cfg:
             return 1
-        return 1 if kind is GraphKind.CONTROLNET and self.conditional_only else 2
+        return 1 if kind is GraphKind.CONTROLNET and (self.conditional_only or self.shared_control) else 2
 
     @staticmethod
     def possible(kind: GraphKind) -> tuple[int, ...]:

@@ -199,6 +199,7 @@ BAD_GENERATE = {
     "out in proc": (["--out", "/proc/x.png"], "cannot write /proc/x.png", {}),
     "not a number": (["--scale", "abc"], "'abc' is not a valid float", {}),
     "negative guidance": (["--guidance", "-1"], "guidance -1.0 must be finite and non-negative", {}),
+    "true cfg on SD": (["--true-cfg", "3"], "true CFG (diffusers' true_cfg_scale) is for Flux models", {}),
     "backend": (["--backend", "tpu"], "'tpu' is not one of", {}),
     "provider": (["--providers", "cuda"], "CUDAExecutionProvider is not available", {}),
     "out is a folder": (["--out", "{root}"], "is a folder; give an image file name such as", {}),

@@ -388,10 +388,18 @@ class Family:
         """Whether the UNet takes guidance as an embedding (LCM-distilled): no CFG batch."""
         return self.info.guidance_embedding_dim > 0
 
-    def branches(self, guidance: float, mode: ControlMode | str = ControlMode.UNIFORM) -> Branches:
+    def branches(
+        self, guidance: float, mode: ControlMode | str = ControlMode.UNIFORM, true_cfg: float = 1.0
+    ) -> Branches:
         """Which CFG branches each graph runs for ``guidance`` and ``mode``: an LCM-distilled UNet
-        takes guidance as an embedding, so there is no CFG batch whatever the scale, as in diffusers."""
+        takes guidance as an embedding, so there is no CFG batch whatever the scale, as in diffusers.
+        ``true_cfg``: diffusers' true_cfg_scale, for families with ``true_cfg`` (the request refuses it
+        elsewhere)."""
         return Branches.of(guidance, mode, cfg_batch=not self.embedded_guidance)
+
+    def cfg_scale(self, guidance: float, true_cfg: float = 1.0) -> float:
+        """The scale the loop combines the CFG branches with: the guidance (Flux: true_cfg)."""
+        return guidance
 
     def batches(self, kind: GraphKind) -> tuple[int, ...]:
         """Every per-image batch a graph of ``kind`` may run with (engine profiles)."""
@@ -469,7 +477,9 @@ class Family:
     default_guidance: ClassVar[float] = 7.5  # the guidance scale when none is given, as diffusers' pipelines
     # A union ControlNet's condition types by name (xinsir's ProMax names; numbers are taken as well)
     union_types: ClassVar[dict[str, int]] = UNION_TYPE_NAMES
-    negative_prompts: ClassVar[bool] = True  # whether requests may give one (guidance-distilled models: no)
+    negative_prompts: ClassVar[bool] = True  # whether requests may give one (guidance-distilled: with true CFG only)
+    # Whether requests may give diffusers' true_cfg_scale (Flux's CFG batch with a negative prompt)
+    true_cfg: ClassVar[bool] = False
     # Whether control images' latents are drawn from the request's generator before the noise (Flux's
     # pipeline), rather than from a generator of their own seeded with the request's seed
     controls_draw_first: ClassVar[bool] = False

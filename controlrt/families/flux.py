@@ -53,7 +53,8 @@ class Flux(StableDiffusion3):
     tokenizer_components = ("tokenizer", "tokenizer_2")
     # InstantX's and Shakker-Labs' Flux ControlNet-Union modes
     union_types: ClassVar[dict[str, int]] = dict(canny=0, tile=1, depth=2, blur=3, pose=4, openpose=4, gray=5, lq=6)
-    negative_prompts = False
+    negative_prompts = False  # only with true CFG
+    true_cfg = True
     controls_draw_first = True  # the pipeline samples control latents from the request's generator
 
     @classmethod
@@ -276,15 +277,23 @@ class Flux(StableDiffusion3):
 
     # --- guidance and control -----------------------------------------------------------------
 
-    def branches(self, guidance: float, mode="uniform"):
-        """No classifier-free batch whatever the scale: the guidance is an input (or, without a
-        guidance embedding, not taken), as in diffusers' Flux pipelines."""
+    def branches(self, guidance: float, mode="uniform", true_cfg: float = 1.0):
+        """No classifier-free batch for the guidance scale: it is an input (or, without a guidance
+        embedding, not taken), as in diffusers' Flux pipelines. True CFG (``true_cfg`` above 1, with a
+        negative prompt) runs the transformer on [negative, prompt] and the ControlNets once, on the
+        prompt, both halves taking their residuals, as FluxControlNetPipeline does."""
         from controlrt.control import Branches
 
+        if true_cfg > 1.0:
+            return Branches(cfg=True, shared_control=True)
         return Branches.of(guidance, mode, cfg_batch=False)
 
+    def cfg_scale(self, guidance: float, true_cfg: float = 1.0) -> float:
+        return true_cfg
+
     def batches(self, kind: GraphKind) -> tuple[int, ...]:
-        return (1,)
+        """One image; the text encoders and the transformer take two with true CFG."""
+        return (1, 2) if kind in (GraphKind.TEXT_ENCODER, GraphKind.UNET) else (1,)
 
     def schedule(self, steps: int, latent_hw: tuple[int, int], scheduler_config: dict[str, Any]) -> dict[str, Any]:
         """FluxControlNetPipeline's timesteps: sigmas linspace(1, 1/steps, steps) and, for a
@@ -350,11 +359,14 @@ class Flux(StableDiffusion3):
 
     def check_request(self, request: Any) -> None:
         super().check_request(request)
-        if request.negative_prompt is not None and not self.negative_prompts:
+        true_cfg = request.true_cfg > 1.0
+        if request.negative_prompt is not None and not true_cfg:
             raise InputError(
-                "Flux models take no negative prompt here: they are guidance-distilled (diffusers' true_cfg_scale "
-                "is not supported yet)"
+                "a Flux model's guidance is distilled: a negative prompt takes effect with true CFG only "
+                "(--true-cfg above 1, diffusers' true_cfg_scale)"
             )
+        if true_cfg and request.negative_prompt is None:
+            raise InputError("true CFG needs a negative prompt (--negative-prompt), as diffusers' true_cfg_scale")
         if request.scheduler is not None:
             raise InputError("Flux builds run the model's own flow-matching scheduler; drop --scheduler")
 

@@ -150,9 +150,10 @@ def denoise(
         noise: Initial standard-normal latents [B, C, h, w]; scaled here by the scheduler's
             init_noise_sigma, which depends on the timesteps just set (as in diffusers).
         steps: Number of inference steps.
-        guidance: Classifier-free guidance scale.
+        guidance: Classifier-free guidance scale (Flux's true_cfg_scale: Family.cfg_scale).
         branches: Which CFG branches run (Branches.of(guidance, mode)): with ``conditional_only``
-            the unconditional half gets zero residuals and the ControlNets run on the other.
+            the unconditional half gets zero residuals and the ControlNets run on the other; with
+            ``shared_control`` both halves get the residuals of the ControlNets' one run.
         generator: The generator the latents were drawn from (stochastic schedulers continue it).
         progress: Show a progress bar on stderr.
         added: SDXL's added conditions (text_embeds, time_ids) in prompt_embeds' batch order; the
@@ -179,7 +180,11 @@ def denoise(
     zero_residuals = _zero_residuals(unet, batch, latents.shape[2:], device)
     # Conditional-only control: the uncond half of this buffer stays zero, the cond half is
     # overwritten each step (allocated once, not per step).
-    padded = _zero_residuals(unet, batch, latents.shape[2:], device) if cond_slice.start else {}
+    padded = (
+        _zero_residuals(unet, batch, latents.shape[2:], device)
+        if cond_slice.start and not branches.shared_control
+        else {}
+    )
     extra = step_kwargs(scheduler, generator)
     scale_input = getattr(scheduler, "scale_model_input", None)  # flow-matching schedulers have none
     cn_embeds = prompt_embeds[cond_slice]
@@ -202,6 +207,8 @@ def denoise(
         summed = _summed_residuals(controls, i, len(timesteps), cn_feeds, names)
         if summed is None:
             residuals = zero_residuals
+        elif branches.shared_control:
+            residuals = {n: torch.cat([r] * (batch // r.shape[0])) for n, r in summed.items()}
         elif cond_slice.start:
             for n, r in summed.items():
                 padded[n][cond_slice].copy_(r)

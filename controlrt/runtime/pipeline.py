@@ -211,7 +211,7 @@ class Pipeline:
         mask_image = load_image(request.mask, "mask") if request.mask is not None else None
         images = [self._control_image(c, mask_image) for c in resolved.controls]
         scheduler = make_scheduler(self.build.scheduler_config, request.scheduler)
-        branches = self.family.branches(resolved.guidance, resolved.mode)
+        branches = self.family.branches(resolved.guidance, resolved.mode, resolved.true_cfg)
         f = info.vae_scale_factor
         crop = None
         if request.mask_crop is not None:  # diffusers' padding_mask_crop: work on the region around the mask
@@ -264,7 +264,7 @@ class Pipeline:
             embeds,
             begin.latents,
             steps=request.steps,
-            guidance=resolved.guidance,
+            guidance=self.family.cfg_scale(resolved.guidance, resolved.true_cfg),
             branches=branches,
             generator=generator,
             progress=progress,

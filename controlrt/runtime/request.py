@@ -43,6 +43,9 @@ class GenerationRequest:
     control_mode: ControlMode | str = ControlMode.UNIFORM
     steps: int = 50
     guidance: float | None = None  # default as diffusers' pipeline for the model: see Family.default_guidance
+    # Flux: diffusers' true_cfg_scale, classifier-free guidance with the negative prompt on top of the
+    # distilled guidance (above 1: the transformer runs twice per step)
+    true_cfg: float = 1.0
     seed: int = 0
     height: int | None = None
     width: int | None = None
@@ -96,6 +99,7 @@ class ResolvedRequest:
     assignment: list[list[int]] = field(default_factory=list)
     strength: float | None = None  # image-to-image: the share of the schedule that runs
     guidance: float = 7.5  # the classifier-free guidance scale that runs
+    true_cfg: float = 1.0  # Flux's true CFG scale (1: off)
 
     def settings(self) -> dict[str, Any]:
         """The request's settings with what resolving it decided: the control mode, the size, the
@@ -273,6 +277,16 @@ def resolve(
         raise InputError(f"guidance {guidance!r} is not a number")
     if not math.isfinite(float(guidance)) or guidance < 0:
         raise InputError(f"guidance {guidance} must be finite and non-negative")
+    true_cfg = request.true_cfg
+    if isinstance(true_cfg, bool) or not isinstance(true_cfg, (int, float)):
+        raise InputError(f"true CFG scale {true_cfg!r} is not a number")
+    if not math.isfinite(float(true_cfg)) or true_cfg < 1:
+        raise InputError(f"true CFG scale {true_cfg} must be finite and at least 1 (1: off)")
+    if true_cfg != 1 and not family.true_cfg:
+        raise InputError(
+            "true CFG (diffusers' true_cfg_scale) is for Flux models; this build's model runs classifier-free "
+            "guidance at --guidance"
+        )
     if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
         raise InputError(f"seed must be a whole number in [0, 2**63), got {request.seed!r}")
     family.check_request(request)
@@ -285,7 +299,19 @@ def resolve(
             "the command line, Pipeline.load(..., max_pixels=N) in Python)"
         )
     return ResolvedRequest(
-        request, mode, scales, starts, ends, height, width, controls, types, assignment, strength, float(guidance)
+        request,
+        mode,
+        scales,
+        starts,
+        ends,
+        height,
+        width,
+        controls,
+        types,
+        assignment,
+        strength,
+        float(guidance),
+        float(true_cfg),
     )
 
 

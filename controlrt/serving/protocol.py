@@ -4,7 +4,7 @@
 
     {"prompt": "...", "negative_prompt": "...", "controls": ["<base64 PNG>", ...],
      "scales": [1.0, ...], "start": [0.0, ...], "end": [1.0, ...], "control_mode": "uniform",
-     "steps": 20, "guidance": 7.5, "seed": 0, "height": 512, "width": 512,
+     "steps": 20, "guidance": 7.5, "true_cfg": 1.0, "seed": 0, "height": 512, "width": 512,
      "image": "<base64 PNG>", "mask": "<base64 PNG>", "strength": 0.8}
 
 and answers ``image/png`` with the settings in the PNG's "controlrt" text chunk. Only ``prompt`` is
@@ -33,6 +33,7 @@ FIELDS = {
     "control_mode",
     "steps",
     "guidance",
+    "true_cfg",
     "seed",
     "height",
     "width",
@@ -105,7 +106,7 @@ def parse_request(body: Any) -> GenerationRequest:
             and (isinstance(settings[key], bool) or not isinstance(settings[key], int))
         ):
             raise InputError(f"'{key}' must be a whole number")
-    for key in ("guidance", "strength", "aesthetic_score", "negative_aesthetic_score"):
+    for key in ("guidance", "true_cfg", "strength", "aesthetic_score", "negative_aesthetic_score"):
         value = settings.get(key)
         given = key in settings and value is not None
         if given and (isinstance(value, bool) or not isinstance(value, (int, float))):

@@ -22,6 +22,7 @@ from PIL import Image
 from controlrt.builtin import sample_control_images
 from controlrt.compare import end_to_end_gate, psnr
 from controlrt.errors import InputError, ModelError
+from controlrt.runtime.request import GenerationRequest
 
 GATE = end_to_end_gate("fp32")
 PROMPT = "a red house beside a tree"
@@ -75,6 +76,28 @@ def test_two_flux_controlnets_match_diffusers(backend, flux, pipelines):
     assert psnr(got, plain) < 40
     other = np.asarray(pipe(PROMPT, controls=images, scales=[0.9, 0.7], end=[1.0, 0.5], **{**ours, "guidance": 6.0}))
     assert psnr(got, other) < 40  # the guidance scale is the transformer's input, not a CFG batch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_true_cfg_matches_diffusers(backend, flux, pipelines):
+    """diffusers' true_cfg_scale: the transformer on the negative prompt and the prompt, the
+    ControlNets once on the prompt, both transformer runs taking their residuals."""
+    images = sample_control_images(2, HEIGHT, WIDTH)
+    settings = {"num_inference_steps": 3, "guidance_scale": 3.5, "controlnet_conditioning_scale": [0.9, 0.7]}
+    expected = _reference(
+        flux, NAMES[:2], seed=4, control_image=images, negative_prompt="blurry", true_cfg_scale=4.0, **settings
+    )
+    pipe = pipelines[(backend, "multi")]
+    ours = {"steps": 3, "guidance": 3.5, "seed": 4, "height": HEIGHT, "width": WIDTH, "scales": [0.9, 0.7]}
+    result = pipe.generate(GenerationRequest(PROMPT, images, negative_prompt="blurry", true_cfg=4.0, **ours))
+    got = np.asarray(result.image)
+    assert result.settings["true_cfg"] == 4.0
+    assert expected.std() > 5
+    assert psnr(expected, got) >= GATE
+    plain = np.asarray(pipe(PROMPT, controls=images, **ours))  # without true CFG the image differs
+    assert psnr(got, plain) < 40
+    other = np.asarray(pipe(PROMPT, controls=images, negative_prompt="a cat", true_cfg=4.0, **ours))
+    assert psnr(got, other) < 40  # the negative prompt steers it
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -167,14 +190,17 @@ def test_flux_builds_say_what_they_do_not_take(flux, pipelines, tiny_models, tmp
     import shutil
 
     from controlrt.export.build import export_build
-    from controlrt.runtime.request import GenerationRequest
 
     pipe = pipelines[("torch", "multi")]
     image = sample_control_images(1, SIZE, SIZE)[0]
     small = {"steps": 1, "height": SIZE, "width": SIZE}
     assert pipe.generate(GenerationRequest(PROMPT, **small)).settings["guidance"] == 7.0  # diffusers' default
-    with pytest.raises(InputError, match="Flux models take no negative prompt"):
+    with pytest.raises(InputError, match="a negative prompt takes effect with true CFG only"):
         pipe(PROMPT, negative_prompt="blurry", **small)
+    with pytest.raises(InputError, match="true CFG needs a negative prompt"):
+        pipe(PROMPT, true_cfg=3.0, **small)
+    with pytest.raises(InputError, match="must be finite and at least 1"):
+        pipe(PROMPT, negative_prompt="blurry", true_cfg=0.5, **small)
     with pytest.raises(InputError, match="drop --scheduler"):
         pipe(PROMPT, scheduler="ddim", **small)
     with pytest.raises(InputError, match="blocks of a Flux transformer share one"):
