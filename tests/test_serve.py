@@ -76,6 +76,8 @@ def test_concurrent_requests_match_direct_calls(server, pipelines):
         ({"prompt": "x", "controls": ["%%%"]}, "base64"),
         ({"prompt": "x", "colour": "red"}, "unknown field"),
         ({"prompt": "x", "height": 30}, "multiple of"),
+        ({"prompt": "x", "true_cfg": "high"}, "'true_cfg' must be a number"),
+        ({"prompt": "x", "true_cfg": 3.0}, "true CFG (diffusers' true_cfg_scale) is for Flux models"),
     ],
 )
 def test_bad_requests_get_400_with_a_message(server, body, fragment):
