@@ -179,12 +179,9 @@ def denoise(
     names = [t.name for t in unet.spec.residual_inputs]
     zero_residuals = _zero_residuals(unet, batch, latents.shape[2:], device)
     # Conditional-only control: the uncond half of this buffer stays zero, the cond half is
-    # overwritten each step (allocated once, not per step).
-    padded = (
-        _zero_residuals(unet, batch, latents.shape[2:], device)
-        if cond_slice.start and not branches.shared_control
-        else {}
-    )
+    # overwritten each step (allocated once, not per step); shared control overwrites both halves.
+    padded = _zero_residuals(unet, batch, latents.shape[2:], device) if cond_slice.start else {}
+    filled = (slice(0, cond_slice.start), cond_slice) if branches.shared_control else (cond_slice,)
     extra = step_kwargs(scheduler, generator)
     scale_input = getattr(scheduler, "scale_model_input", None)  # flow-matching schedulers have none
     cn_embeds = prompt_embeds[cond_slice]
@@ -207,11 +204,10 @@ def denoise(
         summed = _summed_residuals(controls, i, len(timesteps), cn_feeds, names)
         if summed is None:
             residuals = zero_residuals
-        elif branches.shared_control:
-            residuals = {n: torch.cat([r] * (batch // r.shape[0])) for n, r in summed.items()}
         elif cond_slice.start:
             for n, r in summed.items():
-                padded[n][cond_slice].copy_(r)
+                for part in filled:
+                    padded[n][part].copy_(r)
             residuals = padded
         else:
             residuals = summed
