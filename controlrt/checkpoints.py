@@ -87,8 +87,11 @@ def _config_dir(config: str | Path | None, default: Path) -> Path:
     return path
 
 
-def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, ignore=()) -> None:
-    """Load ``state`` into ``module``; ModelError if the checkpoint and the config disagree."""
+def _load_strict(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, ignore=(), assign: bool = False
+) -> None:
+    """Load ``state`` into ``module``; ModelError if the checkpoint and the config disagree. With
+    ``assign`` the module (made on the meta device) takes the tensors themselves, in their dtype."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state and not any(i in k for i in ignore)]
     extra = [k for k in state if k not in expected]
@@ -100,7 +103,7 @@ def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: 
             if keys
         )
         raise ModelError(f"the checkpoint's {what} does not match its config: {detail}; give the matching --config")
-    module.load_state_dict(state, strict=False)
+    module.load_state_dict(state, strict=False, assign=assign)
 
 
 def convert_sd_checkpoint(
@@ -111,9 +114,11 @@ def convert_sd_checkpoint(
     force: bool = False,
     tokenizer_2: str | Path | None = None,
 ) -> Path:
-    """An original-format SD 1.x or SDXL checkpoint -> a diffusers pipeline folder at ``out_dir``.
+    """An original-format SD 1.x, SDXL, SD3/SD3.5 or Flux checkpoint -> a diffusers pipeline folder at ``out_dir``.
 
-    SDXL is recognised by its OpenCLIP bigG text encoder; the default configs follow the kind.
+    SDXL is recognised by its OpenCLIP bigG text encoder; the default configs follow the kind. SD3
+    and Flux (their transformers' own names) are converted against the pipeline folder ``config`` of
+    the same model: see :mod:`controlrt.transformer_checkpoints`.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
@@ -124,9 +129,21 @@ def convert_sd_checkpoint(
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from controlrt.transformer_checkpoints import TITLES, convert_transformer_checkpoint, transformer_family
+
     keys = checkpoint_keys(checkpoint)
+    family = transformer_family(keys)
+    if family is not None:
+        if tokenizer is not None or tokenizer_2 is not None:
+            raise InputError(
+                f"{checkpoint} is {TITLES[family]} checkpoint: its tokenizers come from --config; drop --tokenizer"
+            )
+        return convert_transformer_checkpoint(checkpoint, family, out_dir, config, force)
     if UNET_KEY not in keys:
-        raise InputError(f"{checkpoint} is not an original-format Stable Diffusion checkpoint (no {UNET_KEY})")
+        raise InputError(
+            f"{checkpoint} is not an original-format Stable Diffusion checkpoint (no {UNET_KEY}) nor an SD3/SD3.5 "
+            "or Flux one"
+        )
     sdxl = SDXL_KEY in keys
     config_dir = _config_dir(config, SDXL_CONFIG if sdxl else SD15_CONFIG)
     if sdxl != (config_dir / "text_encoder_2").is_dir():
@@ -315,12 +332,15 @@ def _check_out(out_dir: str | Path, force: bool) -> Path:
     return out
 
 
-def _write_source(folder: Path, checkpoint: str | Path, config_dir: Path) -> None:
+def _write_source(folder: Path, checkpoint: str | Path, config_dir: Path, converted: list[str] | None = None) -> None:
+    """controlrt_source.json: the checkpoint (path, sha256), the configs, and which components came
+    from the checkpoint (the others are the config folder's)."""
     from controlrt.io import sha256_file
 
     record = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "sha256": sha256_file(checkpoint),
         "config": str(config_dir),
+        **({"converted": converted} if converted is not None else {}),
     }
     (folder / "controlrt_source.json").write_text(json.dumps(record, indent=2))

@@ -717,14 +717,17 @@ def triton_repo(build_dir, out, precision, instances, force) -> None:
 @click.argument("checkpoint")
 @click.option("--out", required=True, help="diffusers folder to write.")
 @click.option(
-    "--config", default=None, metavar="DIR", help="diffusers configs of the model (default: SD1.5's or SDXL's)."
+    "--config",
+    default=None,
+    metavar="DIR",
+    help="diffusers configs of the model (default: SD1.5's or SDXL's); SD3 and Flux: their pipeline folder.",
 )
 @click.option("--tokenizer", default=None, metavar="DIR", help="sd: a CLIP tokenizer folder (not in checkpoints).")
 @click.option("--tokenizer-2", "tokenizer_2", default=None, metavar="DIR", help="sd: SDXL's second tokenizer folder.")
 @click.option("--force", is_flag=True, help="Replace a folder this command wrote before.")
 def convert_checkpoint(kind, checkpoint, out, config, tokenizer, tokenizer_2, force) -> None:
-    """Convert a single-file CHECKPOINT to a diffusers folder: an original-format SD 1.x or SDXL model, a
-    ControlNet 1.x, or an SDXL ControlNet or ControlNet-Union file in diffusers' names."""
+    """Convert a single-file CHECKPOINT to a diffusers folder: an original-format SD 1.x, SDXL, SD3/SD3.5 or
+    Flux model, a ControlNet 1.x, or an SDXL ControlNet or ControlNet-Union file in diffusers' names."""
     from controlrt.checkpoints import convert_controlnet_checkpoint, convert_sd_checkpoint
 
     if kind == "sd":

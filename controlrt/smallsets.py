@@ -96,7 +96,7 @@ def _clip_config(vocab: int, width: int, projection: int = 0):
     )
 
 
-def _weigh(module: torch.nn.Module, seed: int) -> None:
+def weigh(module: torch.nn.Module, seed: int) -> None:
     """Give every all-zero parameter (ControlNet blocks, its input embedding) seeded values."""
     generator = torch.Generator("cpu").manual_seed(seed)
     with torch.no_grad():
@@ -154,7 +154,7 @@ def build_sd3(root: Path, seed: int = 0, scale: int = 1):
             force_zeros_for_pooled_projection=zeros,
             **{**dims, **own},
         )
-        _weigh(controlnet, seed + 20 + k)
+        weigh(controlnet, seed + 20 + k)
         controlnets.append(controlnet)
     for module in (transformer, vae, *encoders, t5, *controlnets):
         module.eval()
@@ -219,7 +219,7 @@ def build_flux(root: Path, seed: int = 0, scale: int = 1):
             conditioning_embedding_channels=hint,
             **{**dims, "patch_size": 1 if hint is None else 2},  # XLabs': the hint's 16 channels packed 2 x 2
         )
-        _weigh(controlnet, seed + 20 + k)
+        weigh(controlnet, seed + 20 + k)
         controlnets.append(controlnet)
     for module in (transformer, vae, clip, t5, *controlnets):
         module.eval()

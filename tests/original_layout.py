@@ -172,3 +172,118 @@ def controlnet_to_original(state: dict[str, torch.Tensor], config: dict) -> dict
         rules.append((f"controlnet_down_blocks.{i}.", f"zero_convs.{i}.0."))
     rules.append(("controlnet_mid_block.", "middle_block_out.0."))
     return {"control_model." + _rename(k, rules, {"resnets": RESNET_UNET}): v for k, v in state.items()}
+
+
+def _shift_scale(weight: torch.Tensor) -> torch.Tensor:
+    """diffusers' (scale, shift) modulation halves in the originals' order (shift, scale)."""
+    scale, shift = weight.chunk(2, dim=0)
+    return torch.cat([shift, scale], dim=0)
+
+
+def _fused(state: dict[str, torch.Tensor], names: list[str], part: str) -> torch.Tensor:
+    return torch.cat([state.pop(f"{n}.{part}") for n in names])
+
+
+def sd3_transformer_to_original(state: dict[str, torch.Tensor], prefix: str = "model.diffusion_model."):
+    """An SD3Transformer2DModel in MMDiT's names (Stability AI's single files): q, k, v fused, the
+    context stream's last modulation and the output modulation as (shift, scale)."""
+    state = dict(state)
+    out = {"pos_embed": state.pop("pos_embed.pos_embed")}
+    renames = [
+        ("pos_embed.proj.", "x_embedder.proj."),
+        ("time_text_embed.timestep_embedder.linear_1.", "t_embedder.mlp.0."),
+        ("time_text_embed.timestep_embedder.linear_2.", "t_embedder.mlp.2."),
+        ("time_text_embed.text_embedder.linear_1.", "y_embedder.mlp.0."),
+        ("time_text_embed.text_embedder.linear_2.", "y_embedder.mlp.2."),
+        ("context_embedder.", "context_embedder."),
+        ("proj_out.", "final_layer.linear."),
+    ]
+    layers = len({k.split(".")[1] for k in state if k.startswith("transformer_blocks.")})
+    for i in range(layers):
+        new, x, c = f"transformer_blocks.{i}.", f"joint_blocks.{i}.x_block.", f"joint_blocks.{i}.context_block."
+        for part in ("weight", "bias"):
+            out[f"{x}attn.qkv.{part}"] = _fused(state, [f"{new}attn.to_{p}" for p in "qkv"], part)
+            out[f"{c}attn.qkv.{part}"] = _fused(state, [f"{new}attn.add_{p}_proj" for p in "qkv"], part)
+            if f"{new}attn2.to_q.{part}" in state:
+                out[f"{x}attn2.qkv.{part}"] = _fused(state, [f"{new}attn2.to_{p}" for p in "qkv"], part)
+            if i == layers - 1:  # the context stream's last block only modulates
+                out[f"{c}adaLN_modulation.1.{part}"] = _shift_scale(state.pop(f"{new}norm1_context.linear.{part}"))
+        renames += [
+            (f"{new}attn.norm_q.", f"{x}attn.ln_q."),
+            (f"{new}attn.norm_k.", f"{x}attn.ln_k."),
+            (f"{new}attn.norm_added_q.", f"{c}attn.ln_q."),
+            (f"{new}attn.norm_added_k.", f"{c}attn.ln_k."),
+            (f"{new}attn2.norm_q.", f"{x}attn2.ln_q."),
+            (f"{new}attn2.norm_k.", f"{x}attn2.ln_k."),
+            (f"{new}attn.to_out.0.", f"{x}attn.proj."),
+            (f"{new}attn.to_add_out.", f"{c}attn.proj."),
+            (f"{new}attn2.to_out.0.", f"{x}attn2.proj."),
+            (f"{new}norm1.linear.", f"{x}adaLN_modulation.1."),
+            (f"{new}norm1_context.linear.", f"{c}adaLN_modulation.1."),
+            (f"{new}ff.net.0.proj.", f"{x}mlp.fc1."),
+            (f"{new}ff.net.2.", f"{x}mlp.fc2."),
+            (f"{new}ff_context.net.0.proj.", f"{c}mlp.fc1."),
+            (f"{new}ff_context.net.2.", f"{c}mlp.fc2."),
+        ]
+    for part in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{part}"] = _shift_scale(state.pop(f"norm_out.linear.{part}"))
+    for key, value in state.items():
+        new, old = next((n, o) for n, o in renames if key.startswith(n))
+        out[old + key[len(new) :]] = value
+    return {prefix + k: v for k, v in out.items()}
+
+
+def flux_transformer_to_original(state: dict[str, torch.Tensor], prefix: str = ""):
+    """A FluxTransformer2DModel in Black Forest Labs' names: double blocks with q, k, v fused, single
+    blocks with q, k, v and the MLP's input fused in linear1, the output modulation as (shift, scale)."""
+    state = dict(state)
+    out = {}
+    renames = [
+        ("time_text_embed.timestep_embedder.linear_1.", "time_in.in_layer."),
+        ("time_text_embed.timestep_embedder.linear_2.", "time_in.out_layer."),
+        ("time_text_embed.text_embedder.linear_1.", "vector_in.in_layer."),
+        ("time_text_embed.text_embedder.linear_2.", "vector_in.out_layer."),
+        ("time_text_embed.guidance_embedder.linear_1.", "guidance_in.in_layer."),
+        ("time_text_embed.guidance_embedder.linear_2.", "guidance_in.out_layer."),
+        ("context_embedder.", "txt_in."),
+        ("x_embedder.", "img_in."),
+        ("proj_out.", "final_layer.linear."),
+    ]
+    doubles = len({k.split(".")[1] for k in state if k.startswith("transformer_blocks.")})
+    singles = len({k.split(".")[1] for k in state if k.startswith("single_transformer_blocks.")})
+    for i in range(doubles):
+        new, old = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for part in ("weight", "bias"):
+            out[f"{old}img_attn.qkv.{part}"] = _fused(state, [f"{new}attn.to_{p}" for p in "qkv"], part)
+            out[f"{old}txt_attn.qkv.{part}"] = _fused(state, [f"{new}attn.add_{p}_proj" for p in "qkv"], part)
+        renames += [
+            (f"{new}norm1.linear.", f"{old}img_mod.lin."),
+            (f"{new}norm1_context.linear.", f"{old}txt_mod.lin."),
+            (f"{new}attn.norm_q.weight", f"{old}img_attn.norm.query_norm.scale"),
+            (f"{new}attn.norm_k.weight", f"{old}img_attn.norm.key_norm.scale"),
+            (f"{new}attn.norm_added_q.weight", f"{old}txt_attn.norm.query_norm.scale"),
+            (f"{new}attn.norm_added_k.weight", f"{old}txt_attn.norm.key_norm.scale"),
+            (f"{new}ff.net.0.proj.", f"{old}img_mlp.0."),
+            (f"{new}ff.net.2.", f"{old}img_mlp.2."),
+            (f"{new}ff_context.net.0.proj.", f"{old}txt_mlp.0."),
+            (f"{new}ff_context.net.2.", f"{old}txt_mlp.2."),
+            (f"{new}attn.to_out.0.", f"{old}img_attn.proj."),
+            (f"{new}attn.to_add_out.", f"{old}txt_attn.proj."),
+        ]
+    for i in range(singles):
+        new, old = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for part in ("weight", "bias"):
+            names = [f"{new}attn.to_{p}" for p in "qkv"] + [f"{new}proj_mlp"]
+            out[f"{old}linear1.{part}"] = _fused(state, names, part)
+        renames += [
+            (f"{new}norm.linear.", f"{old}modulation.lin."),
+            (f"{new}attn.norm_q.weight", f"{old}norm.query_norm.scale"),
+            (f"{new}attn.norm_k.weight", f"{old}norm.key_norm.scale"),
+            (f"{new}proj_out.", f"{old}linear2."),
+        ]
+    for part in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{part}"] = _shift_scale(state.pop(f"norm_out.linear.{part}"))
+    for key, value in state.items():
+        new, old = next((n, o) for n, o in sorted(renames, key=lambda r: -len(r[0])) if key.startswith(n))
+        out[old + key[len(new) :]] = value
+    return {prefix + k: v for k, v in out.items()}
