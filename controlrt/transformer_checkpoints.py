@@ -69,8 +69,8 @@ class TensorReader:
         from controlrt.checkpoints import checkpoint_keys, read_checkpoint
 
         self.path = Path(path).expanduser()
-        self.keys = checkpoint_keys(self.path)
         self._state = None if self.path.suffix.lower() == ".safetensors" else read_checkpoint(self.path)
+        self.keys = checkpoint_keys(self.path) if self._state is None else set(self._state)
 
     def has_prefix(self, prefix: str) -> bool:
         return any(k.startswith(prefix) for k in self.keys)

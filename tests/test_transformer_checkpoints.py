@@ -160,8 +160,10 @@ def flux_files(tmp_path_factory):
     for component, name in (("text_encoder", "clip_l"), ("text_encoder_2", "t5xxl")):
         weights = {k: v for k, v in modules[component].state_dict().items() if "position_ids" not in k}
         state.update(text_encoder_to_original(weights, f"text_encoders.{name}.transformer."))
+    torch.save({"state_dict": flux_transformer_to_original(transformer)}, root / "flux1.pt")
     return {
         "base": base,
+        "pickle": root / "flux1.pt",
         "bfl": _save(flux_transformer_to_original(transformer), root / "flux1.safetensors", torch.bfloat16),
         "all": _save(state, root / "flux1-aio.safetensors"),
         "models": modules,
@@ -179,6 +181,8 @@ def test_flux_single_files_convert_to_their_models(flux_files, tmp_path):
     got = _modules(out, ["transformer"])["transformer"]
     assert _same(got.to(torch.bfloat16), flux_files["models"]["transformer"], torch.bfloat16)
     assert json.loads((out / "controlrt_source.json").read_text())["converted"] == ["transformer"]
+    out = convert_sd_checkpoint(flux_files["pickle"], tmp_path / "pickled", config=flux_files["base"])
+    assert _same(_modules(out, ["transformer"])["transformer"], flux_files["models"]["transformer"])
 
 
 def test_the_flux_converter_is_diffusers_at_flux1_widths():
