@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from controlrt.errors import InputError, ModelError
+from controlrt.models import WEIGHT_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -210,13 +211,17 @@ def _with_tied(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[
 
 
 def _link_tree(source: Path, target: Path) -> None:
-    """``source`` copied to ``target``, its files hard-linked where the file system allows."""
+    """``source`` copied to ``target``, its weight files hard-linked where the file system allows
+    (weights are not edited in place; configs, which a user might edit, are copied)."""
 
     def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
+        if src.endswith(WEIGHT_SUFFIXES):
+            try:
+                os.link(src, dst)
+                return
+            except OSError:
+                pass
+        shutil.copy2(src, dst)
 
     shutil.copytree(source, target, copy_function=link)
 
@@ -246,8 +251,8 @@ def convert_transformer_checkpoint(
     found = family_of(base.info())
     if found.name != family:
         raise InputError(
-            f"{checkpoint} is {TITLES[family]} checkpoint but {config_dir} holds {found.title} model; give the "
-            f"{PIPELINES[family]} folder of the same model with --config"
+            f"{checkpoint} is {TITLES[family]} checkpoint but {config_dir} is a {found.title} pipeline folder; give "
+            f"the {PIPELINES[family]} folder of the same model with --config"
         )
     out = _check_out(out, force)
     reader = TensorReader(checkpoint)

@@ -115,6 +115,8 @@ def test_a_transformer_file_takes_the_rest_from_the_config_folder(sd3_files, tmp
     for component in ("vae", "text_encoder_3"):
         for file in (sd3_files["base"] / component).iterdir():
             assert (out / component / file.name).read_bytes() == file.read_bytes()
+            linked = (out / component / file.name).stat().st_ino == file.stat().st_ino
+            assert linked == (file.suffix == ".safetensors")  # weights linked, configs copied
     assert json.loads((out / "controlrt_source.json").read_text())["converted"] == ["transformer"]
 
 
@@ -124,7 +126,7 @@ def test_bad_transformer_checkpoints_are_one_line_and_write_nothing(sd3_files, f
     out = tmp_path / "out"
     with pytest.raises(InputError, match="give --config DIR, the diffusers StableDiffusion3Pipeline folder"):
         convert_sd_checkpoint(sd3_files["all"], out)
-    with pytest.raises(InputError, match="holds Flux model; give the StableDiffusion3Pipeline folder"):
+    with pytest.raises(InputError, match="is a Flux pipeline folder; give the StableDiffusion3Pipeline folder"):
         convert_sd_checkpoint(sd3_files["all"], out, config=flux_files["base"])
     with pytest.raises(InputError, match="its tokenizers come from --config"):
         convert_sd_checkpoint(
