@@ -114,11 +114,10 @@ def convert_sd_checkpoint(
     force: bool = False,
     tokenizer_2: str | Path | None = None,
 ) -> Path:
-    """An original-format SD 1.x, SDXL, SD3/SD3.5 or Flux checkpoint -> a diffusers pipeline folder at ``out_dir``.
+    """An original-format SD 1.x or SDXL checkpoint -> a diffusers pipeline folder at ``out_dir``.
 
-    SDXL is recognised by its OpenCLIP bigG text encoder; the default configs follow the kind. SD3
-    and Flux (their transformers' own names) are converted against the pipeline folder ``config`` of
-    the same model: see :mod:`controlrt.transformer_checkpoints`.
+    SDXL is recognised by its OpenCLIP bigG text encoder; the default configs follow the kind. (SD3
+    and Flux: :func:`controlrt.transformer_checkpoints.convert_base_checkpoint`, which takes all.)
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
@@ -129,21 +128,9 @@ def convert_sd_checkpoint(
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from controlrt.transformer_checkpoints import TITLES, convert_transformer_checkpoint, transformer_family
-
     keys = checkpoint_keys(checkpoint)
-    family = transformer_family(keys)
-    if family is not None:
-        if tokenizer is not None or tokenizer_2 is not None:
-            raise InputError(
-                f"{checkpoint} is {TITLES[family]} checkpoint: its tokenizers come from --config; drop --tokenizer"
-            )
-        return convert_transformer_checkpoint(checkpoint, family, out_dir, config, force)
     if UNET_KEY not in keys:
-        raise InputError(
-            f"{checkpoint} is not an original-format Stable Diffusion checkpoint (no {UNET_KEY}) nor an SD3/SD3.5 "
-            "or Flux one"
-        )
+        raise InputError(f"{checkpoint} is not an original-format Stable Diffusion checkpoint (no {UNET_KEY})")
     sdxl = SDXL_KEY in keys
     config_dir = _config_dir(config, SDXL_CONFIG if sdxl else SD15_CONFIG)
     if sdxl != (config_dir / "text_encoder_2").is_dir():

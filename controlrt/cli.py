@@ -728,10 +728,11 @@ def triton_repo(build_dir, out, precision, instances, force) -> None:
 def convert_checkpoint(kind, checkpoint, out, config, tokenizer, tokenizer_2, force) -> None:
     """Convert a single-file CHECKPOINT to a diffusers folder: an original-format SD 1.x, SDXL, SD3/SD3.5 or
     Flux model, a ControlNet 1.x, or an SDXL ControlNet or ControlNet-Union file in diffusers' names."""
-    from controlrt.checkpoints import convert_controlnet_checkpoint, convert_sd_checkpoint
+    from controlrt.checkpoints import convert_controlnet_checkpoint
+    from controlrt.transformer_checkpoints import convert_base_checkpoint
 
     if kind == "sd":
-        path = convert_sd_checkpoint(checkpoint, out, config, tokenizer, force, tokenizer_2=tokenizer_2)
+        path = convert_base_checkpoint(checkpoint, out, config, tokenizer, force, tokenizer_2=tokenizer_2)
     else:
         if tokenizer is not None or tokenizer_2 is not None:
             raise InputError("--tokenizer and --tokenizer-2 apply to sd checkpoints only")

@@ -226,6 +226,29 @@ def _link_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, target, copy_function=link)
 
 
+def convert_base_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    config: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    force: bool = False,
+    tokenizer_2: str | Path | None = None,
+) -> Path:
+    """A base model's single file of any family -> a diffusers pipeline folder: SD3/SD3.5 and Flux
+    here (``config``: their pipeline folder), SD 1.x and SDXL by
+    :func:`controlrt.checkpoints.convert_sd_checkpoint`."""
+    from controlrt.checkpoints import checkpoint_keys, convert_sd_checkpoint
+
+    family = transformer_family(checkpoint_keys(checkpoint))
+    if family is None:
+        return convert_sd_checkpoint(checkpoint, out_dir, config, tokenizer, force, tokenizer_2=tokenizer_2)
+    if tokenizer is not None or tokenizer_2 is not None:
+        raise InputError(
+            f"{checkpoint} is {TITLES[family]} checkpoint: its tokenizers come from --config; drop --tokenizer"
+        )
+    return convert_transformer_checkpoint(checkpoint, family, out_dir, config, force)
+
+
 def convert_transformer_checkpoint(
     checkpoint: str | Path, family: str, out: str | Path, config: str | Path | None, force: bool
 ) -> Path:

@@ -16,10 +16,9 @@ from original_layout import (
 )
 from safetensors.torch import save_file
 
-from controlrt.checkpoints import convert_sd_checkpoint
 from controlrt.errors import InputError, ModelError
 from controlrt.models import BaseModel
-from controlrt.transformer_checkpoints import flux_transformer_to_diffusers
+from controlrt.transformer_checkpoints import convert_base_checkpoint, flux_transformer_to_diffusers
 
 
 def _save(state: dict[str, torch.Tensor], path, dtype=None):
@@ -97,7 +96,7 @@ def sd3_files(tmp_path_factory):
 
 
 def test_an_sd3_single_file_converts_to_its_models(sd3_files, tmp_path):
-    out = convert_sd_checkpoint(sd3_files["all"], tmp_path / "sd35", config=sd3_files["base"])
+    out = convert_base_checkpoint(sd3_files["all"], tmp_path / "sd35", config=sd3_files["base"])
     BaseModel.open(out)
     got = _modules(out, sd3_files["models"])
     for name, module in sd3_files["models"].items():
@@ -108,7 +107,7 @@ def test_an_sd3_single_file_converts_to_its_models(sd3_files, tmp_path):
 
 
 def test_a_transformer_file_takes_the_rest_from_the_config_folder(sd3_files, tmp_path):
-    out = convert_sd_checkpoint(sd3_files["transformer"], tmp_path / "finetune", config=sd3_files["base"])
+    out = convert_base_checkpoint(sd3_files["transformer"], tmp_path / "finetune", config=sd3_files["base"])
     assert _stored_dtypes(out / "transformer") == {"BF16"}  # the file's dtype, kept
     got = _modules(out, ["transformer"])["transformer"]
     assert _same(got.to(torch.bfloat16), sd3_files["models"]["transformer"], torch.bfloat16)
@@ -125,22 +124,22 @@ def test_bad_transformer_checkpoints_are_one_line_and_write_nothing(sd3_files, f
 
     out = tmp_path / "out"
     with pytest.raises(InputError, match="give --config DIR, the diffusers StableDiffusion3Pipeline folder"):
-        convert_sd_checkpoint(sd3_files["all"], out)
+        convert_base_checkpoint(sd3_files["all"], out)
     with pytest.raises(InputError, match="is a Flux pipeline folder; give the StableDiffusion3Pipeline folder"):
-        convert_sd_checkpoint(sd3_files["all"], out, config=flux_files["base"])
+        convert_base_checkpoint(sd3_files["all"], out, config=flux_files["base"])
     with pytest.raises(InputError, match="its tokenizers come from --config"):
-        convert_sd_checkpoint(
+        convert_base_checkpoint(
             sd3_files["all"], out, config=sd3_files["base"], tokenizer=sd3_files["base"] / "tokenizer"
         )
     with pytest.raises(InputError, match="--config: "):
-        convert_sd_checkpoint(sd3_files["all"], out, config=tmp_path)
+        convert_base_checkpoint(sd3_files["all"], out, config=tmp_path)
     # a folder of the same family whose transformer has another depth
     other = tmp_path / "deeper"
     shutil.copytree(sd3_files["base"], other)
     config = SD3Transformer2DModel.load_config(other / "transformer")
     (other / "transformer" / "config.json").write_text(json.dumps({**config, "num_layers": config["num_layers"] + 1}))
     with pytest.raises(ModelError, match="the checkpoint's transformer does not match its config: missing"):
-        convert_sd_checkpoint(sd3_files["all"], out, config=other)
+        convert_base_checkpoint(sd3_files["all"], out, config=other)
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
@@ -173,17 +172,17 @@ def flux_files(tmp_path_factory):
 
 
 def test_flux_single_files_convert_to_their_models(flux_files, tmp_path):
-    out = convert_sd_checkpoint(flux_files["all"], tmp_path / "aio", config=flux_files["base"])
+    out = convert_base_checkpoint(flux_files["all"], tmp_path / "aio", config=flux_files["base"])
     BaseModel.open(out)
     got = _modules(out, flux_files["models"])
     for name, module in flux_files["models"].items():
         assert _same(got[name], module), name
-    out = convert_sd_checkpoint(flux_files["bfl"], tmp_path / "bfl", config=flux_files["base"])
+    out = convert_base_checkpoint(flux_files["bfl"], tmp_path / "bfl", config=flux_files["base"])
     assert _stored_dtypes(out / "transformer") == {"BF16"}
     got = _modules(out, ["transformer"])["transformer"]
     assert _same(got.to(torch.bfloat16), flux_files["models"]["transformer"], torch.bfloat16)
     assert json.loads((out / "controlrt_source.json").read_text())["converted"] == ["transformer"]
-    out = convert_sd_checkpoint(flux_files["pickle"], tmp_path / "pickled", config=flux_files["base"])
+    out = convert_base_checkpoint(flux_files["pickle"], tmp_path / "pickled", config=flux_files["base"])
     assert _same(_modules(out, ["transformer"])["transformer"], flux_files["models"]["transformer"])
 
 
