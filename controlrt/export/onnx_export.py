@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +166,8 @@ def _rewrite(raw: Path, path: Path, external: bool | None) -> list[Path]:
 
     For graphs over 2 GiB the exporter writes one file per weight; loading them into one protobuf
     to save them again would hold the weights a second time beside the module. Instead the graph is
-    read without its weights and each weight is copied, one at a time, into the single data file.
+    read without its weights and each weight is copied, one at a time, into the single data file,
+    and its file deleted once copied, so that the disk holds the weights about once, not twice.
     """
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
@@ -180,6 +182,7 @@ def _rewrite(raw: Path, path: Path, external: bool | None) -> list[Path]:
     data_name = path.name + ".data"
     data_path = path.parent / data_name
     offset = 0
+    readers = Counter(ExternalDataInfo(t).location for t in stored)  # tensors left to read per file
     with open(data_path, "wb") as out:
         for tensor in tensors:
             if uses_external_data(tensor):
@@ -187,6 +190,9 @@ def _rewrite(raw: Path, path: Path, external: bool | None) -> list[Path]:
                 with open(raw.parent / info.location, "rb") as source:
                     source.seek(info.offset or 0)
                     blob = source.read(info.length) if info.length else source.read()
+                readers[info.location] -= 1
+                if not readers[info.location]:  # copied: the disk holds each weight about once
+                    (raw.parent / info.location).unlink()
             elif tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
                 blob = tensor.raw_data
             else:

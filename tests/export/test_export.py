@@ -247,6 +247,7 @@ def test_weights_stored_one_file_each_are_streamed_into_one(tmp_path):
     assert len(list(raw.parent.iterdir())) == 3  # the graph and one file per weight
     files = _rewrite(raw, tmp_path / "out.onnx", external=None)
     assert [f.name for f in files] == ["out.onnx", "out.onnx.data"]
+    assert [f.name for f in raw.parent.iterdir()] == ["raw.onnx"]  # each weight's file deleted once copied
     assert os.path.getsize(files[1]) == weight.nbytes + bias.nbytes
     stored = onnx.load(str(files[0]), load_external_data=False)
     locations = {e.value for t in stored.graph.initializer for e in t.external_data if e.key == "location"}
