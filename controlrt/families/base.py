@@ -493,6 +493,11 @@ class Family:
         """Image-to-image strength when none is given: diffusers' 1.0 for inpainting, 0.8 for img2img."""
         return 1.0 if request.mask is not None else 0.8
 
+    def first_step(self, steps: int, strength: float) -> int:
+        """The first of ``steps`` that an image-to-image run at ``strength`` runs, as the family's
+        diffusers pipelines cut the schedule: SD's ``steps - min(int(steps * strength), steps)``."""
+        return max(steps - min(int(steps * strength), steps), 0)
+
 
 def check_size_condition(label: str, value: Any) -> None:
     """InputError unless ``value`` is two whole numbers in the range SDXL's size conditions take."""

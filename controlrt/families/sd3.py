@@ -20,7 +20,7 @@ As diffusers' StableDiffusion3ControlNetPipeline computes it:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from controlrt.control import ControlMode, block_weights
 from controlrt.errors import InputError, ModelError
@@ -316,10 +316,16 @@ class StableDiffusion3(Family):
         pooled = torch.cat([outputs[0][1], outputs[1][1]], dim=-1)
         return hidden, {POOLED: pooled}
 
+    # the image-conditioned tasks a diffusers ControlNet pipeline of the family runs ("img2img",
+    # "inpaint"); SD3 has none (StableDiffusion3ControlNetInpaintingPipeline takes inpainting ControlNets)
+    image_tasks: ClassVar[tuple[str, ...]] = ()
+
     def check_request(self, request: Any) -> None:
         super().check_request(request)
-        if request.image is not None:
-            raise InputError(f"image-to-image and inpainting with {self.title} models are not supported yet")
+        task = "inpaint" if request.mask is not None else "img2img"
+        if request.image is not None and task not in self.image_tasks:
+            what = "inpainting" if task == "inpaint" else "image-to-image"
+            raise InputError(f"{what} with {self.title} models is not supported yet")
         if ControlMode.parse(request.control_mode) is not ControlMode.UNIFORM:
             raise InputError(
                 f"control mode {request.control_mode} weighs a UNet's residuals by their resolution; the "
@@ -328,6 +334,15 @@ class StableDiffusion3(Family):
 
     def default_scale(self, request: Any) -> float:
         return 1.0
+
+    def first_step(self, steps: int, strength: float) -> int:
+        """As diffusers' SD3 and Flux img2img pipelines cut the schedule: ``int(steps - steps * strength)``
+        (SD's pipelines round the kept count down instead, so the two can keep a different number)."""
+        return int(max(steps - min(steps * strength, steps), 0))
+
+    def default_strength(self, request: Any) -> float:
+        """FluxControlNetImg2ImgPipeline's 0.6 (SD3's img2img pipelines too)."""
+        return 0.6 if request.mask is None else 1.0
 
     def control_channels(self, spec: GraphSpec) -> int:
         return self.info.image_channels

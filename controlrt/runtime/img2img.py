@@ -56,15 +56,14 @@ class MaskBlend:
         clean after the last), the masked region as denoised."""
         proper = self.image_latents
         if step < len(timesteps) - 1:
-            proper = scheduler.add_noise(proper, self.noise, timesteps[step + 1 : step + 2])
+            proper = noised(scheduler, proper, self.noise, timesteps[step + 1 : step + 2])
         return (1 - self.mask) * proper + self.mask * latents
 
 
-def kept_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
+def kept_timesteps(scheduler, steps: int, strength: float, start: int) -> torch.Tensor:
     """The timesteps an image-to-image run keeps of ``steps`` (the scheduler already set for all of
-    them), with the scheduler's begin index set, as diffusers' get_timesteps does."""
-    init = min(int(steps * strength), steps)
-    start = max(steps - init, 0)
+    them), from step ``start`` on (the family's cut at ``strength``: Family.first_step), with the
+    scheduler's begin index set, as diffusers' get_timesteps does."""
     order = getattr(scheduler, "order", 1)
     timesteps = scheduler.timesteps[start * order :]
     if hasattr(scheduler, "set_begin_index"):
@@ -128,8 +127,19 @@ def overlay(mask: Any, init_image: Any, image: Any, crop: tuple[int, int, int, i
     return processor(1, "image").apply_overlay(mask, init_image, image, crop)
 
 
-def scale_latents(latents: torch.Tensor, scaling_factor: float, mean=(), std=()) -> torch.Tensor:
-    """Encoder latents as the denoiser takes them."""
+def noised(scheduler, latents: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """``latents`` noised to ``timestep``: a flow-matching scheduler's scale_noise (SD3, Flux), else
+    add_noise, as each diffusers pipeline calls its scheduler."""
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(latents, timestep, noise)
+    return scheduler.add_noise(latents, noise, timestep)
+
+
+def scale_latents(latents: torch.Tensor, scaling_factor: float, mean=(), std=(), shift: float = 0.0) -> torch.Tensor:
+    """Encoder latents as the denoiser takes them: ``(z - shift) * scaling_factor`` (a VAE with a
+    shift_factor: SD3's, Flux's), or with the VAE's per-channel latents_mean/std."""
+    if shift:
+        return (latents - shift) * scaling_factor
     if mean and std:
         view = (1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=latents.dtype, device=latents.device).view(view)
@@ -259,6 +269,7 @@ def start(
     unet_batch: int = 1,
     tiling: bool = False,
     schedule: dict | None = None,
+    first_step: int = 0,
 ) -> Start:
     """The loop's start for text-to-image (noise x init_noise_sigma), img2img or inpainting, drawing
     from ``generator`` in diffusers' order (see the module's docstring).
@@ -272,6 +283,7 @@ def start(
         unet_batch: The UNet's batch per image (2 with classifier-free guidance).
         tiling: Encode in tiles (diffusers' enable_tiling).
         schedule: set_timesteps' arguments (the family's, Family.schedule; default: ``steps``).
+        first_step: The first step that runs at ``strength`` (the family's rule, Family.first_step).
     """
     import torch.nn.functional as F
 
@@ -281,26 +293,26 @@ def start(
         return Start(scheduler.timesteps, noise.to(device) * init_noise_sigma(scheduler))
     if encoder is None or info is None:
         raise ValueError("an init image needs the VAE encoder graph and the model's info")
-    timesteps = kept_timesteps(scheduler, steps, strength)
+    timesteps = kept_timesteps(scheduler, steps, strength, first_step)
     first = timesteps[:1]
     tile, f = info.vae_tile_size, info.vae_scale_factor
 
-    def latents_of(image: torch.Tensor, shift: bool) -> torch.Tensor:
+    def latents_of(image: torch.Tensor, mean_std: bool) -> torch.Tensor:
         sample = sample_latents(encode(encoder, image.to(device), tile, f, tiling), generator)
-        if shift:
-            return scale_latents(sample, info.scaling_factor, info.latents_mean, info.latents_std)
-        return scale_latents(sample, info.scaling_factor)
+        if mean_std:
+            return scale_latents(sample, info.scaling_factor, info.latents_mean, info.latents_std, info.shift_factor)
+        return scale_latents(sample, info.scaling_factor, shift=info.shift_factor)
 
     if init.mask is None:  # img2img: the init image's sample, then the noise
-        image_latents = latents_of(init.image, shift=True)
+        image_latents = latents_of(init.image, mean_std=True)
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-        return Start(timesteps, scheduler.add_noise(image_latents, noise, first))
+        return Start(timesteps, noised(scheduler, image_latents, noise, first))
     # inpainting (no latents_mean shift, as diffusers' inpainting pipelines encode)
     pure_noise = strength == 1.0
-    image_latents = latents_of(init.image, shift=False) if not info.inpainting_unet or not pure_noise else None
+    image_latents = latents_of(init.image, mean_std=False) if not info.inpainting_unet or not pure_noise else None
     noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-    latents = noise * init_noise_sigma(scheduler) if pure_noise else scheduler.add_noise(image_latents, noise, first)
-    masked_latents = latents_of(init.image * (init.mask < 0.5), shift=False)  # drawn for every UNet, as diffusers
+    latents = noise * init_noise_sigma(scheduler) if pure_noise else noised(scheduler, image_latents, noise, first)
+    masked_latents = latents_of(init.image * (init.mask < 0.5), mean_std=False)  # drawn for every UNet, as diffusers
     mask = F.interpolate(init.mask, size=shape[-2:]).to(device)
     if info.inpainting_unet:
         inputs = {"mask": mask, "masked_image_latents": masked_latents}

@@ -252,6 +252,7 @@ class Pipeline:
             unet_batch=branches.per_image(GraphKind.UNET),
             tiling=request.vae_tiling,
             schedule=self.family.schedule(request.steps, shape[2:], self.build.scheduler_config),
+            first_step=self.family.first_step(request.steps, resolved.strength or 1.0),
         )
         # an LCM-distilled UNet takes guidance as an embedding instead of a CFG batch
         unet_only = self.family.unet_extras(resolved.guidance)

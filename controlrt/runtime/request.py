@@ -272,6 +272,11 @@ def resolve(
         or not 1 <= request.steps <= limits.max_steps
     ):
         raise InputError(f"steps must be a whole number from 1 to {limits.max_steps}, got {request.steps!r}")
+    if strength is not None and family.first_step(request.steps, strength) >= request.steps:
+        raise InputError(
+            f"strength {strength} keeps no step of {request.steps}: raise --strength or --steps (at least "
+            f"{request.steps} x strength must be 1 or more)"
+        )
     guidance = family.default_guidance if request.guidance is None else request.guidance
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
         raise InputError(f"guidance {guidance!r} is not a number")

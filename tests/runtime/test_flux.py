@@ -19,7 +19,7 @@ import torch
 from flux_files import NAMES, SIZE
 from PIL import Image
 
-from controlrt.builtin import sample_control_images
+from controlrt.builtin import sample_control_images, sample_init_image
 from controlrt.compare import end_to_end_gate, psnr
 from controlrt.errors import InputError, ModelError
 from controlrt.runtime.request import GenerationRequest
@@ -76,6 +76,51 @@ def test_two_flux_controlnets_match_diffusers(backend, flux, pipelines):
     assert psnr(got, plain) < 40
     other = np.asarray(pipe(PROMPT, controls=images, scales=[0.9, 0.7], end=[1.0, 0.5], **{**ours, "guidance": 6.0}))
     assert psnr(got, other) < 40  # the guidance scale is the transformer's input, not a CFG batch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("strength", [None, 0.4])
+def test_flux_img2img_matches_diffusers(backend, strength, flux, pipelines):
+    """FluxControlNetImg2ImgPipeline: the init image's latents sampled after the control latents,
+    ``(z - shift) * scaling``, noised by the flow-matching scheduler's scale_noise at the first kept
+    step, the schedule cut as SD3's and Flux's pipelines cut it (of 4 steps, diffusers' default
+    strength 0.6 keeps 3 and 0.4 keeps 2, where SD's rule keeps 2 and 1)."""
+    from diffusers import FluxControlNetImg2ImgPipeline, FluxControlNetModel
+    from diffusers.models.controlnets import FluxMultiControlNetModel
+
+    init, images = sample_init_image(HEIGHT, WIDTH), sample_control_images(2, HEIGHT, WIDTH)
+    nets = FluxMultiControlNetModel([FluxControlNetModel.from_pretrained(flux / n) for n in NAMES[:2]])
+    reference = FluxControlNetImg2ImgPipeline.from_pretrained(flux / "base", controlnet=nets)
+    reference.set_progress_bar_config(disable=True)
+    theirs = {} if strength is None else {"strength": strength}
+    expected = reference(
+        PROMPT,
+        image=init,
+        control_image=images,
+        controlnet_conditioning_scale=[0.9, 0.7],
+        control_guidance_end=[1.0, 0.5],
+        control_mode=[None, None],  # diffusers 0.42's img2img pipeline runs no ControlNet of a multi without
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        height=HEIGHT,
+        width=WIDTH,
+        generator=torch.Generator("cpu").manual_seed(5),
+        **theirs,
+    ).images[0]
+    expected = np.asarray(expected)
+    pipe = pipelines[(backend, "multi")]
+    ours = {"steps": 4, "guidance": 3.5, "seed": 5, "height": HEIGHT, "width": WIDTH, "scales": [0.9, 0.7]}
+    ours |= {"end": [1.0, 0.5], "strength": strength}
+    result = pipe.generate(GenerationRequest(PROMPT, images, image=init, **ours))
+    got = np.asarray(result.image)
+    assert result.settings["strength"] == (0.6 if strength is None else strength)
+    assert expected.std() > 5
+    assert psnr(expected, got) >= GATE
+    plain = {k: v for k, v in ours.items() if k != "strength"}
+    assert psnr(got, np.asarray(pipe(PROMPT, controls=images, **plain))) < 40  # it starts from the init image
+    other = pipe.generate(GenerationRequest(PROMPT, images, image=sample_init_image(HEIGHT, WIDTH, seed=9), **ours))
+    # another init image changes it (the small random VAE encodes images to nearby latents: 42 dB measured)
+    assert psnr(got, np.asarray(other.image)) < 60
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -205,8 +250,10 @@ def test_flux_builds_say_what_they_do_not_take(flux, pipelines, tiny_models, tmp
         pipe(PROMPT, scheduler="ddim", **small)
     with pytest.raises(InputError, match="blocks of a Flux transformer share one"):
         pipe(PROMPT, controls=[image], control_mode="cfg-rw", **small)
-    with pytest.raises(InputError, match="image-to-image and inpainting with Flux"):
-        pipe(PROMPT, controls=[image], image=image, **small)
+    with pytest.raises(InputError, match="inpainting with Flux models is not supported yet"):
+        pipe(PROMPT, controls=[image], image=image, mask=image, **small)
+    with pytest.raises(InputError, match="strength 0 must be"):
+        pipe(PROMPT, controls=[image], image=image, strength=0, **small)
     with pytest.raises(ModelError, match="it is a ControlNetModel and the base is a Flux model"):
         export_build(flux / "base", [tiny_models.controlnets[0]], tmp_path / "out")
     with pytest.raises(ModelError, match=r"it is a FluxControlNetModel and the base is a SD 1\.x/2\.x model"):

@@ -125,8 +125,10 @@ def test_sd3_builds_say_what_they_do_not_take(sd3, pipelines, tiny_models, tmp_p
     assert pipe.generate(GenerationRequest(PROMPT, steps=1)).settings["guidance"] == 7.0  # diffusers' SD3 default
     with pytest.raises(InputError, match="blocks of a SD3 transformer share one"):
         pipe(PROMPT, controls=[image], control_mode="cfg-rw", steps=1)
-    with pytest.raises(InputError, match="image-to-image and inpainting with SD3"):
+    with pytest.raises(InputError, match="image-to-image with SD3 models is not supported yet"):
         pipe(PROMPT, controls=[image], image=image, steps=1)
+    with pytest.raises(InputError, match="inpainting with SD3 models is not supported yet"):
+        pipe(PROMPT, controls=[image], image=image, mask=image, steps=1)
     with pytest.raises(ModelError, match="it is a ControlNetModel and the base is a SD3 model"):
         export_build(sd3 / "base", [tiny_models.controlnets[0]], tmp_path / "out")
     with pytest.raises(ModelError, match=r"it is a SD3ControlNetModel and the base is a SD 1\.x/2\.x model"):
