@@ -305,7 +305,7 @@ def _backend_settings(backend: str, cuda_graphs: bool, budget_gb: float | None, 
     "--strength",
     type=float,
     default=None,
-    help="With --image: share of the schedule that runs, in (0, 1] (default 0.8, Flux 0.6; inpaint 1.0, SDXL 0.9999).",
+    help="With --image: share of the schedule that runs, in (0, 1] (default 0.8; inpaint 1.0, SDXL 0.9999; Flux 0.6).",
 )
 @click.option(
     "--mask-crop", type=int, default=None, metavar="PX", help="With --mask: work on the masked region grown by PX."

@@ -56,7 +56,7 @@ class Flux(StableDiffusion3):
     negative_prompts = False  # only with true CFG
     true_cfg = True
     controls_draw_first = True  # the pipeline samples control latents from the request's generator
-    image_tasks = ("img2img",)  # FluxControlNetImg2ImgPipeline
+    image_tasks = ("img2img", "inpaint")  # FluxControlNetImg2ImgPipeline, FluxControlNetInpaintPipeline
 
     @classmethod
     def claims(cls, info: ModelInfo) -> bool:

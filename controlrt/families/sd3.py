@@ -341,8 +341,9 @@ class StableDiffusion3(Family):
         return int(max(steps - min(steps * strength, steps), 0))
 
     def default_strength(self, request: Any) -> float:
-        """FluxControlNetImg2ImgPipeline's 0.6 (SD3's img2img pipelines too)."""
-        return 0.6 if request.mask is None else 1.0
+        """0.6 for image to image and inpainting, as FluxControlNetImg2ImgPipeline and
+        FluxControlNetInpaintPipeline (and SD3's img2img pipeline) default it."""
+        return 0.6
 
     def control_channels(self, spec: GraphSpec) -> int:
         return self.info.image_channels
