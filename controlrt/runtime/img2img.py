@@ -69,11 +69,16 @@ def kept_timesteps(scheduler, steps: int, strength: float, start: int) -> torch.
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start * order)
     if len(timesteps) == 0:
-        raise InputError(
-            f"strength {strength} keeps no step of {steps}: raise --strength or --steps (at least "
-            f"{steps} x strength must be 1 or more)"
-        )
+        raise keeps_no_step(strength, steps)
     return timesteps
+
+
+def keeps_no_step(strength: float, steps: int) -> InputError:
+    """The error for a strength that keeps none of ``steps`` (raised by the request's checks)."""
+    return InputError(
+        f"strength {strength} keeps no step of {steps}: raise --strength or --steps (at least "
+        f"{steps} x strength must be 1 or more)"
+    )
 
 
 def processor(vae_scale_factor: int, kind: str):
@@ -269,7 +274,7 @@ def start(
     unet_batch: int = 1,
     tiling: bool = False,
     schedule: dict | None = None,
-    first_step: int = 0,
+    first_step: int | None = None,
 ) -> Start:
     """The loop's start for text-to-image (noise x init_noise_sigma), img2img or inpainting, drawing
     from ``generator`` in diffusers' order (see the module's docstring).
@@ -291,8 +296,8 @@ def start(
     if init is None:
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         return Start(scheduler.timesteps, noise.to(device) * init_noise_sigma(scheduler))
-    if encoder is None or info is None:
-        raise ValueError("an init image needs the VAE encoder graph and the model's info")
+    if encoder is None or info is None or first_step is None:
+        raise ValueError("an init image needs the VAE encoder graph, the model's info and the first step")
     timesteps = kept_timesteps(scheduler, steps, strength, first_step)
     first = timesteps[:1]
     tile, f = info.vae_tile_size, info.vae_scale_factor

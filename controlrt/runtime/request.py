@@ -273,10 +273,9 @@ def resolve(
     ):
         raise InputError(f"steps must be a whole number from 1 to {limits.max_steps}, got {request.steps!r}")
     if strength is not None and family.first_step(request.steps, strength) >= request.steps:
-        raise InputError(
-            f"strength {strength} keeps no step of {request.steps}: raise --strength or --steps (at least "
-            f"{request.steps} x strength must be 1 or more)"
-        )
+        from controlrt.runtime.img2img import keeps_no_step
+
+        raise keeps_no_step(strength, request.steps)
     guidance = family.default_guidance if request.guidance is None else request.guidance
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
         raise InputError(f"guidance {guidance!r} is not a number")
