@@ -51,23 +51,6 @@ def pytest_collection_finish(session) -> None:
     gc.freeze()
 
 
-# Modules that must not run beside each other: each starts a local Ray (one per machine at a time).
-SHARED_WORKER = {"tests/test_serve.py": "serve", "tests/test_serve_process.py": "serve"}
-
-
-def pytest_xdist_make_scheduler(config, log):
-    """With pytest-xdist (``-n 2``, the default options): a module's tests run in one worker, so its
-    module-scoped fixtures are made once, and the Ray Serve modules share a worker."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class ModuleScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::")[0]
-            return SHARED_WORKER.get(module, module)
-
-    return ModuleScheduling(config, log)
-
-
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, BuiltinModels]:
     root = tmp_path_factory.mktemp("models")
