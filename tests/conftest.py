@@ -132,6 +132,23 @@ def tiny_build(builds) -> Path:
     return builds["tiny"]
 
 
+FAST_CALIBRATION = {"samples": 2, "steps": 2}  # the calibration tests' settings
+
+
+@pytest.fixture(scope="session")
+def tiny_captured(tiny_build, tmp_path_factory) -> Path:
+    """The tiny build with the generations that a calibration at FAST_CALIBRATION reads already
+    captured (its cache, calibration/captures-*), so that the calibration tests quantize without
+    running the reference generations again. Copy it before changing it."""
+    from controlrt.calibration.calibrate import CalibrationSettings, capture_generations
+    from controlrt.manifest import Build
+
+    path = tmp_path_factory.mktemp("captured") / "build"
+    shutil.copytree(tiny_build, path)
+    capture_generations(Build.open(path), CalibrationSettings(**FAST_CALIBRATION))
+    return path
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """``controlrt demo --out controlrt-demo --steps 2`` run once: (its folder, the CLI result)."""

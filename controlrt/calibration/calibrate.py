@@ -122,6 +122,33 @@ def _float_layers(names, build: Build, calibration, module, settings: Calibratio
     return kept
 
 
+@dataclass(frozen=True)
+class Captured:
+    """What a calibration reads: its capture settings and data, the captured calibration feeds and
+    the held-out feeds it is checked on (graph name -> feeds per call)."""
+
+    settings: CaptureSettings
+    data: CalibrationData
+    calibration: dict[str, list[Feeds]]
+    held_out: dict[str, list[Feeds]]
+
+
+def capture_generations(
+    build: Build, settings: CalibrationSettings, data_dir: str | Path | None = None, progress: bool = False
+) -> Captured:
+    """Run (or read from the build's cache, calibration/captures-*) the reference generations that a
+    calibration with ``settings`` quantizes from and is checked on."""
+    cap = _capture_settings(build, settings.steps, settings.height, settings.width, settings.seed)
+    count = len(sample_control_types(build.manifest.controlnet_specs))
+    if data_dir is None:
+        data = CalibrationData.builtin(settings.samples, count, cap.height, cap.width, settings.seed)
+    else:
+        data = CalibrationData.from_folder(data_dir, settings.samples, count)
+    logger.info("capturing %d generations x %d steps", len(data), cap.steps)
+    calibration = capture(build, data, cap, progress)
+    return Captured(cap, data, calibration, held_out_captures(build, cap.steps, cap.height, cap.width))
+
+
 def calibrate_build(
     build_dir: str | Path,
     data_dir: str | Path | None = None,
@@ -143,15 +170,8 @@ def calibrate_build(
     quantizer = make_quantizer(settings.method, settings.calibration)
     build = Build.open(build_dir)
     family = family_of(build.manifest.info)
-    cap = _capture_settings(build, settings.steps, settings.height, settings.width, settings.seed)
-    count = len(sample_control_types(build.manifest.controlnet_specs))
-    if data_dir is None:
-        data = CalibrationData.builtin(settings.samples, count, cap.height, cap.width, settings.seed)
-    else:
-        data = CalibrationData.from_folder(data_dir, settings.samples, count)
-    logger.info("capturing %d generations x %d steps", len(data), cap.steps)
-    calibration = capture(build, data, cap, progress)
-    held_out = held_out_captures(build, cap.steps, cap.height, cap.width)
+    captured = capture_generations(build, settings, data_dir, progress)
+    cap, data, calibration, held_out = captured.settings, captured.data, captured.calibration, captured.held_out
     kinds = INT8_KINDS | OPTIONAL_INT8_KINDS if settings.vae else INT8_KINDS
     names = [n for n, g in build.manifest.graphs.items() if g.spec.kind in kinds]
 

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import FAST_CALIBRATION as FAST
 from onnx import numpy_helper
 
 from controlrt.calibration.calibrate import CalibrationSettings, calibrate_build
@@ -20,31 +21,29 @@ from controlrt.io import sha256_file
 from controlrt.manifest import Build
 from controlrt.parity import run_parity
 
-FAST = {"samples": 2, "steps": 2}
-
 
 @pytest.fixture(scope="module")
-def precise(tiny_build, tmp_path_factory):
+def precise(tiny_captured, tmp_path_factory):
     """A copy of the tiny build with fp16 graphs and ModelOpt int8 graphs."""
     path = tmp_path_factory.mktemp("precise") / "build"
-    shutil.copytree(tiny_build, path)
+    shutil.copytree(tiny_captured, path)
     convert_build(path, "fp16")
     calibrate_build(path, settings=CalibrationSettings(method="modelopt", **FAST))
     return path
 
 
 @pytest.fixture(scope="module")
-def ort_int8(tiny_build, tmp_path_factory):
+def ort_int8(tiny_captured, tmp_path_factory):
     path = tmp_path_factory.mktemp("ort") / "build"
-    shutil.copytree(tiny_build, path)
+    shutil.copytree(tiny_captured, path)
     calibrate_build(path, settings=CalibrationSettings(method="onnxruntime", calibration="minmax", **FAST))
     return path
 
 
 @pytest.fixture(scope="module")
-def nncf_int8(tiny_build, tmp_path_factory):
+def nncf_int8(tiny_captured, tmp_path_factory):
     path = tmp_path_factory.mktemp("nncf") / "build"
-    shutil.copytree(tiny_build, path)
+    shutil.copytree(tiny_captured, path)
     calibrate_build(path, settings=CalibrationSettings(method="nncf", **FAST))
     return path
 
@@ -138,11 +137,11 @@ def test_nncf_int8_passes_parity_on_onnxruntime_and_openvino(nncf_int8):
         assert all(c.ref_max_abs > 0 for c in report.graphs)
 
 
-def test_int8_vae_decoder_on_request(tiny_build, tmp_path):
+def test_int8_vae_decoder_on_request(tiny_captured, tmp_path):
     from controlrt.precision import Precision
     from controlrt.runtime.backends import BackendOptions, SessionFactory
 
-    path = shutil.copytree(tiny_build, tmp_path / "build")
+    path = shutil.copytree(tiny_captured, tmp_path / "build")
     calibrate_build(path, settings=CalibrationSettings("onnxruntime", "minmax", vae=True, **FAST))
     build = Build.open(path)
     vae = build.manifest.graphs["vae_decoder"].variants["int8"]

@@ -7,6 +7,7 @@ import shutil
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import FAST_CALIBRATION as FAST
 
 from controlrt.calibration.calibrate import CalibrationSettings, calibrate_build, held_out_captures
 from controlrt.calibration.quantize import excluded
@@ -17,8 +18,6 @@ from controlrt.families import load_graph_module
 from controlrt.manifest import Build
 from controlrt.parity import run_parity
 from controlrt.runtime.backends import open_sources
-
-FAST = {"samples": 2, "steps": 2}
 
 
 def test_float_layer_names_match_module_paths_and_onnx_scopes():
@@ -35,8 +34,8 @@ def test_float_layer_names_match_module_paths_and_onnx_scopes():
 
 
 @pytest.fixture(scope="module")
-def tiny_copy(tiny_build, tmp_path_factory):
-    return shutil.copytree(tiny_build, tmp_path_factory.mktemp("shares") / "build")
+def tiny_copy(tiny_captured, tmp_path_factory):
+    return shutil.copytree(tiny_captured, tmp_path_factory.mktemp("shares") / "build")
 
 
 @pytest.mark.parametrize("name", ["unet", "controlnet_0", "vae_decoder"])
@@ -62,17 +61,17 @@ def test_largest_shares_are_the_layers_whose_int8_error_reaches_the_output(tiny_
 
 
 @pytest.fixture(scope="module")
-def float_int8(tiny_build, tmp_path_factory):
+def float_int8(tiny_captured, tmp_path_factory):
     path = tmp_path_factory.mktemp("float") / "build"
-    shutil.copytree(tiny_build, path)
+    shutil.copytree(tiny_captured, path)
     calibrate_build(path, settings=CalibrationSettings("onnxruntime", "minmax", float_layers=2, vae=True, **FAST))
     return path
 
 
 @pytest.fixture(scope="module")
-def float_modelopt(tiny_build, tmp_path_factory):
+def float_modelopt(tiny_captured, tmp_path_factory):
     path = tmp_path_factory.mktemp("float-modelopt") / "build"
-    shutil.copytree(tiny_build, path)
+    shutil.copytree(tiny_captured, path)
     calibrate_build(path, settings=CalibrationSettings("modelopt", float_layers=2, **FAST))
     return path
 
@@ -102,8 +101,8 @@ def test_float_layers_stay_unquantized_and_are_recorded(fixture, request):
         assert floats >= 2 and quantized > 5, name
 
 
-def test_float_layers_lower_the_held_out_error(float_int8, tiny_build, tmp_path):
-    plain = shutil.copytree(tiny_build, tmp_path / "plain")
+def test_float_layers_lower_the_held_out_error(float_int8, tiny_captured, tmp_path):
+    plain = shutil.copytree(tiny_captured, tmp_path / "plain")
     calibrate_build(plain, settings=CalibrationSettings("onnxruntime", "minmax", vae=True, **FAST))
 
     def errors(path):

@@ -83,11 +83,13 @@ def test_precisions_a_backend_cannot_compute_are_one_line(build, monkeypatch):
         Pipeline.load(build, backend="openvino", precision="bf16")
 
 
-def test_int8_graphs_run_on_openvino(tiny_build, tmp_path):
+def test_int8_graphs_run_on_openvino(tiny_captured, tmp_path):
+    from conftest import FAST_CALIBRATION
+
     from controlrt.calibration.calibrate import CalibrationSettings, calibrate_build
 
-    build = shutil.copytree(tiny_build, tmp_path / "int8")
-    calibrate_build(build, settings=CalibrationSettings("onnxruntime", samples=2, steps=2))
+    build = shutil.copytree(tiny_captured, tmp_path / "int8")
+    calibrate_build(build, settings=CalibrationSettings("onnxruntime", **FAST_CALIBRATION))
     report = run_parity(build, backend="openvino", precision="int8", steps=3)
     assert report.passed, report.table()
     from controlrt.runtime.pipeline import Pipeline
