@@ -112,14 +112,25 @@ main = cli
     metavar="VAE_DIR",
     help="A VAE folder in place of BASE_DIR's vae/: an AutoencoderKL or a tiny AutoencoderTiny (TAESD).",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="fp16: load and trace the models in fp16 (half the memory of fp32, for models too large to hold in "
+    "fp32); the build then has fp16 graphs only.",
+)
 @click.pass_context
-def export(ctx, base_dir, controlnets, out, opset, force, external_data, no_validate, loras, vae_dir) -> None:
+def export(
+    ctx, base_dir, controlnets, out, opset, force, external_data, no_validate, loras, vae_dir, precision
+) -> None:
     """Export BASE_DIR's text encoder(s), each ControlNet, the UNet and the VAE decoder and encoder to ONNX."""
     from controlrt.export.build import export_build
     from controlrt.export.onnx_export import DEFAULT_OPSET, ExportSettings
     from controlrt.lora import Lora
 
-    settings = ExportSettings(opset=DEFAULT_OPSET if opset is None else opset, external_data=external_data)
+    opset = DEFAULT_OPSET if opset is None else opset
+    settings = ExportSettings(opset=opset, external_data=external_data, precision=precision)
     manifest = export_build(
         base_dir,
         controlnets,

@@ -9,6 +9,8 @@ and diffusers' model classes only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -263,12 +265,14 @@ def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def flux_ids(latents: torch.Tensor, text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flux's rotary position ids for latents [B, C, h, w]: the text's (zeros [text_tokens, 3]) and
-    the image tokens' ((0, row, column) [(h/2)(w/2), 3]), as diffusers' pipeline makes them."""
+    the image tokens' ((0, row, column) [(h/2)(w/2), 3]), as diffusers' pipeline makes them. In
+    fp32 whatever the latents' dtype: whole numbers, looked up by FluxRotaryTable (and ONNX's
+    Range has no fp16)."""
     h, w = latents.shape[-2] // 2, latents.shape[-1] // 2
-    rows = torch.arange(h, device=latents.device, dtype=latents.dtype)[:, None].expand(h, w)
-    cols = torch.arange(w, device=latents.device, dtype=latents.dtype)[None, :].expand(h, w)
+    rows = torch.arange(h, device=latents.device, dtype=torch.float32)[:, None].expand(h, w)
+    cols = torch.arange(w, device=latents.device, dtype=torch.float32)[None, :].expand(h, w)
     image = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(h * w, 3)
-    text = torch.zeros(text_tokens, 3, device=latents.device, dtype=latents.dtype)
+    text = torch.zeros(text_tokens, 3, device=latents.device, dtype=torch.float32)
     return text, image
 
 
@@ -449,3 +453,28 @@ class VaeEncoderGraph(nn.Module):
             moments = self.vae.quant_conv(moments)
         mean, logvar = torch.chunk(moments, 2, dim=1)
         return mean, logvar
+
+
+def cast_inputs(names: Sequence[str], args: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Floating inputs in ``dtype``, but the timesteps: the modules embed them in fp32 (as diffusers
+    runs them with ``torch_dtype``)."""
+    if dtype == torch.float32:
+        return args
+    return [a.to(dtype) if a.is_floating_point() and n != "timestep" else a for n, a in zip(names, args, strict=True)]
+
+
+class ComputeIn(nn.Module):
+    """A graph module that computes in ``dtype`` (its weights already in it) behind fp32 inputs and
+    outputs: what a 16-bit export traces, so that every precision's graph takes the same tensors."""
+
+    def __init__(self, module: nn.Module, input_names: Sequence[str], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module = module
+        self.input_names = list(input_names)
+        self.dtype = dtype
+
+    def forward(self, *args: torch.Tensor):
+        result = self.module(*cast_inputs(self.input_names, list(args), self.dtype))
+        if isinstance(result, torch.Tensor):
+            return result.float()
+        return tuple(r.float() for r in result)

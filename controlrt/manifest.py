@@ -146,6 +146,12 @@ class Manifest:
         return self.graphs[name].spec
 
     @property
+    def exported(self) -> str:
+        """The precision export wrote the graphs in: "fp32", or "fp16" for a build exported in
+        fp16 (``controlrt export --precision fp16``), which has no fp32 graphs."""
+        return str(self.settings.get("precision", "fp32"))
+
+    @property
     def denoiser(self) -> str:
         """The denoiser graph's name: "unet", or "transformer" (SD3)."""
         return next(name for name, g in self.graphs.items() if g.spec.kind is GraphKind.UNET)
@@ -309,12 +315,28 @@ class Build:
 
         precision = Precision.parse(precision)
         record = self.manifest.graphs[name]
+        if precision is Precision.FP32 and self.manifest.exported != Precision.FP32:
+            raise BuildError(
+                f"build {self.path} was exported in {self.manifest.exported} and has no fp32 graphs: run it in "
+                f"{self.manifest.exported} (--precision {self.manifest.exported} or auto; export it again without "
+                "--precision for fp32 graphs)"
+            )
         if precision not in record.variants:
             raise BuildError(
                 f"build {self.path} has no {precision} {name} graph; make it with "
                 f"{precision.command.replace('BUILD', str(self.path))}"
             )
         return record.variants[precision]
+
+    def require_fp32_graphs(self, command: str) -> None:
+        """BuildError unless the build has its fp32 graphs: ``controlrt command`` (calibrate, convert,
+        lora, refit) works from them, and a build exported in fp16 has none."""
+        exported = self.manifest.exported
+        if exported != "fp32":
+            raise BuildError(
+                f"controlrt {command} works from fp32 graphs, and build {self.path} was exported in {exported} "
+                f"(its graphs are {exported} already): export it again without --precision"
+            )
 
     def graph_path(self, name: str, precision: str = "fp32") -> Path:
         return self.variant(name, precision).files[0].resolve(self.path)

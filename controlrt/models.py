@@ -239,7 +239,8 @@ class BaseModel:
     """A Stable Diffusion pipeline folder, opened and checked, with no weights loaded.
 
     ``loras`` are fused into the UNet and text encoders whenever they are loaded, so that export,
-    the torch reference and calibration all see the same weights.
+    the torch reference and calibration all see the same weights. Modules load in fp32 unless
+    ``dtype`` says otherwise (``with_dtype``: a 16-bit export loads them in 16 bits directly).
     """
 
     path: Path
@@ -247,6 +248,11 @@ class BaseModel:
     configs: dict[str, dict[str, Any]]
     loras: tuple[Lora, ...] = ()
     vae_dir: Path | None = None  # a VAE folder used in place of the base's vae/ (a tiny VAE, TAESD)
+    dtype: str = "float32"  # the torch dtype its modules load in
+
+    def with_dtype(self, dtype: str) -> BaseModel:
+        """This model with its modules loaded in ``dtype`` ("float32", "float16")."""
+        return replace(self, dtype=dtype)
 
     def with_loras(self, loras: Sequence[Lora]) -> BaseModel:
         """This model with ``loras`` fused in at load; ModelError if one does not fit it."""
@@ -332,7 +338,7 @@ class BaseModel:
 
         component = self.denoiser_component
         cls = getattr(diffusers, str(self.configs[component]["_class_name"]))
-        unet = _load(cls, self.path / component, f"base model {component}", meta)
+        unet = _load(cls, self.path / component, f"base model {component}", meta, self.dtype)
         return unet if meta else self._fused(unet, component)
 
     def load_denoiser_weights(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -371,7 +377,8 @@ class BaseModel:
         import diffusers
 
         cls = getattr(diffusers, str(self.configs["vae"]["_class_name"]))
-        return _load(cls, self.vae_path, "base model vae" if self.vae_dir is None else f"VAE {self.vae_dir}", meta)
+        what = "base model vae" if self.vae_dir is None else f"VAE {self.vae_dir}"
+        return _load(cls, self.vae_path, what, meta, self.dtype)
 
     def load_text_encoder(self, component: str = "text_encoder", meta: bool = False) -> torch.nn.Module:
         import transformers
@@ -380,7 +387,7 @@ class BaseModel:
         cls = getattr(transformers, class_name, None)
         if cls is None:
             raise ModelError(f"base model: unknown text encoder class {class_name}")
-        encoder = _load(cls, self.path / component, f"base model {component}", meta)
+        encoder = _load(cls, self.path / component, f"base model {component}", meta, self.dtype)
         return encoder if meta else self._fused(encoder, component)
 
     def load_tokenizer(self, component: str = "tokenizer"):
@@ -396,10 +403,14 @@ class BaseModel:
 
 @dataclass(frozen=True)
 class ControlNetModelFolder:
-    """A ControlNet folder, opened and checked, with no weights loaded."""
+    """A ControlNet folder, opened and checked, with no weights loaded (loaded in ``dtype``)."""
 
     path: Path
     config: dict[str, Any]
+    dtype: str = "float32"
+
+    def with_dtype(self, dtype: str) -> ControlNetModelFolder:
+        return replace(self, dtype=dtype)
 
     @classmethod
     def open(cls, path: str | Path) -> ControlNetModelFolder:
@@ -483,7 +494,8 @@ class ControlNetModelFolder:
     def load(self, meta: bool = False) -> torch.nn.Module:
         import diffusers
 
-        return _load(getattr(diffusers, self.config["_class_name"]), self.path, f"ControlNet {self.name!r}", meta)
+        cls = getattr(diffusers, self.config["_class_name"])
+        return _load(cls, self.path, f"ControlNet {self.name!r}", meta, self.dtype)
 
 
 def _model_folder(path: str | Path, what: str, classes: tuple[str, ...]) -> tuple[Path, dict[str, Any]]:
@@ -501,8 +513,10 @@ def _model_folder(path: str | Path, what: str, classes: tuple[str, ...]) -> tupl
     return path, config
 
 
-def _load(cls, path: Path, what: str, meta: bool = False):
-    """``cls`` from ``path``; with ``meta`` from its config alone, on the meta device (no weights)."""
+def _load(cls, path: Path, what: str, meta: bool = False, dtype: str = "float32"):
+    """``cls`` from ``path`` in ``dtype``; with ``meta`` from its config alone, on the meta device
+    (no weights). A 16-bit ``dtype`` is the loader's own (each weight cast as it is read, the
+    modules that the class keeps in fp32 kept), so that the fp32 model is never held."""
     import torch
 
     try:
@@ -511,8 +525,12 @@ def _load(cls, path: Path, what: str, meta: bool = False):
                 if hasattr(cls, "load_config"):  # diffusers
                     return cls.from_config(cls.load_config(path)).eval()
                 return cls._from_config(cls.config_class.from_pretrained(path)).eval()  # transformers
-        module = cls.from_pretrained(path)
+        if dtype == "float32":
+            module = cls.from_pretrained(path).float()
+        else:  # diffusers names the argument torch_dtype, transformers dtype
+            key = "torch_dtype" if hasattr(cls, "load_config") else "dtype"
+            module = cls.from_pretrained(path, **{key: getattr(torch, dtype)})
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{what}: cannot load weights from {path}: {first}") from None
-    return module.float().eval().requires_grad_(False)
+    return module.eval().requires_grad_(False)

@@ -169,6 +169,7 @@ def calibrate_build(
     settings.check()
     quantizer = make_quantizer(settings.method, settings.calibration)
     build = Build.open(build_dir)
+    build.require_fp32_graphs("calibrate")
     family = family_of(build.manifest.info)
     captured = capture_generations(build, settings, data_dir, progress)
     cap, data, calibration, held_out = captured.settings, captured.data, captured.calibration, captured.held_out

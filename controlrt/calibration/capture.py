@@ -61,7 +61,8 @@ class CaptureSettings:
     seed: int = 0
 
     def key(self, build: Build, data: CalibrationData) -> str:
-        graphs = {n: g.variants["fp32"].files[0].sha256 for n, g in build.manifest.graphs.items()}
+        exported = build.manifest.exported  # the graphs export made from the models the captures run
+        graphs = {n: g.variants[exported].files[0].sha256 for n, g in build.manifest.graphs.items()}
         text = json.dumps([asdict(self), data.digest, graphs], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 

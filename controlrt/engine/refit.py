@@ -255,6 +255,7 @@ def refit_controlnet(build_dir: str | Path, controlnet: str, source: str | Path,
     from controlrt.export.variants import commit_graphs
 
     build = Build.open(build_dir)
+    build.require_fp32_graphs("refit")
     staging = Path(tempfile.mkdtemp(prefix=".refit-", dir=build.path))
     try:
         plan = plan_refit(build, controlnet, source, staging)

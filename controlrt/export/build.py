@@ -8,10 +8,11 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from controlrt.compare import Comparison, compare_in_turn, raise_on_failures, seeded_cases
+from controlrt.compare import Comparison, Tolerance, compare_in_turn, raise_on_failures, seeded_cases
 from controlrt.errors import InputError
-from controlrt.export.onnx_export import ExportSettings, export_onnx
+from controlrt.export.onnx_export import EXPORT_PRECISIONS, ExportSettings, export_onnx
 from controlrt.families import Family, family_of, load_graph_module
 from controlrt.io import output_folder, staged_folder
 from controlrt.lora import Lora
@@ -20,6 +21,9 @@ from controlrt.models import BaseModel, ControlNetModelFolder
 from controlrt.precision import Precision
 from controlrt.progress import progress_bar
 from controlrt.specs import GraphSpec
+
+if TYPE_CHECKING:
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +41,47 @@ def _copy_assets(base: BaseModel, staging: Path) -> list[Path]:
     return files
 
 
-def check_in_turn(owner: list, spec: GraphSpec, onnx_path: Path, family: Family) -> list[Comparison]:
-    """The exported graph against its module at the family's fp32 tolerances, never holding both: the module
-    (the only reference, in ``owner``) runs every case and is let go before onnxruntime loads."""
+def check_in_turn(
+    owner: list, spec: GraphSpec, onnx_path: Path, family: Family, precision: Precision = Precision.FP32
+) -> list[Comparison]:
+    """The exported graph against its module (computing in ``precision``), never holding both: the
+    module (the only reference, in ``owner``) runs every case and is let go before onnxruntime loads.
+
+    fp32: at the family's fp32 tolerances. fp16: two 16-bit computations of one graph (torch's and
+    onnxruntime's, which round in different places) differ by up to the sum of their errors against
+    fp32, so at twice the family's fp16 tolerances (measured on the small Flux set: the transformer
+    0.052 rel L2 between them at guidance 19, each 0.028-0.042 from fp32); what a user runs is
+    judged against fp32 by ``controlrt parity --precision fp16``.
+    """
+    import torch
+
     from controlrt.ort_session import OrtSession
     from controlrt.runtime.torch_backend import TorchSession
 
+    dtype = getattr(torch, EXPORT_PRECISIONS[precision])
+    tolerance = family.tolerance(precision, spec.kind)
+    if precision is not Precision.FP32:
+        tolerance = Tolerance(2 * tolerance.rel_l2, 2 * tolerance.max_rel)
     return compare_in_turn(
-        lambda: TorchSession(owner.pop(), spec),
+        lambda: TorchSession(owner.pop(), spec, dtype=dtype),
         lambda: OrtSession(onnx_path, spec),
         seeded_cases(spec),
-        family.tolerance(Precision.FP32, spec.kind),
+        tolerance,
     )
+
+
+def _graph_module(spec: GraphSpec, base: BaseModel, controlnets: list, precision: Precision) -> nn.Module:
+    """The module export traces for ``spec``: loaded in ``precision`` and, when that is 16-bit,
+    behind fp32 inputs and outputs (the graph contract's, whatever the precision)."""
+    import torch
+
+    from controlrt.graphs import ComputeIn
+
+    dtype = EXPORT_PRECISIONS[precision]
+    module = load_graph_module(spec, base.with_dtype(dtype), [cn.with_dtype(dtype) for cn in controlnets])
+    if precision is Precision.FP32:
+        return module
+    return ComputeIn(module, spec.input_names, getattr(torch, dtype)).eval()
 
 
 def export_build(
@@ -94,9 +127,12 @@ def export_build(
         records = {}
         family = family_of(info)
         specs = family.graph_specs(controlnets)
+        wanted = Precision.parse(settings.precision)
+        kept = family.kept_in_fp32() if wanted is not Precision.FP32 else {}
         for spec in progress_bar(specs, progress, "export", "graph"):
             logger.info("exporting %s", spec.name)
-            module = load_graph_module(spec, base, controlnets)
+            precision = Precision.FP32 if spec.name in kept else wanted
+            module = _graph_module(spec, base, controlnets, precision)
             files = export_onnx(module, spec, staging / "graphs" / f"{spec.name}.onnx", settings)
             owner = [module]  # the session below takes the only reference, and drops it when closed
             del module
@@ -104,14 +140,15 @@ def export_build(
             if validate:
                 # PyTorch runs every case and lets the module go before onnxruntime loads the graph,
                 # so that a full-size UNet and its session need not fit in memory together
-                rows = check_in_turn(owner, spec, files[0], family)
+                rows = check_in_turn(owner, spec, files[0], family, precision)
                 raise_on_failures(rows, f"{spec.name} does not reproduce PyTorch on onnxruntime")
-            variant = Variant(
-                tuple(FileRecord.of(staging, f) for f in files),
-                [asdict(r) for r in rows],
-                {"exporter": settings.to_dict()},
-            )
-            records[spec.name] = GraphRecord(spec, {"fp32": variant})
+            made = {"exporter": settings.to_dict()}
+            if wanted is not Precision.FP32:
+                made["checked_against"] = f"the torch module in {precision}"
+                if spec.name in kept:
+                    made[spec.name] = f"kept in fp32: {kept[spec.name]}"
+            variant = Variant(tuple(FileRecord.of(staging, f) for f in files), [asdict(r) for r in rows], made)
+            records[spec.name] = GraphRecord(spec, {str(wanted): variant})
             owner.clear()
             gc.collect()
         assets = [FileRecord.of(staging, f) for f in _copy_assets(base, staging)]

@@ -99,6 +99,7 @@ def convert_build(
         hint = "controlrt calibrate" if precision is Precision.INT8 else "controlrt export"
         raise InputError(f"convert makes fp16 graphs; {precision} graphs come from {hint}")
     build = Build.open(build_dir)
+    build.require_fp32_graphs("convert")
 
     family = family_of(build.manifest.info)
     kept = family.kept_in_fp32()  # graph name -> why its fp16 variant is its fp32 graph

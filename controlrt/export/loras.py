@@ -76,6 +76,7 @@ def set_loras(build_dir: str | Path, loras: list[Lora], progress: bool = False, 
 
     loras = check_loras(loras)
     build = Build.open(build_dir)
+    build.require_fp32_graphs("lora")
     manifest = build.manifest
     family = family_of(manifest.info)
     recorded = manifest.sources["base"]

@@ -24,6 +24,8 @@ EXTERNAL_DATA_THRESHOLD = 1536 << 20
 DEFAULT_OPSET = 18
 # Attention's ops need opset 14 or newer; 20 is the newest the TorchScript exporter writes.
 MIN_OPSET, MAX_OPSET = 14, 20
+# The precisions a graph can be exported in, and the torch dtype its module is traced in.
+EXPORT_PRECISIONS = {"fp32": "float32", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -35,11 +37,14 @@ class ExportSettings:
         external_data: True or False forces weights into (or out of) a ``.onnx.data`` file;
             None chooses by size (graphs over ~1.5 GiB of weights use external data).
         trace_batch: Batch size of the dummy inputs the graph is traced with.
+        precision: "fp32", or "fp16": the modules loaded and traced in fp16 (inputs and outputs
+            kept fp32), so that a model too large to hold in fp32 is never held in fp32.
     """
 
     opset: int = DEFAULT_OPSET
     external_data: bool | None = None
     trace_batch: int = 2
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not MIN_OPSET <= self.opset <= MAX_OPSET:
@@ -49,19 +54,34 @@ class ExportSettings:
             )
         if self.trace_batch < 1:
             raise InputError(f"trace batch {self.trace_batch} must be at least 1")
+        if self.precision not in EXPORT_PRECISIONS:
+            raise InputError(
+                f"export precision {self.precision!r} is not supported: give fp32 or fp16 (bf16 computes the "
+                "fp32 graphs in bf16 on the backends that have it; int8 comes from controlrt calibrate)"
+            )
+
+    @property
+    def dtype(self) -> str:
+        """The torch dtype the modules are loaded and traced in."""
+        return EXPORT_PRECISIONS[self.precision]
 
     def to_dict(self) -> dict:
         return {
             "opset": self.opset,
             "external_data": self.external_data,
             "trace_batch": self.trace_batch,
+            "precision": self.precision,
             "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> ExportSettings:
         """The settings a manifest recorded (unknown keys, such as the exporter's name, ignored)."""
-        return cls(**{k: data[k] for k in ("opset", "external_data", "trace_batch") if k in data})
+        return cls(**{k: data[k] for k in ("opset", "external_data", "trace_batch", "precision") if k in data})
+
+
+def _is_16_bit(module: nn.Module) -> bool:
+    return any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters())
 
 
 def _initializer_bytes(model) -> int:
@@ -91,6 +111,34 @@ def _decomposed_rms_norms(module: nn.Module):
     finally:
         for norm in norms:
             del norm.forward
+
+
+@contextmanager
+def _masks_in_query_dtype(active: bool):
+    """Attention masks traced in the query's dtype: the TorchScript exporter writes causal and
+    boolean masks as fp32 constants, which turns the scores of a 16-bit graph (CLIP's causal
+    attention) to fp32 and leaves ill-typed nodes behind. For 16-bit modules only."""
+    if not active:
+        yield
+        return
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if is_causal:
+            rows, columns = query.shape[-2], key.shape[-2]
+            attn_mask, is_causal = torch.ones(rows, columns, dtype=torch.bool, device=query.device).tril(), False
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            lowest = torch.finfo(query.dtype).min
+            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~attn_mask, lowest
+            )
+        return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
 
 
 def _rotary(x, freqs_cis, use_real=True, use_real_unbind_dim=-1, sequence_dim=2):
@@ -140,6 +188,7 @@ def export_onnx(module: nn.Module, spec: GraphSpec, path: Path, settings: Export
                 stdout_to_log(logger),
                 _decomposed_rms_norms(module),
                 _traceable_rotary(),
+                _masks_in_query_dtype(_is_16_bit(module)),
             ):
                 warnings.simplefilter("ignore")  # tracer and deprecation chatter
                 torch.onnx.export(

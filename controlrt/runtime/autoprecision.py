@@ -248,6 +248,8 @@ def choose_precision(
 
     ``options`` are the other BackendOptions (threads, cuda_graphs, weight_streaming_budget).
     """
+    if build.manifest.exported != Precision.FP32 and backend != "torch":  # its only graphs
+        return Choice(Precision(build.manifest.exported), source="the build's only graphs")
     cands = candidates(build, backend)
     if not cands:  # only on tensorrt; a missing TensorRT or GPU is the first thing to say
         from controlrt.engine.trt import import_tensorrt, require_cuda

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from controlrt.graphs import cast_inputs
 from controlrt.session import Session
 from controlrt.specs import GraphSpec
 
@@ -35,11 +36,7 @@ class TorchSession(Session):
 
     def _run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         args = [feeds[name].to(self._device) for name in self.spec.input_names]
-        if self._dtype != torch.float32:  # timesteps stay fp32: the modules embed them in fp32
-            args = [
-                a.to(self._dtype) if a.is_floating_point() and name != "timestep" else a
-                for name, a in zip(self.spec.input_names, args, strict=True)
-            ]
+        args = cast_inputs(self.spec.input_names, args, self._dtype)
         with torch.inference_mode():
             result = self.module(*args)
         if isinstance(result, torch.Tensor):
