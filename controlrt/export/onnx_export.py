@@ -60,11 +60,6 @@ class ExportSettings:
                 "fp32 graphs in bf16 on the backends that have it; int8 comes from controlrt calibrate)"
             )
 
-    @property
-    def dtype(self) -> str:
-        """The torch dtype the modules are loaded and traced in."""
-        return EXPORT_PRECISIONS[self.precision]
-
     def to_dict(self) -> dict:
         return {
             "opset": self.opset,

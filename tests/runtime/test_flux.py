@@ -40,14 +40,16 @@ def pipelines(flux):
         pipe.close()
 
 
-def _reference(root, names, seed: int, controlnet=None, **settings):
+def _reference(root, names, seed: int, controlnet=None, pipeline=None, **settings):
+    """diffusers' image at ``seed``: FluxControlNetPipeline, or ``pipeline`` (its img2img or inpaint
+    class), over the ControlNets ``names`` (a multi-ControlNet for several)."""
     from diffusers import FluxControlNetModel, FluxControlNetPipeline
     from diffusers.models.controlnets import FluxMultiControlNetModel
 
     if controlnet is None:
         nets = [FluxControlNetModel.from_pretrained(root / n) for n in names]
         controlnet = FluxMultiControlNetModel(nets) if len(nets) > 1 else nets[0]
-    pipe = FluxControlNetPipeline.from_pretrained(root / "base", controlnet=controlnet)
+    pipe = (pipeline or FluxControlNetPipeline).from_pretrained(root / "base", controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu").manual_seed(seed)
     image = pipe(PROMPT, generator=generator, height=HEIGHT, width=WIDTH, **settings).images[0]
@@ -84,16 +86,15 @@ def test_flux_img2img_matches_diffusers(backend, strength, flux, pipelines):
     ``(z - shift) * scaling``, noised by the flow-matching scheduler's scale_noise at the first kept
     step, the schedule cut as SD3's and Flux's pipelines cut it (of 4 steps, diffusers' default
     strength 0.6 keeps 3 and 0.4 keeps 2, where SD's rule keeps 2 and 1)."""
-    from diffusers import FluxControlNetImg2ImgPipeline, FluxControlNetModel
-    from diffusers.models.controlnets import FluxMultiControlNetModel
+    from diffusers import FluxControlNetImg2ImgPipeline
 
     init, images = sample_init_image(HEIGHT, WIDTH), sample_control_images(2, HEIGHT, WIDTH)
-    nets = FluxMultiControlNetModel([FluxControlNetModel.from_pretrained(flux / n) for n in NAMES[:2]])
-    reference = FluxControlNetImg2ImgPipeline.from_pretrained(flux / "base", controlnet=nets)
-    reference.set_progress_bar_config(disable=True)
     theirs = {} if strength is None else {"strength": strength}
-    expected = reference(
-        PROMPT,
+    expected = _reference(
+        flux,
+        NAMES[:2],
+        5,
+        pipeline=FluxControlNetImg2ImgPipeline,
         image=init,
         control_image=images,
         controlnet_conditioning_scale=[0.9, 0.7],
@@ -101,12 +102,8 @@ def test_flux_img2img_matches_diffusers(backend, strength, flux, pipelines):
         control_mode=[None, None],  # diffusers 0.42's img2img pipeline runs no ControlNet of a multi without
         num_inference_steps=4,
         guidance_scale=3.5,
-        height=HEIGHT,
-        width=WIDTH,
-        generator=torch.Generator("cpu").manual_seed(5),
         **theirs,
-    ).images[0]
-    expected = np.asarray(expected)
+    )
     pipe = pipelines[(backend, "multi")]
     ours = {"steps": 4, "guidance": 3.5, "seed": 5, "height": HEIGHT, "width": WIDTH, "scales": [0.9, 0.7]}
     ours |= {"end": [1.0, 0.5], "strength": strength}
@@ -128,19 +125,18 @@ def test_flux_inpainting_matches_diffusers(backend, strength, flux, pipelines):
     re-noised to the next step's sigma from the init image's latents (scale_noise) and the masked
     image's latents drawn (unused by the transformer, as in diffusers); default strength 0.6, and 1.0
     (pure noise at the first sigma). The unmasked latents end as the init image's."""
-    from diffusers import FluxControlNetInpaintPipeline, FluxControlNetModel
-    from diffusers.models.controlnets import FluxMultiControlNetModel
+    from diffusers import FluxControlNetInpaintPipeline
 
     from controlrt.builtin import sample_mask
 
     init, mask = sample_init_image(HEIGHT, WIDTH), sample_mask(HEIGHT, WIDTH)
     images = sample_control_images(2, HEIGHT, WIDTH)
-    nets = FluxMultiControlNetModel([FluxControlNetModel.from_pretrained(flux / n) for n in NAMES[:2]])
-    reference = FluxControlNetInpaintPipeline.from_pretrained(flux / "base", controlnet=nets)
-    reference.set_progress_bar_config(disable=True)
     theirs = {} if strength is None else {"strength": strength}
-    expected = reference(
-        PROMPT,
+    expected = _reference(
+        flux,
+        NAMES[:2],
+        6,
+        pipeline=FluxControlNetInpaintPipeline,
         image=init,
         mask_image=mask,
         control_image=images,
@@ -149,12 +145,8 @@ def test_flux_inpainting_matches_diffusers(backend, strength, flux, pipelines):
         control_mode=[None, None],  # diffusers 0.42's inpaint pipeline runs no ControlNet of a multi without
         num_inference_steps=4,
         guidance_scale=3.5,
-        height=HEIGHT,
-        width=WIDTH,
-        generator=torch.Generator("cpu").manual_seed(6),
         **theirs,
-    ).images[0]
-    expected = np.asarray(expected)
+    )
     pipe = pipelines[(backend, "multi")]
     ours = {"steps": 4, "guidance": 3.5, "seed": 6, "height": HEIGHT, "width": WIDTH, "scales": [0.9, 0.7]}
     ours |= {"start": [0.0, 0.3], "strength": strength}
