@@ -14,7 +14,9 @@
   inpainting UNet takes the mask and the masked image's latents as inputs.
 - **Generator order**: img2img draws the init image's sample, then the noise. Inpainting draws
   the init image's sample (4-channel UNets always; inpainting UNets below strength 1), the noise,
-  then the masked image's sample.
+  then the masked image's sample. A 4-channel UNet never reads the masked image's latents, so for it
+  only that sample's noise is drawn (the generator moves on as diffusers'), and the masked image is
+  not encoded: one VAE encode less per image than diffusers.
 - **Mask crop** (``padding_mask_crop``): the images are cropped around the mask (with the padding,
   grown to the output's aspect ratio), generated at the output size and pasted back into the
   original image under the mask.
@@ -162,6 +164,17 @@ def sample_latents(moments: dict[str, torch.Tensor], generator: torch.Generator)
     std = torch.exp(0.5 * moments["latent_logvar"].clamp(*LOGVAR_RANGE))
     noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
     return mean + std * noise
+
+
+def draw_sample_noise(encoder: Session, image: torch.Tensor, generator: torch.Generator) -> None:
+    """Move ``generator`` on as ``sample_latents(encode(encoder, image, …), generator)`` would,
+    without running the encoder: the noise of the latents' shape is drawn and dropped (nothing is
+    drawn for a deterministic encoder). Tiled or not, the moments have the whole image's shape."""
+    spec = encoder.spec
+    if "latent_logvar" not in spec.output_names:
+        return
+    shape = spec.output_shapes(spec.bind({"image": image}))["latent_mean"]
+    torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
 def _blend_v(a: torch.Tensor, b: torch.Tensor, extent: int) -> torch.Tensor:
@@ -317,9 +330,12 @@ def start(
     image_latents = latents_of(init.image, mean_std=False) if not info.inpainting_unet or not pure_noise else None
     noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
     latents = noise * init_noise_sigma(scheduler) if pure_noise else noised(scheduler, image_latents, noise, first)
-    masked_latents = latents_of(init.image * (init.mask < 0.5), mean_std=False)  # drawn for every UNet, as diffusers
     mask = F.interpolate(init.mask, size=shape[-2:]).to(device)
     if info.inpainting_unet:
+        masked_latents = latents_of(init.image * (init.mask < 0.5), mean_std=False)
         inputs = {"mask": mask, "masked_image_latents": masked_latents}
         return Start(timesteps, latents, unet_inputs={k: torch.cat([v] * unet_batch) for k, v in inputs.items()})
+    # diffusers encodes and samples the masked image for every UNet; a 4-channel one never reads it:
+    # only the sample's draw is made (the generator moves on as diffusers'), the encoder is not run
+    draw_sample_noise(encoder, init.image, generator)
     return Start(timesteps, latents, blend=MaskBlend(mask, image_latents, noise))

@@ -139,6 +139,53 @@ def test_unmasked_latents_are_the_init_images(pipelines):
     assert not torch.allclose(result.latents * (1 - keep), image_latents * (1 - keep), atol=1e-2)
 
 
+def test_a_4_channel_inpainting_encodes_once_and_draws_as_diffusers(sd_reference, pipelines):
+    """A 4-channel UNet never reads the masked image's latents: controlrt runs the VAE encoder once
+    per image (diffusers twice) and only draws that sample's noise, so a stochastic scheduler, which
+    goes on drawing from the generator, still gives diffusers' image."""
+    import diffusers
+
+    from controlrt.runtime.schedulers import SCHEDULERS
+
+    init, mask, controls = sample_init_image(64, 64), sample_mask(64, 64), sample_control_images(2, 64, 64)
+    reference = sd_reference["inpaint"]
+    original = reference.scheduler
+    reference.scheduler = getattr(diffusers, SCHEDULERS["euler-ancestral"]).from_config(original.config)
+    try:
+        kwargs = {"image": init, "mask_image": mask, "control_image": controls, "strength": 0.7}
+        expected = reference(PROMPT, num_inference_steps=STEPS, generator=_seeded(6), **kwargs).images[0]
+    finally:
+        reference.scheduler = original
+    pipe = pipelines("tiny", "onnxruntime")
+    encoder = pipe.session("vae_encoder")
+    calls = []
+    real = encoder.infer
+    encoder.infer = lambda feeds: calls.append(1) or real(feeds)
+    try:
+        common = {"controls": controls, "image": init, "mask": mask, "strength": 0.7, "steps": STEPS, "seed": 6}
+        request = controlrt.GenerationRequest(PROMPT, scheduler="euler-ancestral", **common)
+        got = pipe.generate(request)
+    finally:
+        del encoder.infer
+    assert len(calls) == 1
+    _close(expected, got.image)
+
+
+@pytest.mark.parametrize("tiling", [False, True])
+def test_drawing_a_samples_noise_moves_the_generator_as_sampling_does(pipelines, tiling):
+    from controlrt.runtime.img2img import draw_sample_noise, encode, preprocess_image, sample_latents
+
+    pipe = pipelines("tiny", "onnxruntime")
+    encoder, info = pipe.session("vae_encoder"), pipe.info
+    image = preprocess_image(sample_init_image(64, 96), 64, 96, info.vae_scale_factor)
+    assert not tiling or max(image.shape[-2:]) > info.vae_tile_size  # tiled for real
+    sampled, drawn = _seeded(8), _seeded(8)
+    sample_latents(encode(encoder, image, info.vae_tile_size, info.vae_scale_factor, tiling), sampled)
+    draw_sample_noise(encoder, image, drawn)
+    assert torch.equal(sampled.get_state(), drawn.get_state())
+    assert not torch.equal(drawn.get_state(), _seeded(8).get_state())
+
+
 @pytest.fixture(scope="module")
 def inpainting_unet_models(tiny_models, tmp_path_factory):
     """The tiny base with a 9-channel inpainting UNet (seeded), and its build."""
