@@ -24,6 +24,7 @@ import argparse
 import statistics
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 
@@ -169,14 +170,8 @@ def u8_rate(size: int = 2048) -> float:
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     feeds = {"a": rng.integers(0, 256, (size, size), dtype=np.uint8)}
     session.run(None, feeds)
-    best = min(_seconds(lambda: session.run(None, feeds)) for _ in range(4))
+    best = min(timeit.repeat(lambda: session.run(None, feeds), number=1, repeat=4))
     return 2 * size**3 / best / 1e9
-
-
-def _seconds(run) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
