@@ -37,13 +37,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("build")
     parser.add_argument("--graph", default="unet")
-    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
 
     build = Build.open(args.build, verify=False)
+    if args.graph not in build.manifest.graphs:
+        parser.error(f"--graph {args.graph}: the build's graphs are {', '.join(build.manifest.graphs)}")
+    if args.precision not in build.manifest.graphs[args.graph].variants:
+        parser.error(f"{args.graph} has no {args.precision} graph in this build (controlrt convert / calibrate)")
     spec = build.manifest.spec(args.graph)
     path = build.graph_path(args.graph, args.precision)
     size = args.size or spec.default_size[0]
